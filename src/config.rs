@@ -1,0 +1,461 @@
+//! Configuration: one TOML file, validated before anything starts.
+//!
+//! Every key is checked while the file is parsed: values are read into types that
+//! validate themselves (a URL, a duration like `"1h"`, a size like `"50GiB"`, a
+//! public key), so the TOML parser reports a bad value with its line and column,
+//! and unknown keys are refused (`deny_unknown_fields`) because a misspelt key
+//! silently falling back to a default is the worst kind of config bug. Rules that
+//! span several keys are checked afterwards in [`Config::validate`], which names
+//! the keys involved and the line of the section that holds them.
+//!
+//! `config/*.toml` documents every key; keep it in step with this file.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::repo::sign::PublicKey;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {file}: {source}")]
+    Read { file: String, source: std::io::Error },
+    #[error("{file}: line {line}, column {column}: {message}")]
+    Parse { file: String, line: usize, column: usize, message: String },
+    #[error("{file}: {}{message}", .line.map(|l| format!("line {l}: ")).unwrap_or_default())]
+    Invalid { file: String, line: Option<usize>, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    pub storage: Option<StorageConfig>,
+    pub origin: Option<OriginConfig>,
+    #[serde(default)]
+    pub upstream: Vec<UpstreamConfig>,
+    pub trust: Option<TrustConfig>,
+    #[serde(default)]
+    pub sync: SyncConfig,
+    pub admin: Option<AdminConfig>,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// HTTP worker threads; 0 means one per CPU.
+    pub workers: usize,
+    /// Pending connections the kernel queues before accept.
+    pub backlog: u32,
+    /// Most connections open at once, per worker.
+    pub max_connections_per_worker: usize,
+    /// How long an idle keep-alive connection is kept.
+    pub keep_alive: HumanDuration,
+    /// `Cache-Control: max-age` for the manifest, its signature and `latest`.
+    pub manifest_max_age: HumanDuration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            workers: 0,
+            backlog: 4096,
+            max_connections_per_worker: 25_000,
+            keep_alive: HumanDuration(Duration::from_secs(30)),
+            manifest_max_age: HumanDuration(Duration::from_secs(60)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    pub dir: PathBuf,
+    /// Memory for small hot objects.
+    #[serde(default = "default_memory_cache")]
+    pub memory_cache: ByteSize,
+    /// Objects up to this size are kept in memory once read.
+    #[serde(default = "default_memory_object_max")]
+    pub memory_object_max: ByteSize,
+}
+
+fn default_memory_cache() -> ByteSize {
+    ByteSize(256 << 20)
+}
+fn default_memory_object_max() -> ByteSize {
+    ByteSize(64 << 10)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginConfig {
+    /// A directory written by `patchrelay publish`.
+    pub repository: PathBuf,
+    /// How often to look for a new publish.
+    #[serde(default = "default_reload")]
+    pub reload_interval: HumanDuration,
+}
+
+fn default_reload() -> HumanDuration {
+    HumanDuration(Duration::from_secs(2))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub url: UpstreamUrl,
+    /// Name used in logs and metric labels; defaults to the URL's host:port.
+    pub name: Option<String>,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: HumanDuration,
+    /// Longest wait for the next bytes of a response.
+    #[serde(default = "default_read_timeout")]
+    pub read_timeout: HumanDuration,
+}
+
+fn default_connect_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
+}
+fn default_read_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+
+impl UpstreamConfig {
+    pub fn display_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| self.url.authority.clone())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustConfig {
+    pub public_key: PublicKeyText,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncConfig {
+    pub interval: HumanDuration,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig { interval: HumanDuration(Duration::from_secs(3600)) }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub token: AdminToken,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter: `info`, `debug`, `patchrelay=debug,actix_web=warn`, ...
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { level: "info".into(), format: LogFormat::Text }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A duration written for people: `"90s"`, `"5m"`, `"1h 30m"`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl fmt::Debug for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map(HumanDuration).map_err(|e| {
+            serde::de::Error::custom(format!("{s:?} is not a duration ({e}); write e.g. \"30s\", \"5m\", \"1h\""))
+        })
+    }
+}
+
+/// A size written for people: `"64KiB"`, `"50GiB"` (binary) or `"10MB"` (decimal).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl fmt::Debug for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", bytesize::ByteSize(self.0).display().iec())
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(ByteSize(n)),
+            Raw::Text(s) => s.trim().parse::<bytesize::ByteSize>().map(|b| ByteSize(b.0)).map_err(|e| {
+                serde::de::Error::custom(format!("{s:?} is not a size ({e}); write e.g. \"64KiB\", \"50GiB\""))
+            }),
+        }
+    }
+}
+
+/// An upstream base URL: `http` or `https`, a host, an optional path prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    /// The URL without a trailing slash; request paths are appended to it.
+    pub base: String,
+    pub https: bool,
+    pub authority: String,
+}
+
+impl UpstreamUrl {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let uri: http::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => return Err(format!("{s:?}: upstream URLs must start with http:// or https://")),
+        };
+        let authority = uri.authority().map(|a| a.to_string()).ok_or_else(|| format!("{s:?} has no host"))?;
+        if uri.query().is_some() {
+            return Err(format!("{s:?}: an upstream URL cannot have a query string"));
+        }
+        if authority.contains('@') {
+            return Err(format!("{s:?}: credentials in upstream URLs are not supported"));
+        }
+        let base = s.trim_end_matches('/').to_string();
+        Ok(UpstreamUrl { base, https, authority })
+    }
+
+    /// The full URL of `path` (which must not start with `/`) on this upstream.
+    pub fn join(&self, path: &str) -> String {
+        format!("{}/{}", self.base, path)
+    }
+}
+
+impl<'de> Deserialize<'de> for UpstreamUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        UpstreamUrl::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// `trust.public_key`: checked to be a valid Ed25519 key while parsing.
+#[derive(Debug, Clone)]
+pub struct PublicKeyText(pub PublicKey);
+
+impl<'de> Deserialize<'de> for PublicKeyText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        PublicKey::parse(&s)
+            .map(PublicKeyText)
+            .map_err(|e| serde::de::Error::custom(format!("{e}; use the key printed by `patchrelay keygen`")))
+    }
+}
+
+/// `admin.token`: long enough that guessing it is not an option.
+#[derive(Clone)]
+pub struct AdminToken(pub String);
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AdminToken(<redacted>)")
+    }
+}
+
+impl<'de> Deserialize<'de> for AdminToken {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.len() < 16 || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(serde::de::Error::custom(
+                "the admin token must be at least 16 characters with no spaces (try `openssl rand -hex 24`)",
+            ));
+        }
+        Ok(AdminToken(s))
+    }
+}
+
+/// Which role the config describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Origin,
+    Relay,
+}
+
+impl Config {
+    /// Read, parse and validate a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: file.clone(), source })?;
+        Config::from_toml(&text, &file)
+    }
+
+    /// Parse and validate config text; `file` names it in errors.
+    pub fn from_toml(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+            ConfigError::Parse { file: file.to_string(), line, column, message: e.message().trim().to_string() }
+        })?;
+        config.validate(text, file)?;
+        Ok(config)
+    }
+
+    pub fn role(&self) -> Role {
+        if self.origin.is_some() { Role::Origin } else { Role::Relay }
+    }
+
+    fn validate(&self, text: &str, file: &str) -> Result<(), ConfigError> {
+        let invalid = |section: &str, message: String| ConfigError::Invalid {
+            file: file.to_string(),
+            line: section_line(text, section),
+            message,
+        };
+        match (&self.origin, self.upstream.is_empty()) {
+            (Some(_), false) => {
+                return Err(invalid(
+                    "origin",
+                    "both [origin] and [[upstream]] are set: a server is either an origin (serves a repository) or a relay (mirrors upstreams)".into(),
+                ));
+            }
+            (None, true) => {
+                return Err(ConfigError::Invalid {
+                    file: file.to_string(),
+                    line: None,
+                    message: "neither [origin] nor [[upstream]] is set: add `[origin] repository = \"...\"` to serve a published repository, or `[[upstream]] url = \"...\"` to run a relay".into(),
+                });
+            }
+            _ => {}
+        }
+        if self.role() == Role::Relay {
+            if self.trust.is_none() {
+                return Err(invalid(
+                    "upstream",
+                    "a relay needs [trust] public_key (the origin's key from `patchrelay keygen`) to verify what it mirrors".into(),
+                ));
+            }
+            if self.storage.is_none() {
+                return Err(invalid("upstream", "a relay needs [storage] dir for its cache".into()));
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for u in &self.upstream {
+            if !names.insert(u.display_name()) {
+                return Err(invalid(
+                    "upstream",
+                    format!("two upstreams are named {:?}; give each a distinct `name`", u.display_name()),
+                ));
+            }
+        }
+        if self.sync.interval.0 < Duration::from_secs(1) {
+            return Err(invalid("sync", "sync.interval must be at least 1s".into()));
+        }
+        if let Some(s) = &self.storage
+            && s.memory_object_max.0 > s.memory_cache.0
+        {
+            return Err(invalid("storage", "storage.memory_object_max is larger than storage.memory_cache".into()));
+        }
+        if self.server.max_connections_per_worker == 0 {
+            return Err(invalid("server", "server.max_connections_per_worker must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// 1-based line and column of byte offset `at` in `text`.
+fn line_col(text: &str, at: usize) -> (usize, usize) {
+    let before = &text[..at.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+    (line, column)
+}
+
+/// The line of `[section]` or `[[section]]` in `text`, if present.
+fn section_line(text: &str, section: &str) -> Option<usize> {
+    text.lines()
+        .position(|l| {
+            let t = l.trim();
+            t == format!("[{section}]") || t == format!("[[{section}]]")
+        })
+        .map(|i| i + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=";
+
+    fn relay(extra: &str) -> String {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\ndir = \"/tmp/x\"\n[[upstream]]\nurl = \"http://127.0.0.1:9/\"\n[trust]\npublic_key = \"{KEY}\"\n{extra}"
+        )
+    }
+
+    #[test]
+    fn parses_a_relay() {
+        let c = Config::from_toml(&relay("[sync]\ninterval = \"15m\"\n"), "t.toml").unwrap();
+        assert_eq!(c.role(), Role::Relay);
+        assert_eq!(c.sync.interval.0, Duration::from_secs(900));
+        assert_eq!(c.upstream[0].url.base, "http://127.0.0.1:9");
+        assert_eq!(c.upstream[0].url.join("v1/manifest"), "http://127.0.0.1:9/v1/manifest");
+        assert_eq!(c.storage.unwrap().memory_cache.0, 256 << 20);
+    }
+
+    #[test]
+    fn errors_name_the_key_and_line() {
+        let err = Config::from_toml(&relay("[sync]\nintervall = \"1h\"\n"), "t.toml").unwrap_err().to_string();
+        assert!(err.contains("line 10") && err.contains("intervall"), "{err}");
+        let err = Config::from_toml(&relay("[sync]\ninterval = \"soon\"\n"), "t.toml").unwrap_err().to_string();
+        assert!(err.contains("line 10") && err.contains("not a duration"), "{err}");
+        let err = Config::from_toml(&relay("").replace(KEY, "nope"), "t.toml").unwrap_err().to_string();
+        assert!(err.contains("line 8") && err.contains("public key"), "{err}");
+        let err = Config::from_toml(&relay("").replace("http://", "ftp://"), "t.toml").unwrap_err().to_string();
+        assert!(err.contains("line 6") && err.contains("http://"), "{err}");
+        let err = Config::from_toml(&relay("[origin]\nrepository = \"/r\"\n"), "t.toml").unwrap_err().to_string();
+        assert!(err.contains("line 9") && err.contains("either an origin"), "{err}");
+        let err = Config::from_toml("[server]\n", "t.toml").unwrap_err().to_string();
+        assert!(err.contains("neither [origin] nor [[upstream]]"), "{err}");
+        let err = Config::from_toml("[storage]\ndir = 3\n", "t.toml").unwrap_err().to_string();
+        assert!(err.contains("line 2"), "{err}");
+        let err = Config::from_toml("this is not toml", "t.toml").unwrap_err().to_string();
+        assert!(err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        let c = Config::from_toml(
+            &relay("")
+                .replace("dir = \"/tmp/x\"", "dir = \"/tmp/x\"\nmemory_cache = \"1GiB\"\nmemory_object_max = 4096"),
+            "t",
+        )
+        .unwrap();
+        let s = c.storage.unwrap();
+        assert_eq!((s.memory_cache.0, s.memory_object_max.0), (1 << 30, 4096));
+    }
+}

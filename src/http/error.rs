@@ -1,0 +1,108 @@
+//! The one place where errors become HTTP responses.
+//!
+//! Every error body is a small JSON object, `{"error": "<code>", "message": "…"}`:
+//! the code is stable for scripts, the message says what happened and, where
+//! it helps, what to do. Faults are classed as pingora does: the client's
+//! (4xx), an upstream's (502/504: retry later, maybe elsewhere), or ours (500).
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::{HttpResponse, ResponseError};
+
+use crate::fill::FillError;
+use crate::source::SourceError;
+use crate::upstream::ErrorKind;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("no verified manifest yet: this relay has not completed its first sync; retry shortly")]
+    NotReady,
+    #[error("{0}")]
+    Source(#[from] SourceError),
+    #[error("the admin API is disabled: set [admin] token in the config")]
+    AdminDisabled,
+    #[error("missing or wrong `Authorization: Bearer <token>`")]
+    Unauthorized,
+    #[error("sync failed: {0}")]
+    SyncFailed(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0} is not implemented in this version of patchrelay")]
+    NotImplemented(&'static str),
+    #[error("range not satisfiable")]
+    RangeNotSatisfiable(u64),
+    #[error("a precondition (If-Match / If-Unmodified-Since) failed")]
+    PreconditionFailed,
+}
+
+impl ApiError {
+    fn code(&self) -> &'static str {
+        match self {
+            ApiError::NotFound(_) => "not_found",
+            ApiError::NotReady => "not_ready",
+            ApiError::Source(SourceError::Store(_)) => "store_error",
+            ApiError::Source(SourceError::Fill(_)) => "upstream_failed",
+            ApiError::AdminDisabled => "admin_disabled",
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::SyncFailed(_) => "sync_failed",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::NotImplemented(_) => "not_implemented",
+            ApiError::RangeNotSatisfiable(_) => "range_not_satisfiable",
+            ApiError::PreconditionFailed => "precondition_failed",
+        }
+    }
+}
+
+/// Whether every upstream attempt of a failed fill timed out.
+fn all_timeouts(e: &FillError) -> bool {
+    match e {
+        FillError::Upstream(u) => matches!(u.kind, ErrorKind::Timeout(_)),
+        FillError::AllFailed { attempts, .. } => !attempts.is_empty() && attempts.iter().all(all_timeouts),
+        _ => false,
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::NotReady | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Source(SourceError::Store(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Source(SourceError::Fill(e)) if all_timeouts(e) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Source(SourceError::Fill(FillError::Store(_))) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Source(SourceError::Fill(_)) => StatusCode::BAD_GATEWAY,
+            ApiError::AdminDisabled => StatusCode::FORBIDDEN,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::SyncFailed(_) => StatusCode::BAD_GATEWAY,
+            ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            ApiError::RangeNotSatisfiable(_) => StatusCode::RANGE_NOT_SATISFIABLE,
+            ApiError::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let status = self.status_code();
+        if status.is_server_error() {
+            tracing::warn!(error = %self, status = status.as_u16(), "request failed");
+        }
+        let body = serde_json::json!({ "error": self.code(), "message": self.to_string() });
+        let mut res = HttpResponse::build(status);
+        res.insert_header((header::CACHE_CONTROL, HeaderValue::from_static("no-store")));
+        match self {
+            ApiError::NotReady | ApiError::Unavailable(_) => {
+                res.insert_header((header::RETRY_AFTER, HeaderValue::from_static("5")));
+            }
+            ApiError::Unauthorized => {
+                res.insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
+            }
+            ApiError::RangeNotSatisfiable(len) => {
+                res.insert_header((header::CONTENT_RANGE, format!("bytes */{len}")));
+                res.insert_header((header::ACCEPT_RANGES, HeaderValue::from_static("bytes")));
+            }
+            _ => {}
+        }
+        res.json(body)
+    }
+}

@@ -1,0 +1,157 @@
+//! The hot path: routes, RFC 9110 byte serving, and the admin/observability
+//! endpoints.
+//!
+//! Requests read the published catalog (an `ArcSwap` load, no lock), decide what
+//! to send from metadata, and only then open bytes through [`Source`]. No actor
+//! sits on this path; the only actor message sent from here is the operator's
+//! `POST /admin/sync`.
+
+pub mod body;
+pub mod conditional;
+pub mod error;
+pub mod range;
+pub mod respond;
+mod routes;
+
+use std::sync::Arc;
+
+use actix::Recipient;
+use actix_web::http::StatusCode;
+use actix_web::http::header::HeaderValue;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::actors::SyncNow;
+use crate::source::Source;
+use crate::state::Published;
+use crate::telemetry;
+
+pub use routes::configure;
+
+/// Everything a request handler may use. Shared by all workers.
+pub struct AppState {
+    pub published: Arc<Published>,
+    pub source: Source,
+    /// `Cache-Control` for the manifest, its signature and `latest`.
+    pub short_cache: HeaderValue,
+    pub boundary: String,
+    pub admin_token: Option<String>,
+    pub sync: Option<Recipient<SyncNow>>,
+    pub metrics: PrometheusHandle,
+    routes: Vec<RouteMetrics>,
+}
+
+impl AppState {
+    pub fn new(
+        published: Arc<Published>,
+        source: Source,
+        manifest_max_age: std::time::Duration,
+        admin_token: Option<String>,
+        sync: Option<Recipient<SyncNow>>,
+        metrics: PrometheusHandle,
+    ) -> AppState {
+        let mut salt = [0u8; 12];
+        // A fixed fallback boundary is still valid MIME; randomness only makes a
+        // collision with payload bytes less likely.
+        let _ = getrandom::fill(&mut salt);
+        let short_cache = HeaderValue::from_str(&format!("public, max-age={}", manifest_max_age.as_secs()))
+            .unwrap_or_else(|_| HeaderValue::from_static("no-cache"));
+        AppState {
+            published,
+            source,
+            short_cache,
+            boundary: format!("patchrelay-{}", hex::encode(salt)),
+            admin_token,
+            sync,
+            metrics,
+            routes: Route::ALL.iter().map(|r| RouteMetrics::new(r.label())).collect(),
+        }
+    }
+
+    fn route(&self, route: Route) -> &RouteMetrics {
+        &self.routes[route as usize]
+    }
+}
+
+/// Route labels for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Manifest,
+    Signature,
+    Object,
+    Chunks,
+    Version,
+    Latest,
+    Chain,
+    Delta,
+    AdminSync,
+    Metrics,
+    Health,
+    Ready,
+    Unmatched,
+}
+
+impl Route {
+    const ALL: [Route; 13] = [
+        Route::Manifest,
+        Route::Signature,
+        Route::Object,
+        Route::Chunks,
+        Route::Version,
+        Route::Latest,
+        Route::Chain,
+        Route::Delta,
+        Route::AdminSync,
+        Route::Metrics,
+        Route::Health,
+        Route::Ready,
+        Route::Unmatched,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Route::Manifest => "manifest",
+            Route::Signature => "signature",
+            Route::Object => "object",
+            Route::Chunks => "chunks",
+            Route::Version => "version",
+            Route::Latest => "latest",
+            Route::Chain => "chain",
+            Route::Delta => "delta",
+            Route::AdminSync => "admin_sync",
+            Route::Metrics => "metrics",
+            Route::Health => "healthz",
+            Route::Ready => "readyz",
+            Route::Unmatched => "unmatched",
+        }
+    }
+}
+
+/// Metric handles for one route, resolved at start so that counting a request
+/// costs an atomic add, not a label lookup.
+struct RouteMetrics {
+    route: &'static str,
+    bytes: metrics::Counter,
+    by_status: Vec<(u16, metrics::Counter)>,
+}
+
+/// Statuses patchrelay answers with; others are counted through a slower path.
+const COMMON_STATUSES: [u16; 14] = [200, 206, 304, 400, 401, 403, 404, 405, 412, 416, 500, 502, 503, 504];
+
+impl RouteMetrics {
+    fn new(route: &'static str) -> Self {
+        let by_status = COMMON_STATUSES
+            .iter()
+            .map(|&s| (s, metrics::counter!(telemetry::HTTP_REQUESTS, "route" => route, "status" => s.to_string())))
+            .collect();
+        RouteMetrics { route, bytes: metrics::counter!(telemetry::HTTP_RESPONSE_BYTES, "route" => route), by_status }
+    }
+
+    fn count(&self, status: StatusCode) {
+        let code = status.as_u16();
+        match self.by_status.iter().find(|(s, _)| *s == code) {
+            Some((_, c)) => c.increment(1),
+            None => metrics::counter!(telemetry::HTTP_REQUESTS, "route" => self.route, "status" => code.to_string())
+                .increment(1),
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! Serving one representation: conditionals, ranges, headers and the body.
+//!
+//! Every byte-serving route ends here, so the RFC 9110 behaviour (206, 416,
+//! multipart/byteranges, 304, HEAD) is the same for manifests, objects, chunk
+//! lists and versions. The decision is made from the representation's metadata
+//! alone, before any bytes are opened: a 304, a 416 or a HEAD never touches the
+//! store (and never triggers an upstream fetch).
+
+use std::collections::VecDeque;
+use std::time::SystemTime;
+
+use actix_web::body::SizedStream;
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::{Method, StatusCode};
+use actix_web::{HttpRequest, HttpResponse, HttpResponseBuilder};
+
+use super::body::{Piece, PieceStream};
+use super::conditional::{self, Precondition};
+use super::error::ApiError;
+use super::range::{self, ByteRange, RangeOutcome};
+use crate::digest::Digest;
+use crate::store::Blob;
+
+/// The metadata of what a URL names, known before opening any bytes.
+pub struct Representation {
+    pub etag: Digest,
+    pub len: u64,
+    pub modified: SystemTime,
+    pub cache_control: HeaderValue,
+    pub content_type: HeaderValue,
+    /// `X-Patchrelay-Version`, for component routes.
+    pub version: Option<String>,
+}
+
+/// What to answer, decided from the request headers and the metadata.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision {
+    NotModified,
+    Full,
+    Partial(Vec<ByteRange>),
+}
+
+/// Decide, or fail with the 412/416 to send.
+pub fn decide(req: &HttpRequest, rep: &Representation) -> Result<Decision, ApiError> {
+    let headers = req.headers();
+    let method = req.method();
+    let safe = method == Method::GET || method == Method::HEAD;
+    match conditional::evaluate(headers, &rep.etag, rep.modified, safe) {
+        Precondition::Proceed => {}
+        Precondition::NotModified => return Ok(Decision::NotModified),
+        Precondition::Failed => return Err(ApiError::PreconditionFailed),
+    }
+    let Some(range) = headers.get(header::RANGE) else {
+        return Ok(Decision::Full);
+    };
+    if !safe || !conditional::if_range_allows(headers, &rep.etag, rep.modified) {
+        return Ok(Decision::Full);
+    }
+    match range::resolve(range.as_bytes(), rep.len) {
+        RangeOutcome::Full => Ok(Decision::Full),
+        RangeOutcome::Partial(ranges) => Ok(Decision::Partial(ranges)),
+        RangeOutcome::Unsatisfiable => Err(ApiError::RangeNotSatisfiable(rep.len)),
+    }
+}
+
+/// Whether answering needs the bytes (GET with a 200 or 206).
+pub fn needs_body(req: &HttpRequest, decision: &Decision) -> bool {
+    req.method() == Method::GET && *decision != Decision::NotModified
+}
+
+fn common_headers(res: &mut HttpResponseBuilder, rep: &Representation) {
+    res.insert_header((header::ETAG, rep.etag.etag()));
+    res.insert_header((header::LAST_MODIFIED, httpdate::fmt_http_date(rep.modified)));
+    res.insert_header((header::CACHE_CONTROL, rep.cache_control.clone()));
+    res.insert_header((header::ACCEPT_RANGES, HeaderValue::from_static("bytes")));
+    if let Some(v) = &rep.version
+        && let Ok(v) = HeaderValue::from_str(v)
+    {
+        res.insert_header(("x-patchrelay-version", v));
+    }
+}
+
+fn slice(blob: &Blob, r: ByteRange) -> Piece {
+    match blob {
+        Blob::Memory(b) => Piece::Bytes(b.slice(r.start as usize..=r.end as usize)),
+        Blob::File { file, .. } => Piece::File { file: file.clone(), offset: r.start, len: r.len() },
+    }
+}
+
+/// Per-server settings the responses need.
+pub struct ResponseCtx<'a> {
+    /// The multipart boundary (random per process).
+    pub boundary: &'a str,
+    /// Where to count body bytes sent.
+    pub sent_counter: metrics::Counter,
+}
+
+/// The body being assembled: its exact length always, its pieces only when
+/// there is a blob to read them from (GET; HEAD sends headers only).
+struct Assembly<'b> {
+    blob: Option<&'b Blob>,
+    pieces: VecDeque<Piece>,
+    len: u64,
+}
+
+impl Assembly<'_> {
+    fn text(&mut self, s: String) {
+        self.len += s.len() as u64;
+        if self.blob.is_some() {
+            self.pieces.push_back(Piece::Bytes(s.into()));
+        }
+    }
+
+    fn data(&mut self, r: ByteRange) {
+        self.len += r.len();
+        if let Some(b) = self.blob {
+            self.pieces.push_back(slice(b, r));
+        }
+    }
+}
+
+/// Build the response. `blob` must be `Some` when [`needs_body`] said so.
+pub fn build(rep: &Representation, decision: Decision, blob: Option<&Blob>, ctx: &ResponseCtx<'_>) -> HttpResponse {
+    let mut body = Assembly { blob, pieces: VecDeque::new(), len: 0 };
+    let mut res = match &decision {
+        Decision::NotModified => {
+            let mut res = HttpResponse::NotModified();
+            common_headers(&mut res, rep);
+            return res.finish();
+        }
+        Decision::Full => {
+            let mut res = HttpResponse::Ok();
+            res.insert_header((header::CONTENT_TYPE, rep.content_type.clone()));
+            if rep.len > 0 {
+                body.data(ByteRange { start: 0, end: rep.len - 1 });
+            }
+            res
+        }
+        Decision::Partial(ranges) if ranges.len() == 1 => {
+            let r = ranges[0];
+            let mut res = HttpResponse::build(StatusCode::PARTIAL_CONTENT);
+            res.insert_header((header::CONTENT_TYPE, rep.content_type.clone()));
+            res.insert_header((header::CONTENT_RANGE, format!("bytes {}-{}/{}", r.start, r.end, rep.len)));
+            body.data(r);
+            res
+        }
+        Decision::Partial(ranges) => {
+            let mut res = HttpResponse::build(StatusCode::PARTIAL_CONTENT);
+            let ct = rep.content_type.to_str().unwrap_or("application/octet-stream");
+            for r in ranges {
+                body.text(format!(
+                    "\r\n--{}\r\nContent-Type: {ct}\r\nContent-Range: bytes {}-{}/{}\r\n\r\n",
+                    ctx.boundary, r.start, r.end, rep.len
+                ));
+                body.data(*r);
+            }
+            body.text(format!("\r\n--{}--\r\n", ctx.boundary));
+            let ct = HeaderValue::from_str(&format!("multipart/byteranges; boundary={}", ctx.boundary))
+                .unwrap_or_else(|_| HeaderValue::from_static("multipart/byteranges"));
+            res.insert_header((header::CONTENT_TYPE, ct));
+            res
+        }
+    };
+    common_headers(&mut res, rep);
+    res.body(SizedStream::new(body.len, PieceStream::new(body.pieces, ctx.sent_counter.clone())))
+}

@@ -1,0 +1,274 @@
+//! Route table and handlers for HTTP API v1.
+//!
+//! Path segments are parsed into their types (a [`Digest`], a component name, a
+//! version) before anything else happens; none of them is ever joined onto a
+//! file path as a string, so no request can reach outside the store.
+
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
+use bytes::Bytes;
+
+use super::error::ApiError;
+use super::respond::{self, Representation, ResponseCtx};
+use super::{AppState, Route};
+use crate::actors::SyncNow;
+use crate::digest::Digest;
+use crate::repo::catalog::{Catalog, ObjectInfo};
+use crate::source::{Target, TargetKind};
+use crate::state::unix_now;
+use crate::store::Blob;
+use crate::telemetry;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    fn get_head<F, Args>(path: &str, f: F) -> actix_web::Resource
+    where
+        F: actix_web::Handler<Args> + Clone,
+        Args: actix_web::FromRequest + 'static,
+        F::Output: actix_web::Responder + 'static,
+    {
+        web::resource(path).route(web::get().to(f.clone())).route(web::head().to(f))
+    }
+    cfg.service(get_head("/v1/manifest", manifest))
+        .service(get_head("/v1/manifest.sig", signature))
+        .service(get_head("/v1/objects/{sha256}", object))
+        .service(get_head("/v1/chunks/{sha256}", chunks))
+        .service(get_head("/v1/components/{name}/versions/{version}", version))
+        .service(get_head("/v1/components/{name}/latest", latest))
+        .service(web::resource("/v1/components/{name}/chain").route(web::get().to(chain)))
+        .service(get_head("/v1/components/{name}/deltas/{from}/{to}", delta))
+        .service(web::resource("/admin/sync").route(web::post().to(admin_sync)))
+        .service(web::resource("/metrics").route(web::get().to(metrics)))
+        .service(get_head("/healthz", healthz))
+        .service(get_head("/readyz", readyz))
+        .default_service(web::to(unmatched));
+}
+
+/// Count the request under its route and turn errors into responses.
+fn finish(state: &AppState, route: Route, result: Result<HttpResponse, ApiError>) -> HttpResponse {
+    let res = result.unwrap_or_else(|e| e.error_response());
+    state.route(route).count(res.status());
+    res
+}
+
+/// Where the bytes for a representation come from.
+enum Bytesource {
+    Memory(Bytes),
+    Target(Target),
+}
+
+async fn serve(
+    req: &HttpRequest,
+    state: &AppState,
+    route: Route,
+    rep: Representation,
+    src: Bytesource,
+) -> Result<HttpResponse, ApiError> {
+    let decision = respond::decide(req, &rep)?;
+    let blob = if respond::needs_body(req, &decision) {
+        Some(match src {
+            Bytesource::Memory(b) => Blob::Memory(b),
+            Bytesource::Target(t) => state.source.open(&t).await?,
+        })
+    } else {
+        None
+    };
+    let ctx = ResponseCtx { boundary: &state.boundary, sent_counter: state.route(route).bytes.clone() };
+    Ok(respond::build(&rep, decision, blob.as_ref(), &ctx))
+}
+
+fn catalog(state: &AppState) -> Result<std::sync::Arc<Catalog>, ApiError> {
+    state.published.current().ok_or(ApiError::NotReady)
+}
+
+const OCTETS: HeaderValue = HeaderValue::from_static("application/octet-stream");
+const IMMUTABLE: HeaderValue = HeaderValue::from_static("public, max-age=31536000, immutable");
+
+fn payload(obj: &ObjectInfo, cache_control: HeaderValue, version: Option<String>) -> (Representation, Bytesource) {
+    let rep = Representation {
+        etag: obj.sha256,
+        len: obj.size,
+        modified: obj.modified,
+        cache_control,
+        content_type: OCTETS,
+        version,
+    };
+    (rep, Bytesource::Target(Target { digest: obj.sha256, len: obj.size, kind: TargetKind::Payload }))
+}
+
+async fn manifest(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    let result = async {
+        let cat = catalog(&state)?;
+        let rep = Representation {
+            etag: cat.manifest_digest,
+            len: cat.manifest_bytes.len() as u64,
+            modified: cat.generated_at,
+            cache_control: state.short_cache.clone(),
+            content_type: HeaderValue::from_static("application/json"),
+            version: None,
+        };
+        serve(&req, &state, Route::Manifest, rep, Bytesource::Memory(cat.manifest_bytes.clone())).await
+    };
+    finish(&state, Route::Manifest, result.await)
+}
+
+async fn signature(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    let result = async {
+        let cat = catalog(&state)?;
+        let rep = Representation {
+            etag: cat.signature_digest,
+            len: cat.signature.len() as u64,
+            modified: cat.generated_at,
+            cache_control: state.short_cache.clone(),
+            content_type: HeaderValue::from_static("text/plain; charset=utf-8"),
+            version: None,
+        };
+        serve(&req, &state, Route::Signature, rep, Bytesource::Memory(cat.signature.clone())).await
+    };
+    finish(&state, Route::Signature, result.await)
+}
+
+fn parse_digest(s: &str) -> Result<Digest, ApiError> {
+    s.parse().map_err(|_| {
+        ApiError::NotFound("not a SHA-256 digest: objects are named by 64 lowercase hex characters".into())
+    })
+}
+
+async fn object(req: HttpRequest, path: web::Path<String>, state: web::Data<AppState>) -> HttpResponse {
+    let result = async {
+        let digest = parse_digest(&path)?;
+        let cat = catalog(&state)?;
+        let obj = cat
+            .object(&digest)
+            .ok_or_else(|| ApiError::NotFound(format!("object {digest} is not in manifest serial {}", cat.serial())))?;
+        let (rep, src) = payload(obj, IMMUTABLE, None);
+        serve(&req, &state, Route::Object, rep, src).await
+    };
+    finish(&state, Route::Object, result.await)
+}
+
+async fn chunks(req: HttpRequest, path: web::Path<String>, state: web::Data<AppState>) -> HttpResponse {
+    let result = async {
+        let digest = parse_digest(&path)?;
+        let cat = catalog(&state)?;
+        let obj = cat
+            .object(&digest)
+            .ok_or_else(|| ApiError::NotFound(format!("object {digest} is not in manifest serial {}", cat.serial())))?;
+        let len = obj.chunk_list_len();
+        let rep = Representation {
+            etag: obj.chunks_sha256,
+            len,
+            modified: obj.modified,
+            cache_control: IMMUTABLE,
+            content_type: OCTETS,
+            version: None,
+        };
+        let target = Target { digest: obj.chunks_sha256, len, kind: TargetKind::ChunkList { payload: digest } };
+        serve(&req, &state, Route::Chunks, rep, Bytesource::Target(target)).await
+    };
+    finish(&state, Route::Chunks, result.await)
+}
+
+fn unknown_component(cat: &Catalog, name: &str) -> ApiError {
+    let _ = cat;
+    ApiError::NotFound(format!("no component {:?} in the manifest", name.chars().take(128).collect::<String>()))
+}
+
+async fn version(req: HttpRequest, path: web::Path<(String, String)>, state: web::Data<AppState>) -> HttpResponse {
+    let result = async {
+        let (name, ver) = path.into_inner();
+        let cat = catalog(&state)?;
+        if cat.component(&name).is_none() {
+            return Err(unknown_component(&cat, &name));
+        }
+        let (entry, obj) = cat.version(&name, &ver).ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "component {name:?} has no version {:?}",
+                ver.chars().take(64).collect::<String>()
+            ))
+        })?;
+        let (rep, src) = payload(obj, IMMUTABLE, Some(entry.version.to_string()));
+        serve(&req, &state, Route::Version, rep, src).await
+    };
+    finish(&state, Route::Version, result.await)
+}
+
+async fn latest(req: HttpRequest, path: web::Path<String>, state: web::Data<AppState>) -> HttpResponse {
+    let result = async {
+        let cat = catalog(&state)?;
+        let (entry, obj) = cat.latest(&path).ok_or_else(|| unknown_component(&cat, &path))?;
+        // `latest` moves: cache it only as long as the manifest.
+        let (rep, src) = payload(obj, state.short_cache.clone(), Some(entry.version.to_string()));
+        serve(&req, &state, Route::Latest, rep, src).await
+    };
+    finish(&state, Route::Latest, result.await)
+}
+
+async fn chain(state: web::Data<AppState>) -> HttpResponse {
+    finish(&state, Route::Chain, Err(ApiError::NotImplemented("the chain planner")))
+}
+
+async fn delta(state: web::Data<AppState>) -> HttpResponse {
+    finish(&state, Route::Delta, Err(ApiError::NotImplemented("delta serving")))
+}
+
+/// Compare without an early exit, so response timing does not leak the token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn admin_sync(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    let result = async {
+        let token = state.admin_token.as_deref().ok_or(ApiError::AdminDisabled)?;
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !constant_time_eq(given.trim().as_bytes(), token.as_bytes()) {
+            return Err(ApiError::Unauthorized);
+        }
+        let sync = state.sync.as_ref().ok_or_else(|| ApiError::Unavailable("no sync actor is running".into()))?;
+        let report = sync
+            .send(SyncNow)
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("the sync actor did not take the request: {e}")))?
+            .map_err(|e| ApiError::SyncFailed(e.to_string()))?;
+        Ok(HttpResponse::Ok().json(report))
+    };
+    finish(&state, Route::AdminSync, result.await)
+}
+
+async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    if let Some(t) = state.published.last_good_sync() {
+        metrics::gauge!(telemetry::SINCE_GOOD_SYNC).set(unix_now().saturating_sub(t) as f64);
+    }
+    let res = HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8")))
+        .insert_header((header::CACHE_CONTROL, HeaderValue::from_static("no-store")))
+        .body(state.metrics.render());
+    finish(&state, Route::Metrics, Ok(res))
+}
+
+async fn healthz(state: web::Data<AppState>) -> HttpResponse {
+    let res = HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, HeaderValue::from_static("no-store")))
+        .json(serde_json::json!({ "status": "ok" }));
+    finish(&state, Route::Health, Ok(res))
+}
+
+async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    let body = serde_json::json!({
+        "ready": state.published.is_ready(),
+        "serial": state.published.serial(),
+        "last_good_sync": state.published.last_good_sync(),
+    });
+    let mut res = if state.published.is_ready() { HttpResponse::Ok() } else { HttpResponse::ServiceUnavailable() };
+    res.insert_header((header::CACHE_CONTROL, HeaderValue::from_static("no-store")));
+    finish(&state, Route::Ready, Ok(res.json(body)))
+}
+
+async fn unmatched(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    let path: String = req.path().chars().take(200).collect();
+    finish(&state, Route::Unmatched, Err(ApiError::NotFound(format!("no such endpoint: {path}"))))
+}

@@ -1,0 +1,108 @@
+//! The catalog: a verified manifest, indexed for serving.
+//!
+//! Built once per accepted manifest and shared read-only (behind an `ArcSwap`)
+//! by every request, so lookups on the hot path are hash-map reads with no lock.
+//! It answers: which bytes does this URL mean, how long are they, what is their
+//! digest (the ETag), and when did they first appear (`Last-Modified`).
+
+use std::collections::HashMap;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+
+use super::manifest::{Component, ComponentName, Manifest, VersionEntry, parse_time};
+use super::version::Version;
+use crate::digest::Digest;
+
+/// A manifest that passed signature verification, with its exact bytes.
+#[derive(Debug)]
+pub struct Catalog {
+    pub manifest: Manifest,
+    /// The signed bytes, served verbatim.
+    pub manifest_bytes: Bytes,
+    pub manifest_digest: Digest,
+    /// The contents of `manifest.sig`, served verbatim.
+    pub signature: Bytes,
+    pub signature_digest: Digest,
+    pub generated_at: SystemTime,
+    objects: HashMap<Digest, ObjectInfo>,
+}
+
+/// What the catalog knows about one payload.
+#[derive(Debug, Clone)]
+pub struct ObjectInfo {
+    pub sha256: Digest,
+    pub size: u64,
+    pub chunk_size: u64,
+    pub chunks_sha256: Digest,
+    /// The earliest `published_at` of any version with these bytes.
+    pub modified: SystemTime,
+}
+
+impl ObjectInfo {
+    /// Length of the chunk list file (32 bytes per block).
+    pub fn chunk_list_len(&self) -> u64 {
+        super::manifest::chunk_count(self.size, self.chunk_size) * Digest::LEN as u64
+    }
+}
+
+impl Catalog {
+    /// Index a manifest. The caller has verified `signature` over `manifest_bytes`.
+    pub fn new(manifest: Manifest, manifest_bytes: Bytes, signature: Bytes) -> Catalog {
+        let generated_at = parse_time(&manifest.generated_at).unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut objects: HashMap<Digest, ObjectInfo> = HashMap::new();
+        for c in manifest.components.values() {
+            for v in &c.versions {
+                let modified = v.published_at.as_deref().and_then(parse_time).unwrap_or(generated_at);
+                objects.entry(v.sha256).and_modify(|o| o.modified = o.modified.min(modified)).or_insert(ObjectInfo {
+                    sha256: v.sha256,
+                    size: v.size,
+                    chunk_size: v.chunk_size,
+                    chunks_sha256: v.chunks_sha256,
+                    modified,
+                });
+            }
+        }
+        Catalog {
+            manifest_digest: Digest::of(&manifest_bytes),
+            signature_digest: Digest::of(&signature),
+            manifest,
+            manifest_bytes,
+            signature,
+            generated_at,
+            objects,
+        }
+    }
+
+    pub fn serial(&self) -> u64 {
+        self.manifest.serial
+    }
+
+    pub fn object(&self, sha256: &Digest) -> Option<&ObjectInfo> {
+        self.objects.get(sha256)
+    }
+
+    pub fn objects(&self) -> impl Iterator<Item = &ObjectInfo> {
+        self.objects.values()
+    }
+
+    pub fn component(&self, name: &str) -> Option<(&ComponentName, &Component)> {
+        let name = ComponentName::parse(name).ok()?;
+        self.manifest.components.get_key_value(&name)
+    }
+
+    /// The entry for `name` at `version`, and its object.
+    pub fn version(&self, name: &str, version: &str) -> Option<(&VersionEntry, &ObjectInfo)> {
+        let version = Version::parse(version).ok()?;
+        let (_, c) = self.component(name)?;
+        let entry = c.version(&version)?;
+        Some((entry, self.objects.get(&entry.sha256)?))
+    }
+
+    /// The latest entry of `name`, and its object.
+    pub fn latest(&self, name: &str) -> Option<(&VersionEntry, &ObjectInfo)> {
+        let (_, c) = self.component(name)?;
+        let entry = c.latest_entry()?;
+        Some((entry, self.objects.get(&entry.sha256)?))
+    }
+}

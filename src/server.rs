@@ -1,0 +1,186 @@
+//! Wiring: build the state for the configured role, start the actors and the
+//! HTTP server, and hand back a handle to stop them.
+//!
+//! Must run inside an actix `System` (the actors live on its arbiter); `serve`
+//! and the tests both provide one.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+
+use actix::{Actor, Addr};
+use actix_web::{App, HttpServer, web};
+
+use crate::actors::reload::OriginReload;
+use crate::actors::sync::{RelaySync, SyncContext};
+use crate::actors::{Stop, SyncNow};
+use crate::config::{Config, Role};
+use crate::fill::Filler;
+use crate::http::{self, AppState};
+use crate::repo::RepoDir;
+use crate::source::Source;
+use crate::state::Published;
+use crate::store::{MemoryCache, Store, StoreOptions};
+use crate::telemetry;
+use crate::upstream::Upstreams;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source} (is another server using the port?)")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot start metrics: {0}")]
+    Metrics(String),
+    #[error("cannot open the store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Tls(#[from] crate::upstream::TlsSetupError),
+    #[error("origin: {0} (run `patchrelay publish` into it first)")]
+    Repository(String),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+enum ControlPlane {
+    Origin(Addr<OriginReload>),
+    Relay(Addr<RelaySync>),
+}
+
+/// A started server.
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    pub published: Arc<Published>,
+    handle: actix_web::dev::ServerHandle,
+    task: actix_rt::task::JoinHandle<std::io::Result<()>>,
+    control: ControlPlane,
+}
+
+impl RunningServer {
+    /// `http://addr`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stop accepting, finish requests in flight (gracefully) or drop them.
+    pub async fn stop(self, graceful: bool) {
+        self.handle.stop(graceful).await;
+        self.stop_actors();
+        let _ = self.task.await;
+    }
+
+    /// Wait until the HTTP server stops (on SIGINT/SIGTERM when signals are on).
+    pub async fn wait(self) -> std::io::Result<()> {
+        let result = match self.task.await {
+            Ok(r) => r,
+            Err(e) => Err(std::io::Error::other(e)),
+        };
+        match &self.control {
+            ControlPlane::Origin(a) => a.do_send(Stop),
+            ControlPlane::Relay(a) => a.do_send(Stop),
+        }
+        result
+    }
+
+    fn stop_actors(&self) {
+        match &self.control {
+            ControlPlane::Origin(a) => a.do_send(Stop),
+            ControlPlane::Relay(a) => a.do_send(Stop),
+        }
+    }
+}
+
+/// Options that are not config keys because only embedders (tests, the demo) set them.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// Let actix-web handle SIGINT/SIGTERM (true for `serve`).
+    pub handle_signals: bool,
+}
+
+/// Start a server for `config`.
+pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer, StartError> {
+    let metrics = telemetry::metrics_handle().map_err(StartError::Metrics)?;
+    let published = Published::new();
+    let (source, control, sync) = match config.role() {
+        Role::Origin => {
+            let origin = config.origin.as_ref().ok_or_else(|| StartError::Config("no [origin]".into()))?;
+            let repo = RepoDir::new(&origin.repository);
+            let key = config.trust.as_ref().map(|t| t.public_key.0.clone());
+            let mut reload = OriginReload::new(repo.clone(), key, published.clone(), origin.reload_interval.0);
+            reload.reload().map_err(|e| StartError::Repository(format!("{}: {e}", origin.repository.display())))?;
+            let (cache, max_object) = config
+                .storage
+                .as_ref()
+                .map(|s| (s.memory_cache.0, s.memory_object_max.0))
+                .unwrap_or((256 << 20, 64 << 10));
+            let addr = reload.start();
+            let sync = addr.clone().recipient::<SyncNow>();
+            (Source::Origin { repo, memory: MemoryCache::new(cache, max_object) }, ControlPlane::Origin(addr), sync)
+        }
+        Role::Relay => {
+            let storage =
+                config.storage.as_ref().ok_or_else(|| StartError::Config("a relay needs [storage]".into()))?;
+            let trust = config.trust.as_ref().ok_or_else(|| StartError::Config("a relay needs [trust]".into()))?;
+            let opts =
+                StoreOptions { memory_cache: storage.memory_cache.0, memory_object_max: storage.memory_object_max.0 };
+            let (store, report) = Store::open(&storage.dir, &opts)?;
+            tracing::info!(
+                dir = %storage.dir.display(),
+                objects = report.objects,
+                bytes = report.bytes,
+                temp_files_removed = report.temp_files_removed,
+                elapsed_ms = report.elapsed.as_millis() as u64,
+                "store opened"
+            );
+            metrics::gauge!(telemetry::STORE_OBJECTS).set(report.objects as f64);
+            metrics::gauge!(telemetry::STORE_BYTES).set(report.bytes as f64);
+            let upstreams = Arc::new(Upstreams::new(&config.upstream)?);
+            let sync_ctx = SyncContext::new(
+                published.clone(),
+                upstreams.clone(),
+                trust.public_key.0.clone(),
+                store.state_dir().join("manifest.bundle"),
+            );
+            sync_ctx.restore();
+            let filler = Filler::new(store.clone(), upstreams);
+            let addr = RelaySync::new(sync_ctx, config.sync.interval.0).start();
+            let sync = addr.clone().recipient::<SyncNow>();
+            (Source::Relay { store, filler }, ControlPlane::Relay(addr), sync)
+        }
+    };
+
+    let state = web::Data::new(AppState::new(
+        published.clone(),
+        source,
+        config.server.manifest_max_age.0,
+        config.admin.as_ref().map(|a| a.token.0.clone()),
+        Some(sync),
+        metrics.clone(),
+    ));
+    let listener = TcpListener::bind(config.server.listen)
+        .map_err(|source| StartError::Listen { addr: config.server.listen, source })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.server.listen, source })?;
+    let workers = match config.server.workers {
+        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+        n => n,
+    };
+    let mut server = HttpServer::new(move || App::new().app_data(state.clone()).configure(http::configure))
+        .workers(workers)
+        .backlog(config.server.backlog)
+        .max_connections(config.server.max_connections_per_worker)
+        .keep_alive(config.server.keep_alive.0)
+        .listen(listener)
+        .map_err(|source| StartError::Listen { addr, source })?;
+    if !opts.handle_signals {
+        server = server.disable_signals();
+    }
+    let server = server.run();
+    let handle = server.handle();
+    let task = actix_rt::spawn(server);
+    actix_rt::spawn(async move {
+        let mut tick = tokio::time::interval(telemetry::upkeep_interval());
+        loop {
+            tick.tick().await;
+            metrics.run_upkeep();
+        }
+    });
+    tracing::info!(role = ?config.role(), "patchrelay listening on http://{addr}");
+    Ok(RunningServer { addr, published, handle, task, control })
+}

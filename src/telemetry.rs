@@ -1,0 +1,100 @@
+//! Metrics and logs: every metric name patchrelay exports is declared here, with
+//! its help text and unit, so `/metrics` is documented in one place (and the
+//! README's table can be checked against it).
+//!
+//! The Prometheus recorder is process-global (the `metrics` crate has one global
+//! recorder); several servers in one process, as in the integration tests, share
+//! it and tell their series apart by labels.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::config::{LogConfig, LogFormat};
+
+pub const HTTP_REQUESTS: &str = "patchrelay_http_requests_total";
+pub const HTTP_RESPONSE_BYTES: &str = "patchrelay_http_response_body_bytes_total";
+pub const CACHE_HITS: &str = "patchrelay_cache_hits_total";
+pub const CACHE_MISSES: &str = "patchrelay_cache_misses_total";
+pub const UPSTREAM_REQUESTS: &str = "patchrelay_upstream_requests_total";
+pub const UPSTREAM_BYTES: &str = "patchrelay_upstream_body_bytes_total";
+pub const UPSTREAM_ERRORS: &str = "patchrelay_upstream_errors_total";
+pub const UPSTREAM_LATENCY: &str = "patchrelay_upstream_response_seconds";
+pub const FILLS: &str = "patchrelay_fills_total";
+pub const MANIFEST_SERIAL: &str = "patchrelay_manifest_serial";
+pub const MANIFEST_REJECTED: &str = "patchrelay_manifest_rejected_total";
+pub const SYNCS: &str = "patchrelay_syncs_total";
+pub const LAST_GOOD_SYNC: &str = "patchrelay_last_good_sync_timestamp_seconds";
+pub const SINCE_GOOD_SYNC: &str = "patchrelay_seconds_since_last_good_sync";
+pub const STORE_OBJECTS: &str = "patchrelay_store_objects";
+pub const STORE_BYTES: &str = "patchrelay_store_bytes";
+pub const BUILD_INFO: &str = "patchrelay_build_info";
+
+static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+
+/// Install the Prometheus recorder once per process and return its handle.
+pub fn metrics_handle() -> Result<PrometheusHandle, String> {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Suffix("_seconds".into()),
+                    &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+                )
+                .map_err(|e| e.to_string())?;
+            let handle = builder.install_recorder().map_err(|e| e.to_string())?;
+            describe();
+            Ok(handle)
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(HTTP_REQUESTS, "HTTP requests answered, by route and status.");
+    describe_counter!(HTTP_RESPONSE_BYTES, Unit::Bytes, "Response body bytes sent to clients, by route.");
+    describe_counter!(CACHE_HITS, "Object requests served from the local store, by kind (object, chunks).");
+    describe_counter!(CACHE_MISSES, "Object requests that needed an upstream fetch, by kind.");
+    describe_counter!(UPSTREAM_REQUESTS, "Requests sent upstream, by upstream and status.");
+    describe_counter!(UPSTREAM_BYTES, Unit::Bytes, "Body bytes received from upstreams, by upstream.");
+    describe_counter!(UPSTREAM_ERRORS, "Failed upstream requests, by upstream and kind.");
+    describe_histogram!(
+        UPSTREAM_LATENCY,
+        Unit::Seconds,
+        "Time from sending an upstream request to its response headers."
+    );
+    describe_counter!(FILLS, "Objects pulled through from upstream, by result (ok, failed).");
+    describe_gauge!(MANIFEST_SERIAL, "Serial of the manifest being served.");
+    describe_counter!(MANIFEST_REJECTED, "Manifests refused, by upstream and reason.");
+    describe_counter!(SYNCS, "Sync attempts, by result (updated, unchanged, failed).");
+    describe_gauge!(LAST_GOOD_SYNC, Unit::Seconds, "Unix time of the last sync that got a verified manifest.");
+    describe_gauge!(SINCE_GOOD_SYNC, Unit::Seconds, "Seconds since the last sync that got a verified manifest.");
+    describe_gauge!(STORE_OBJECTS, "Complete objects in the local store.");
+    describe_gauge!(STORE_BYTES, Unit::Bytes, "Bytes of complete objects in the local store.");
+    describe_gauge!(BUILD_INFO, "Always 1; the version label says which patchrelay this is.");
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}
+
+/// Housekeeping the exporter needs (it drains histogram buffers); run it on a timer.
+pub fn upkeep_interval() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// Start logging to stderr. Later calls (several servers in one test process)
+/// keep the first subscriber.
+pub fn init_logging(cfg: &LogConfig) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("PATCHRELAY_LOG")
+        .or_else(|_| EnvFilter::try_new(&cfg.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let _ = match cfg.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
