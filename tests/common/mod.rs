@@ -1,0 +1,344 @@
+//! Shared test helpers: generated repositories, servers started on loopback
+//! port 0 (origin, relay, nginx, a scriptable upstream), and an HTTP client.
+//!
+//! Everything here is real: servers are the same code `patchrelay serve` runs,
+//! listening on real sockets; files are on disk in temp directories.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use patchrelay::config::Config;
+use patchrelay::repo::publish::{PublishOptions, publish};
+use patchrelay::repo::sign::SecretKey;
+use patchrelay::server::{self, RunningServer, StartOptions};
+use tempfile::TempDir;
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+/// Deterministic pseudo-random bytes.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A published repository in a temp directory, with its key.
+pub struct TestRepo {
+    pub dir: TempDir,
+    pub input: PathBuf,
+    pub repo: PathBuf,
+    pub key: SecretKey,
+    pub public: String,
+    pub chunk_size: u64,
+}
+
+impl TestRepo {
+    /// Components: `engine` (pattern, critical, versions 1..=3, ~300 KB text),
+    /// `big` (software, one 3 MiB version), `empty` (a zero-byte payload).
+    pub fn new() -> TestRepo {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("input");
+        let repo = dir.path().join("repo");
+        let key = SecretKey::generate().unwrap();
+        let public = key.public().to_base64();
+        let t = TestRepo { dir, input, repo, key, public, chunk_size: 64 * 1024 };
+        t.write_meta("engine", "kind = \"pattern\"\ncritical = true\n");
+        for v in 1..=3 {
+            t.add_version("engine", &v.to_string(), &Self::engine_bytes(v));
+        }
+        t.write_meta("big", "kind = \"software\"\n");
+        t.add_version("big", "1.0", &noise(42, 3 << 20));
+        t.add_version("empty", "1", b"");
+        t.publish();
+        t
+    }
+
+    pub fn engine_bytes(version: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        for i in 0..(6000 + version * 100) {
+            out.extend_from_slice(
+                format!(
+                    "sig {i:06} {:x} rev{}\n",
+                    i * 2654435761 % 1_000_003,
+                    if i % 50 == version { version } else { 0 }
+                )
+                .as_bytes(),
+            );
+        }
+        out
+    }
+
+    pub fn write_meta(&self, component: &str, toml: &str) {
+        let p = self.input.join(component).join("component.toml");
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, toml).unwrap();
+    }
+
+    pub fn add_version(&self, component: &str, version: &str, data: &[u8]) {
+        let d = self.input.join(component).join(version);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join(format!("{component}-{version}.bin")), data).unwrap();
+    }
+
+    pub fn publish(&self) -> u64 {
+        publish(&self.input, &self.repo, &self.key, &PublishOptions { chunk_size: self.chunk_size }).unwrap().serial
+    }
+
+    pub fn manifest_bytes(&self) -> Vec<u8> {
+        std::fs::read(self.repo.join("v1/manifest")).unwrap()
+    }
+
+    pub fn signature_bytes(&self) -> Vec<u8> {
+        std::fs::read(self.repo.join("v1/manifest.sig")).unwrap()
+    }
+
+    /// sha256 of `component` at `version`, from the published manifest.
+    pub fn sha(&self, component: &str, version: &str) -> String {
+        let m: serde_json::Value = serde_json::from_slice(&self.manifest_bytes()).unwrap();
+        m["components"][component]["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["version"] == version)
+            .unwrap()["sha256"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+}
+
+pub fn origin_config(repo: &TestRepo) -> Config {
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 1\n[origin]\nrepository = {:?}\nreload_interval = \"100ms\"\n[trust]\npublic_key = \"{}\"\n[admin]\ntoken = \"{ADMIN_TOKEN}\"\n",
+        repo.repo.display().to_string(),
+        repo.public
+    );
+    Config::from_toml(&toml, "origin.toml").unwrap()
+}
+
+/// TOML for a relay with these upstream URLs; `extra` is appended verbatim.
+pub fn relay_toml(upstreams: &[&str], public: &str, storage: &Path, extra: &str) -> String {
+    let mut toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 2\n[storage]\ndir = {:?}\n[trust]\npublic_key = \"{public}\"\n[admin]\ntoken = \"{ADMIN_TOKEN}\"\n",
+        storage.display().to_string()
+    );
+    for (i, u) in upstreams.iter().enumerate() {
+        toml.push_str(&format!(
+            "[[upstream]]\nurl = \"{u}\"\nname = \"up{i}-{}\"\nread_timeout = \"5s\"\nconnect_timeout = \"2s\"\n",
+            u.rsplit(':').next().unwrap_or("x").trim_end_matches('/')
+        ));
+    }
+    toml.push_str(extra);
+    toml
+}
+
+pub async fn start(config: &Config) -> RunningServer {
+    server::start(config, StartOptions::default()).await.unwrap()
+}
+
+pub async fn start_origin(repo: &TestRepo) -> RunningServer {
+    start(&origin_config(repo)).await
+}
+
+pub async fn start_relay(upstreams: &[&str], public: &str, storage: &Path) -> RunningServer {
+    let cfg = Config::from_toml(&relay_toml(upstreams, public, storage, ""), "relay.toml").unwrap();
+    start(&cfg).await
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(30)).build().unwrap()
+}
+
+/// Poll `/readyz` until 200 or the timeout.
+pub async fn wait_ready(url: &str, within: Duration) -> bool {
+    let c = client();
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Ok(r) = c.get(format!("{url}/readyz")).send().await
+            && r.status() == 200
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    false
+}
+
+/// `POST /admin/sync`; returns (status, JSON body).
+pub async fn admin_sync(url: &str) -> (u16, serde_json::Value) {
+    let r = client().post(format!("{url}/admin/sync")).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+/// The value of a Prometheus series (summed over series matching every label).
+pub async fn metric(url: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = client().get(format!("{url}/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A free loopback port (for servers that cannot report the one they got).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// nginx serving `root` as a static tree; killed on drop.
+pub struct Nginx {
+    child: Child,
+    pub url: String,
+    _dir: TempDir,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .unwrap_or(false)
+}
+
+pub fn nginx_binary() -> Option<PathBuf> {
+    ["/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/bin/nginx"].iter().map(PathBuf::from).find(|p| p.exists())
+}
+
+/// Start nginx on a free port serving `root`, or `None` (with a message) when
+/// nginx is not installed; `.ci/run` installs it.
+pub async fn start_nginx(root: &Path) -> Option<Nginx> {
+    let Some(bin) = nginx_binary() else {
+        eprintln!("SKIP: nginx is not installed (apt-get install nginx-light); .ci/run installs it");
+        return None;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    for _ in 0..5 {
+        let port = free_port();
+        // As root, nginx's workers would drop to `nobody`, who cannot read a
+        // 0700 temp directory: keep them as root (tests only).
+        let user = if running_as_root() { "user root;\n" } else { "" };
+        let conf = format!(
+            "{user}daemon off;\nworker_processes 1;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\nevents {{ worker_connections 1024; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {dir};\n  proxy_temp_path {dir};\n  fastcgi_temp_path {dir};\n  uwsgi_temp_path {dir};\n  scgi_temp_path {dir};\n  default_type application/octet-stream;\n  server {{\n    listen 127.0.0.1:{port};\n    root {root};\n  }}\n}}\n",
+            dir = dir.path().display(),
+            root = root.display()
+        );
+        let conf_path = dir.path().join("nginx.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let mut child = Command::new(&bin)
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-e")
+            .arg(dir.path().join("error.log"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(Nginx { child, url: format!("http://127.0.0.1:{port}"), _dir: dir });
+            }
+            if let Ok(Some(_)) = child.try_wait() {
+                break; // port taken meanwhile: try another
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("nginx did not start");
+}
+
+/// A scriptable upstream: serves whatever bytes the test puts at each path, so
+/// a test can play a hostile or stale upstream. A real HTTP server on loopback.
+#[derive(Clone, Default)]
+pub struct Files(Arc<RwLock<HashMap<String, Bytes>>>);
+
+impl Files {
+    pub fn put(&self, path: &str, data: impl Into<Bytes>) {
+        self.0.write().unwrap().insert(path.trim_start_matches('/').to_string(), data.into());
+    }
+
+    /// Copy a published repository's files in.
+    pub fn load_repo(&self, repo: &Path) {
+        for sub in ["v1/objects", "v1/chunks"] {
+            for e in std::fs::read_dir(repo.join(sub)).unwrap() {
+                let e = e.unwrap();
+                let name = e.file_name().into_string().unwrap();
+                if !name.starts_with('.') {
+                    self.put(&format!("{sub}/{name}"), std::fs::read(e.path()).unwrap());
+                }
+            }
+        }
+        self.put("v1/manifest", std::fs::read(repo.join("v1/manifest")).unwrap());
+        self.put("v1/manifest.sig", std::fs::read(repo.join("v1/manifest.sig")).unwrap());
+    }
+
+    pub fn get(&self, path: &str) -> Option<Bytes> {
+        self.0.read().unwrap().get(path).cloned()
+    }
+}
+
+pub struct ScriptedUpstream {
+    pub url: String,
+    pub files: Files,
+    pub requests: Arc<std::sync::atomic::AtomicUsize>,
+    handle: actix_web::dev::ServerHandle,
+}
+
+impl ScriptedUpstream {
+    pub async fn start() -> ScriptedUpstream {
+        use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+        let files = Files::default();
+        let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (f, n) = (files.clone(), requests.clone());
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = HttpServer::new(move || {
+            let (f, n) = (f.clone(), n.clone());
+            App::new().default_service(web::to(move |req: HttpRequest| {
+                let (f, n) = (f.clone(), n.clone());
+                async move {
+                    n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    match f.get(req.path().trim_start_matches('/')) {
+                        Some(b) => HttpResponse::Ok().body(b),
+                        None => HttpResponse::NotFound().finish(),
+                    }
+                }
+            }))
+        })
+        .workers(1)
+        .disable_signals()
+        .listen(listener)
+        .unwrap()
+        .run();
+        let handle = server.handle();
+        actix_rt::spawn(server);
+        ScriptedUpstream { url, files, requests, handle }
+    }
+
+    pub async fn stop(self) {
+        self.handle.stop(false).await;
+    }
+}
