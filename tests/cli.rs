@@ -93,3 +93,64 @@ fn the_shipped_configs_are_valid() {
     }
     assert!(n >= 3, "expected origin.toml, relay.toml and demo.toml in config/");
 }
+
+/// `kill -9` a publish at arbitrary moments: the repository must always be the
+/// previous complete one (manifest and signature agree, every object it names
+/// is present and intact), and the next publish must succeed.
+#[test]
+#[allow(clippy::disallowed_methods)] // a plain #[test]: no async worker to block
+fn a_killed_publish_leaves_the_previous_repository_intact() {
+    use patchrelay::repo::sign::PublicKey;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k");
+    let public = String::from_utf8(patchrelay(&["keygen", "--secret", p(&key)]).stdout).unwrap();
+    let public = PublicKey::parse(public.trim()).unwrap();
+    let input = dir.path().join("in");
+    let out = dir.path().join("repo");
+    let add = |v: u32| {
+        for c in 0..4 {
+            let d = input.join(format!("c{c}/{v}"));
+            std::fs::create_dir_all(&d).unwrap();
+            let data: Vec<u8> =
+                (0..(3u32 << 20)).map(|i| (i.wrapping_mul(2654435761).wrapping_add(v * 7 + c)) as u8).collect();
+            std::fs::write(d.join("payload.bin"), data).unwrap();
+        }
+    };
+    add(1);
+    assert!(patchrelay(&["publish", "--input", p(&input), "--output", p(&out), "--key", p(&key)]).status.success());
+    let check = |repo: &Path| {
+        let m = std::fs::read(repo.join("v1/manifest")).unwrap();
+        let s = std::fs::read(repo.join("v1/manifest.sig")).unwrap();
+        let cat = patchrelay::repo::verify(&public, m.into(), s.into()).expect("manifest and signature must agree");
+        for o in cat.objects() {
+            let bytes = std::fs::read(repo.join(format!("v1/objects/{}", o.sha256))).unwrap();
+            assert_eq!(patchrelay::digest::Digest::of(&bytes), o.sha256);
+            let chunks = std::fs::read(repo.join(format!("v1/chunks/{}", o.sha256))).unwrap();
+            assert_eq!(patchrelay::digest::Digest::of(&chunks), o.chunks_sha256);
+        }
+        cat.serial()
+    };
+    for (round, delay_ms) in [5u64, 40, 80, 150, 300].into_iter().enumerate() {
+        add(round as u32 + 2);
+        let before = check(&out);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_patchrelay"))
+            .args(["publish", "--input", p(&input), "--output", p(&out), "--key", p(&key)])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+        let after = check(&out);
+        assert!(after == before || after == before + 1, "round {round}: serial {before} -> {after}");
+    }
+    let o = patchrelay(&["publish", "--input", p(&input), "--output", p(&out), "--key", p(&key)]);
+    assert!(o.status.success(), "{}", text(&o));
+    check(&out);
+    // No temp files survive a completed publish.
+    for sub in ["v1", "v1/objects", "v1/chunks"] {
+        for e in std::fs::read_dir(out.join(sub)).unwrap() {
+            assert!(!e.unwrap().file_name().to_string_lossy().starts_with(".tmp-"));
+        }
+    }
+}

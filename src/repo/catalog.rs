@@ -11,7 +11,6 @@ use std::time::SystemTime;
 use bytes::Bytes;
 
 use super::manifest::{Component, ComponentName, Manifest, VersionEntry, parse_time};
-use super::version::Version;
 use crate::digest::Digest;
 
 /// A manifest that passed signature verification, with its exact bytes.
@@ -87,15 +86,13 @@ impl Catalog {
     }
 
     pub fn component(&self, name: &str) -> Option<(&ComponentName, &Component)> {
-        let name = ComponentName::parse(name).ok()?;
-        self.manifest.components.get_key_value(&name)
+        self.manifest.components.get_key_value(name)
     }
 
     /// The entry for `name` at `version`, and its object.
     pub fn version(&self, name: &str, version: &str) -> Option<(&VersionEntry, &ObjectInfo)> {
-        let version = Version::parse(version).ok()?;
         let (_, c) = self.component(name)?;
-        let entry = c.version(&version)?;
+        let entry = c.versions.iter().find(|e| e.version.as_str() == version)?;
         Some((entry, self.objects.get(&entry.sha256)?))
     }
 

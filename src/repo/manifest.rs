@@ -139,6 +139,13 @@ impl ComponentName {
     }
 }
 
+/// Lets maps keyed by name be searched with a `&str` from a URL, no allocation.
+impl std::borrow::Borrow<str> for ComponentName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl fmt::Display for ComponentName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

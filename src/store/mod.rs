@@ -112,6 +112,10 @@ impl MemoryCache {
         Ok(Blob::File { file: Arc::new(file), len })
     }
 
+    pub fn get(&self, digest: &Digest) -> Option<Bytes> {
+        self.cache.get(digest)
+    }
+
     pub fn invalidate(&self, digest: &Digest) {
         self.cache.invalidate(digest);
     }
@@ -215,6 +219,9 @@ impl Store {
 
     /// The object if it is complete on disk; `None` if we do not hold it.
     pub fn get(&self, digest: &Digest) -> Result<Option<Blob>, StoreError> {
+        if let Some(bytes) = self.0.memory.get(digest) {
+            return Ok(Some(Blob::Memory(bytes)));
+        }
         let Some(len) = self.0.index.get(digest) else {
             return Ok(None);
         };
