@@ -47,6 +47,11 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Ask a running server (the one this config describes) to sync now.
+    Sync {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Validate a config file; errors name the key and its line.
     CheckConfig {
         #[arg(long)]
@@ -138,6 +143,22 @@ pub fn main() -> ExitCode {
                 Err(e) => fail(e),
             }
         }
+        Command::Sync { config } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match admin_sync(&config) {
+                Ok(body) => {
+                    println!("{body}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
         Command::Demo { dir, port } => {
             telemetry::init_logging(&LogConfig::default());
             match crate::demo::run(dir, port) {
@@ -145,6 +166,36 @@ pub fn main() -> ExitCode {
                 Err(e) => fail(e),
             }
         }
+    }
+}
+
+/// `POST /admin/sync` to the server `config` describes; the response body.
+///
+/// A dozen lines of HTTP/1.1 over a socket: the one request this command makes
+/// does not justify starting an async runtime and a client.
+fn admin_sync(config: &Config) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let token = config.admin.as_ref().ok_or("the config has no [admin] token; the admin API is off")?.token.0.clone();
+    let mut addr = config.server.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+    }
+    let timeout = std::time::Duration::from_secs(120);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
+        .map_err(|e| format!("cannot reach the server at {addr}: {e} (is it running?)"))?;
+    s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    let req = format!(
+        "POST /admin/sync HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).map_err(|e| format!("{addr}: {e}"))?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).map_err(|e| format!("{addr}: {e}"))?;
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    let status = head.split_whitespace().nth(1).unwrap_or("?");
+    if status == "200" {
+        Ok(body.trim().to_string())
+    } else {
+        Err(format!("sync answered HTTP {status}: {}", body.trim()))
     }
 }
 

@@ -85,6 +85,9 @@ pub struct StorageConfig {
     /// Objects up to this size are kept in memory once read.
     #[serde(default = "default_memory_object_max")]
     pub memory_object_max: ByteSize,
+    /// Disk budget for cached objects; least recently used unpinned objects are
+    /// evicted above it. Absent: no limit.
+    pub max_size: Option<ByteSize>,
 }
 
 fn default_memory_cache() -> ByteSize {
@@ -119,6 +122,34 @@ pub struct UpstreamConfig {
     /// Longest wait for the next bytes of a response.
     #[serde(default = "default_read_timeout")]
     pub read_timeout: HumanDuration,
+    /// An HTTP proxy to reach this upstream through (HTTP CONNECT).
+    pub proxy: Option<ProxyUrl>,
+    /// Most objects fetched from this upstream at once.
+    #[serde(default = "default_fills")]
+    pub max_concurrent_fills: usize,
+}
+
+fn default_fills() -> usize {
+    8
+}
+
+/// `proxy = "http://host:port"`: where to send CONNECT requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyUrl {
+    pub base: String,
+}
+
+impl<'de> Deserialize<'de> for ProxyUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let u = UpstreamUrl::parse(&s).map_err(serde::de::Error::custom)?;
+        if u.https {
+            return Err(serde::de::Error::custom(format!(
+                "{s:?}: the proxy is spoken to in plain HTTP (CONNECT); write http://host:port"
+            )));
+        }
+        Ok(ProxyUrl { base: u.base })
+    }
 }
 
 fn default_connect_timeout() -> HumanDuration {
@@ -144,11 +175,16 @@ pub struct TrustConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct SyncConfig {
     pub interval: HumanDuration,
+    /// For each critical component, how many of the most recent versions
+    /// (the latest included) are fetched ahead of demand and pinned.
+    pub retain: usize,
+    /// Prefetch fills running at once.
+    pub prefetch_concurrency: usize,
 }
 
 impl Default for SyncConfig {
     fn default() -> Self {
-        SyncConfig { interval: HumanDuration(Duration::from_secs(3600)) }
+        SyncConfig { interval: HumanDuration(Duration::from_secs(3600)), retain: 3, prefetch_concurrency: 4 }
     }
 }
 
@@ -374,6 +410,9 @@ impl Config {
         }
         if self.sync.interval.0 < Duration::from_secs(1) {
             return Err(invalid("sync", "sync.interval must be at least 1s".into()));
+        }
+        if self.sync.retain == 0 || self.sync.prefetch_concurrency == 0 {
+            return Err(invalid("sync", "sync.retain and sync.prefetch_concurrency must be at least 1".into()));
         }
         if let Some(s) = &self.storage
             && s.memory_object_max.0 > s.memory_cache.0

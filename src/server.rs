@@ -10,7 +10,10 @@ use std::sync::Arc;
 use actix::{Actor, Addr};
 use actix_web::{App, HttpServer, web};
 
+use crate::actors::housekeeping::Housekeeping;
+use crate::actors::prefetch::Prefetcher;
 use crate::actors::reload::OriginReload;
+use crate::actors::status::StatusSource;
 use crate::actors::sync::{RelaySync, SyncContext};
 use crate::actors::{Stop, SyncNow};
 use crate::config::{Config, Role};
@@ -41,7 +44,7 @@ pub enum StartError {
 
 enum ControlPlane {
     Origin(Addr<OriginReload>),
-    Relay(Addr<RelaySync>),
+    Relay(Addr<RelaySync>, Addr<Housekeeping>),
 }
 
 /// A started server.
@@ -68,21 +71,26 @@ impl RunningServer {
 
     /// Wait until the HTTP server stops (on SIGINT/SIGTERM when signals are on).
     pub async fn wait(self) -> std::io::Result<()> {
-        let result = match self.task.await {
+        let RunningServer { task, control, .. } = self;
+        let result = match task.await {
             Ok(r) => r,
             Err(e) => Err(std::io::Error::other(e)),
         };
-        match &self.control {
-            ControlPlane::Origin(a) => a.do_send(Stop),
-            ControlPlane::Relay(a) => a.do_send(Stop),
-        }
+        stop_actors(&control);
         result
     }
 
     fn stop_actors(&self) {
-        match &self.control {
-            ControlPlane::Origin(a) => a.do_send(Stop),
-            ControlPlane::Relay(a) => a.do_send(Stop),
+        stop_actors(&self.control);
+    }
+}
+
+fn stop_actors(control: &ControlPlane) {
+    match control {
+        ControlPlane::Origin(a) => a.do_send(Stop),
+        ControlPlane::Relay(a, h) => {
+            a.do_send(Stop);
+            h.do_send(Stop);
         }
     }
 }
@@ -98,7 +106,7 @@ pub struct StartOptions {
 pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer, StartError> {
     let metrics = telemetry::metrics_handle().map_err(StartError::Metrics)?;
     let published = Published::new();
-    let (source, control, sync) = match config.role() {
+    let (source, control, sync, status) = match config.role() {
         Role::Origin => {
             let origin = config.origin.as_ref().ok_or_else(|| StartError::Config("no [origin]".into()))?;
             let repo = RepoDir::new(&origin.repository);
@@ -112,19 +120,28 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
                 .unwrap_or((256 << 20, 64 << 10));
             let addr = reload.start();
             let sync = addr.clone().recipient::<SyncNow>();
-            (Source::Origin { repo, memory: MemoryCache::new(cache, max_object) }, ControlPlane::Origin(addr), sync)
+            (
+                Source::Origin { repo, memory: MemoryCache::new(cache, max_object) },
+                ControlPlane::Origin(addr),
+                sync,
+                None,
+            )
         }
         Role::Relay => {
             let storage =
                 config.storage.as_ref().ok_or_else(|| StartError::Config("a relay needs [storage]".into()))?;
             let trust = config.trust.as_ref().ok_or_else(|| StartError::Config("a relay needs [trust]".into()))?;
-            let opts =
-                StoreOptions { memory_cache: storage.memory_cache.0, memory_object_max: storage.memory_object_max.0 };
+            let opts = StoreOptions {
+                memory_cache: storage.memory_cache.0,
+                memory_object_max: storage.memory_object_max.0,
+                max_size: storage.max_size.map(|s| s.0),
+            };
             let (store, report) = Store::open(&storage.dir, &opts)?;
             tracing::info!(
                 dir = %storage.dir.display(),
                 objects = report.objects,
                 bytes = report.bytes,
+                partial_files = report.partial_files,
                 temp_files_removed = report.temp_files_removed,
                 elapsed_ms = report.elapsed.as_millis() as u64,
                 "store opened"
@@ -132,17 +149,22 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
             metrics::gauge!(telemetry::STORE_OBJECTS).set(report.objects as f64);
             metrics::gauge!(telemetry::STORE_BYTES).set(report.bytes as f64);
             let upstreams = Arc::new(Upstreams::new(&config.upstream)?);
+            let filler = Filler::new(store.clone(), upstreams.clone());
+            let prefetcher = Prefetcher::new(filler.clone(), config.sync.retain, config.sync.prefetch_concurrency);
             let sync_ctx = SyncContext::new(
                 published.clone(),
-                upstreams.clone(),
+                upstreams,
                 trust.public_key.0.clone(),
                 store.state_dir().join("manifest.bundle"),
+                prefetcher.clone(),
             );
             sync_ctx.restore();
-            let filler = Filler::new(store.clone(), upstreams);
             let addr = RelaySync::new(sync_ctx, config.sync.interval.0).start();
+            let housekeeping =
+                Housekeeping::new(store.clone(), filler.clone(), prefetcher.clone(), published.clone()).start();
             let sync = addr.clone().recipient::<SyncNow>();
-            (Source::Relay { store, filler }, ControlPlane::Relay(addr), sync)
+            let status = Arc::new(StatusSource { published: published.clone(), filler: filler.clone(), prefetcher });
+            (Source::Relay { store, filler }, ControlPlane::Relay(addr, housekeeping), sync, Some(status))
         }
     };
 
@@ -152,6 +174,7 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
         config.server.manifest_max_age.0,
         config.admin.as_ref().map(|a| a.token.0.clone()),
         Some(sync),
+        status,
         metrics.clone(),
     ));
     let listener = TcpListener::bind(config.server.listen)

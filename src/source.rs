@@ -2,12 +2,13 @@
 //! relay's store (filled from upstream on a miss).
 //!
 //! The HTTP room asks for a [`Target`] (digest, length, and which upstream path
-//! holds it) and gets a [`Blob`] to stream; it does not know which role it is in.
+//! holds it) and gets [`Content`] to stream; it does not know which role it is in.
 
 use std::sync::Arc;
 
 use crate::digest::Digest;
-use crate::fill::{FillError, FillRequest, Filler};
+use crate::fill::{FillError, FillHandle, FillRequest, Filler, Opened, Verify};
+use crate::repo::catalog::ObjectInfo;
 use crate::repo::{self, RepoDir};
 use crate::store::{Blob, MemoryCache, Store, StoreError};
 use crate::telemetry;
@@ -23,26 +24,63 @@ pub struct Target {
 
 #[derive(Debug, Clone, Copy)]
 pub enum TargetKind {
-    /// The payload itself (`digest` is its SHA-256).
-    Payload,
+    /// A payload (`digest` is its SHA-256), verified block by block with its
+    /// chunk list while it is fetched.
+    Payload { chunk_size: u64, chunks_sha256: Digest, chunks_len: u64 },
     /// The chunk list of the payload with this digest.
     ChunkList { payload: Digest },
 }
 
 impl Target {
+    /// A payload as the catalog describes it.
+    pub fn payload(obj: &ObjectInfo) -> Target {
+        let kind = TargetKind::Payload {
+            chunk_size: obj.chunk_size,
+            chunks_sha256: obj.chunks_sha256,
+            chunks_len: obj.chunk_list_len(),
+        };
+        Target { digest: obj.sha256, len: obj.size, kind }
+    }
+
+    /// The chunk list of a payload as the catalog describes it.
+    pub fn chunk_list(obj: &ObjectInfo) -> Target {
+        Target {
+            digest: obj.chunks_sha256,
+            len: obj.chunk_list_len(),
+            kind: TargetKind::ChunkList { payload: obj.sha256 },
+        }
+    }
+
     /// The path of these bytes in a repository (on disk and on an upstream).
-    fn repo_path(&self) -> String {
+    pub fn repo_path(&self) -> String {
         match self.kind {
-            TargetKind::Payload => repo::object_path(&self.digest),
+            TargetKind::Payload { .. } => repo::object_path(&self.digest),
             TargetKind::ChunkList { payload } => repo::chunks_path(&payload),
         }
     }
 
     fn kind_label(&self) -> &'static str {
         match self.kind {
-            TargetKind::Payload => "object",
+            TargetKind::Payload { .. } => "object",
             TargetKind::ChunkList { .. } => "chunks",
         }
+    }
+
+    /// How to fetch and verify these bytes.
+    pub fn fill_request(&self) -> FillRequest {
+        let verify = match self.kind {
+            TargetKind::Payload { chunk_size, chunks_sha256, chunks_len } => Verify::Chunks {
+                chunk_size,
+                list: Box::new(FillRequest {
+                    digest: chunks_sha256,
+                    len: chunks_len,
+                    path: repo::chunks_path(&self.digest),
+                    verify: Verify::Whole,
+                }),
+            },
+            TargetKind::ChunkList { .. } => Verify::Whole,
+        };
+        FillRequest { digest: self.digest, len: self.len, path: self.repo_path(), verify }
     }
 }
 
@@ -54,36 +92,43 @@ pub enum SourceError {
     Fill(#[from] FillError),
 }
 
+/// Bytes ready to stream.
+#[derive(Debug, Clone)]
+pub enum Content {
+    Stored(Blob),
+    /// Arriving from upstream; readable up to the verified mark.
+    Filling(FillHandle),
+}
+
 pub enum Source {
     Origin { repo: RepoDir, memory: MemoryCache },
     Relay { store: Store, filler: Arc<Filler> },
 }
 
 impl Source {
-    /// Open the target's bytes, fetching them first if this is a relay that
-    /// does not hold them yet.
-    pub async fn open(&self, target: &Target) -> Result<Blob, SourceError> {
+    /// Open the target's bytes, starting (or joining) a fill if this is a relay
+    /// that does not hold them yet. Returns once the fill has an upstream
+    /// response, so a request for an object no upstream can supply gets an
+    /// error status instead of a truncated body.
+    pub async fn open(&self, target: &Target) -> Result<Content, SourceError> {
         match self {
             Source::Origin { repo, memory } => {
                 let path = repo.root().join(target.repo_path());
-                Ok(memory.load(&target.digest, &path, target.len)?)
+                Ok(Content::Stored(memory.load(&target.digest, &path, target.len)?))
             }
             Source::Relay { store, filler } => {
                 if let Some(blob) = store.get(&target.digest)? {
                     metrics::counter!(telemetry::CACHE_HITS, "kind" => target.kind_label()).increment(1);
-                    return Ok(blob);
+                    return Ok(Content::Stored(blob));
                 }
                 metrics::counter!(telemetry::CACHE_MISSES, "kind" => target.kind_label()).increment(1);
-                let req = FillRequest { digest: target.digest, len: target.len, path: target.repo_path() };
-                filler.ensure(req).await?;
-                // Just filled; gone again only if someone deleted it this instant.
-                store.get(&target.digest)?.ok_or_else(|| {
-                    SourceError::Store(StoreError::Io {
-                        action: "object vanished right after it was stored",
-                        path: store.path_of(&target.digest),
-                        source: std::io::Error::from(std::io::ErrorKind::NotFound),
-                    })
-                })
+                match filler.attach(target.fill_request())? {
+                    Opened::Stored(blob) => Ok(Content::Stored(blob)),
+                    Opened::Filling(mut handle) => {
+                        handle.started().await.map_err(|e| SourceError::Fill((*e).clone()))?;
+                        Ok(Content::Filling(handle))
+                    }
+                }
             }
         }
     }

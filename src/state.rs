@@ -19,6 +19,9 @@ pub struct Published {
     catalog: ArcSwapOption<Catalog>,
     /// Unix seconds of the last sync that produced a verified manifest; 0: never.
     last_good_sync: AtomicU64,
+    /// Unix seconds since when no upstream has given an acceptable manifest;
+    /// 0: not degraded.
+    degraded_since: AtomicU64,
 }
 
 pub fn unix_now() -> u64 {
@@ -53,6 +56,27 @@ impl Published {
         let now = unix_now();
         self.last_good_sync.store(now, Ordering::Relaxed);
         metrics::gauge!(telemetry::LAST_GOOD_SYNC).set(now as f64);
+        if self.degraded_since.swap(0, Ordering::Relaxed) != 0 {
+            tracing::info!("an upstream answered again: no longer degraded");
+        }
+        metrics::gauge!(telemetry::DEGRADED).set(0.0);
+    }
+
+    /// Every upstream failed: keep serving what we have, and say so.
+    pub fn mark_failed_sync(&self) {
+        let now = unix_now();
+        if self.degraded_since.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            tracing::warn!("no upstream reachable: degraded, serving the cache and the last verified manifest");
+        }
+        metrics::gauge!(telemetry::DEGRADED).set(1.0);
+    }
+
+    /// Unix seconds since when the relay is degraded, if it is.
+    pub fn degraded_since(&self) -> Option<u64> {
+        match self.degraded_since.load(Ordering::Relaxed) {
+            0 => None,
+            t => Some(t),
+        }
     }
 
     /// Unix seconds of the last good sync, if any.

@@ -22,7 +22,15 @@ pub const UPSTREAM_REQUESTS: &str = "patchrelay_upstream_requests_total";
 pub const UPSTREAM_BYTES: &str = "patchrelay_upstream_body_bytes_total";
 pub const UPSTREAM_ERRORS: &str = "patchrelay_upstream_errors_total";
 pub const UPSTREAM_LATENCY: &str = "patchrelay_upstream_response_seconds";
+pub const UPSTREAM_UP: &str = "patchrelay_upstream_up";
+pub const UPSTREAM_INTEGRITY_FAILURES: &str = "patchrelay_upstream_integrity_failures_total";
 pub const FILLS: &str = "patchrelay_fills_total";
+pub const FILLS_IN_FLIGHT: &str = "patchrelay_fills_in_flight";
+pub const FILL_WAITERS: &str = "patchrelay_fill_waiters_total";
+pub const FILL_RESUMES: &str = "patchrelay_fill_resumes_total";
+pub const PREFETCHES: &str = "patchrelay_prefetches_total";
+pub const DEGRADED: &str = "patchrelay_degraded";
+pub const SYNC_CHANGES: &str = "patchrelay_sync_changes_total";
 pub const MANIFEST_SERIAL: &str = "patchrelay_manifest_serial";
 pub const MANIFEST_REJECTED: &str = "patchrelay_manifest_rejected_total";
 pub const SYNCS: &str = "patchrelay_syncs_total";
@@ -30,6 +38,9 @@ pub const LAST_GOOD_SYNC: &str = "patchrelay_last_good_sync_timestamp_seconds";
 pub const SINCE_GOOD_SYNC: &str = "patchrelay_seconds_since_last_good_sync";
 pub const STORE_OBJECTS: &str = "patchrelay_store_objects";
 pub const STORE_BYTES: &str = "patchrelay_store_bytes";
+pub const STORE_EVICTIONS: &str = "patchrelay_store_evictions_total";
+pub const STORE_EVICTED_BYTES: &str = "patchrelay_store_evicted_bytes_total";
+pub const STORE_OVER_BUDGET: &str = "patchrelay_store_over_budget_total";
 pub const BUILD_INFO: &str = "patchrelay_build_info";
 
 static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
@@ -64,7 +75,21 @@ fn describe() {
         Unit::Seconds,
         "Time from sending an upstream request to its response headers."
     );
+    describe_gauge!(UPSTREAM_UP, "1 while the upstream is not backed off, 0 while it is (failures or suspect).");
+    describe_counter!(
+        UPSTREAM_INTEGRITY_FAILURES,
+        "Blocks or objects from an upstream that failed SHA-256 verification, by upstream."
+    );
     describe_counter!(FILLS, "Objects pulled through from upstream, by result (ok, failed).");
+    describe_gauge!(FILLS_IN_FLIGHT, "Upstream fetches running now.");
+    describe_counter!(FILL_WAITERS, "Requests that attached to a fill already running instead of starting one.");
+    describe_counter!(
+        FILL_RESUMES,
+        "Fetches resumed from a byte offset (after a cut, a failover or a restart), by upstream."
+    );
+    describe_counter!(PREFETCHES, "Prefetches of critical components' versions, by result (ok, failed).");
+    describe_gauge!(DEGRADED, "1 while no upstream gives an acceptable manifest (serving from cache), else 0.");
+    describe_counter!(SYNC_CHANGES, "Versions added to or removed from the manifest by syncs, by change.");
     describe_gauge!(MANIFEST_SERIAL, "Serial of the manifest being served.");
     describe_counter!(MANIFEST_REJECTED, "Manifests refused, by upstream and reason.");
     describe_counter!(SYNCS, "Sync attempts, by result (updated, unchanged, failed).");
@@ -72,6 +97,12 @@ fn describe() {
     describe_gauge!(SINCE_GOOD_SYNC, Unit::Seconds, "Seconds since the last sync that got a verified manifest.");
     describe_gauge!(STORE_OBJECTS, "Complete objects in the local store.");
     describe_gauge!(STORE_BYTES, Unit::Bytes, "Bytes of complete objects in the local store.");
+    describe_counter!(STORE_EVICTIONS, "Objects evicted to stay under storage.max_size.");
+    describe_counter!(STORE_EVICTED_BYTES, Unit::Bytes, "Bytes evicted to stay under storage.max_size.");
+    describe_counter!(
+        STORE_OVER_BUDGET,
+        "Eviction passes that could not get under storage.max_size because pinned objects fill it."
+    );
     describe_gauge!(BUILD_INFO, "Always 1; the version label says which patchrelay this is.");
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }

@@ -2,6 +2,9 @@
 //!
 //! - [`sync::RelaySync`] (relay role): fetches and verifies upstream manifests
 //!   on start, on a timer and on demand;
+//! - [`prefetch::Prefetcher`]: pins and fetches critical components;
+//! - [`housekeeping::Housekeeping`] (relay role): the disk budget, prefetch
+//!   retries and stale partial files;
 //! - [`reload::OriginReload`] (origin role): picks up a new publish in the
 //!   repository directory.
 //!
@@ -9,7 +12,10 @@
 //! sit on the request path: they replace the published catalog, and requests
 //! read it.
 
+pub mod housekeeping;
+pub mod prefetch;
 pub mod reload;
+pub mod status;
 pub mod sync;
 
 use actix::Message;

@@ -17,6 +17,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use bytes::Bytes;
 
+use super::prefetch::Prefetcher;
 use super::{Stop, SyncError, SyncNow, SyncReport, added_versions};
 use crate::repo::catalog::Catalog;
 use crate::repo::manifest::MAX_MANIFEST_BYTES;
@@ -34,13 +35,21 @@ pub struct SyncContext {
     pub key: PublicKey,
     /// Where the last verified manifest is kept (`state/manifest.bundle`).
     pub bundle_path: PathBuf,
+    /// Pins and fetches critical components after each good sync.
+    pub prefetcher: Arc<Prefetcher>,
     /// Serialises syncs: a timer tick and an admin request never interleave.
     lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl SyncContext {
-    pub fn new(published: Arc<Published>, upstreams: Arc<Upstreams>, key: PublicKey, bundle_path: PathBuf) -> Self {
-        SyncContext { published, upstreams, key, bundle_path, lock: Arc::new(tokio::sync::Mutex::new(())) }
+    pub fn new(
+        published: Arc<Published>,
+        upstreams: Arc<Upstreams>,
+        key: PublicKey,
+        bundle_path: PathBuf,
+        prefetcher: Arc<Prefetcher>,
+    ) -> Self {
+        SyncContext { published, upstreams, key, bundle_path, prefetcher, lock: Arc::new(tokio::sync::Mutex::new(())) }
     }
 
     /// Load the persisted manifest, if there is one and it still verifies.
@@ -61,7 +70,10 @@ impl SyncContext {
         match repo::verify(&self.key, manifest, sig) {
             Ok(catalog) => {
                 let serial = catalog.serial();
-                self.published.publish(Arc::new(catalog));
+                let catalog = Arc::new(catalog);
+                // Pin before anything can evict; fetching waits for the runtime.
+                self.prefetcher.plan(&catalog);
+                self.published.publish(catalog);
                 tracing::info!(serial, "serving the saved manifest until the first sync");
                 Some(serial)
             }
@@ -105,6 +117,7 @@ impl SyncContext {
                         continue;
                     }
                     self.published.mark_good_sync();
+                    self.prefetcher.plan(cur);
                     metrics::counter!(telemetry::SYNCS, "result" => "unchanged").increment(1);
                     tracing::debug!(upstream = %up.name, serial = cur.serial(), "manifest unchanged");
                     return Ok(SyncReport {
@@ -118,12 +131,25 @@ impl SyncContext {
                 }
             }
             let added = added_versions(current.as_ref().map(|c| &c.manifest), &catalog.manifest);
+            let removed =
+                current.as_ref().map(|c| added_versions(Some(&catalog.manifest), &c.manifest)).unwrap_or_default();
+            metrics::counter!(telemetry::SYNC_CHANGES, "change" => "added").increment(added.len() as u64);
+            metrics::counter!(telemetry::SYNC_CHANGES, "change" => "removed").increment(removed.len() as u64);
             self.persist(&catalog).await;
             let serial = catalog.serial();
-            self.published.publish(Arc::new(catalog));
+            let catalog = Arc::new(catalog);
+            self.prefetcher.plan(&catalog);
+            self.published.publish(catalog);
             self.published.mark_good_sync();
             metrics::counter!(telemetry::SYNCS, "result" => "updated").increment(1);
-            tracing::info!(upstream = %up.name, serial, previous = ?current.as_ref().map(|c| c.serial()), added = ?added, "new manifest verified and published");
+            tracing::info!(
+                upstream = %up.name,
+                serial,
+                previous = ?current.as_ref().map(|c| c.serial()),
+                added = ?added,
+                removed = ?removed,
+                "new manifest verified and published"
+            );
             return Ok(SyncReport {
                 result: "updated",
                 serial,
@@ -134,6 +160,7 @@ impl SyncContext {
             });
         }
         metrics::counter!(telemetry::SYNCS, "result" => "failed").increment(1);
+        self.published.mark_failed_sync();
         tracing::warn!(serving = ?current.as_ref().map(|c| c.serial()), "sync failed on every upstream; still serving the last verified manifest");
         Err(SyncError::NoAcceptableManifest(skipped))
     }

@@ -1,11 +1,14 @@
-//! Response bodies: a queue of pieces (bytes in memory, or spans of a file)
-//! streamed with a known total length.
+//! Response bodies: a queue of pieces (bytes in memory, spans of a file, or
+//! spans of an object still being filled) streamed with a known total length.
 //!
 //! The length is always known before the first byte (from the manifest), so
 //! every response carries `Content-Length`, which is what lets a client resume.
 //! Memory objects are sliced without copying; files are read in
 //! [`READ_SIZE`] blocks with positioned reads (`pread`), so several responses
-//! can share one open file without seeking.
+//! can share one open file without seeking. A span of a filling object is read
+//! the same way, but only below the fill's verified mark; the stream waits for
+//! the mark to move, and ends with an error (the client sees a short body and
+//! resumes later) if the fill fails.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -18,6 +21,8 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 
+use crate::fill::FillHandle;
+
 /// How much of a file one read takes: large enough to amortise the system call,
 /// small enough that a slow client does not pin much memory.
 pub const READ_SIZE: usize = 256 * 1024;
@@ -25,13 +30,14 @@ pub const READ_SIZE: usize = 256 * 1024;
 pub enum Piece {
     Bytes(Bytes),
     File { file: Arc<File>, offset: u64, len: u64 },
+    Growing { handle: Box<FillHandle>, offset: u64, len: u64 },
 }
 
 impl Piece {
     pub fn len(&self) -> u64 {
         match self {
             Piece::Bytes(b) => b.len() as u64,
-            Piece::File { len, .. } => *len,
+            Piece::File { len, .. } | Piece::Growing { len, .. } => *len,
         }
     }
 
@@ -83,7 +89,7 @@ impl PieceStream {
 impl Stream for PieceStream {
     type Item = Result<Bytes, io::Error>;
 
-    fn poll_next(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         loop {
             let Some(front) = this.pieces.front_mut() else {
@@ -98,9 +104,44 @@ impl Stream for PieceStream {
                     }
                     b
                 }
-                Piece::File { len: 0, .. } => {
+                Piece::File { len: 0, .. } | Piece::Growing { len: 0, .. } => {
                     this.pieces.pop_front();
                     continue;
+                }
+                Piece::Growing { handle, offset, len } => {
+                    let available = match handle.available() {
+                        Ok(a) => a,
+                        Err(e) => {
+                            this.pieces.clear();
+                            return Poll::Ready(Some(Err(io::Error::other(format!("upstream fill failed: {e}")))));
+                        }
+                    };
+                    if available <= *offset {
+                        match handle.poll_change(cx) {
+                            Poll::Pending => return Poll::Pending,
+                            Poll::Ready(Some(_)) => continue,
+                            Poll::Ready(None) => {
+                                this.pieces.clear();
+                                return Poll::Ready(Some(Err(io::Error::other("upstream fill ended early"))));
+                            }
+                        }
+                    }
+                    let want = (*len).min(available - *offset).min(READ_SIZE as u64) as usize;
+                    let (file, at) = (handle.file().clone(), *offset);
+                    match this.read_file(&file, at, want) {
+                        Ok(bytes) => {
+                            if let Some(Piece::Growing { offset, len, .. }) = this.pieces.front_mut() {
+                                *offset += want as u64;
+                                *len -= want as u64;
+                            }
+                            bytes
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "reading a filling object failed mid-response");
+                            this.pieces.clear();
+                            return Poll::Ready(Some(Err(e)));
+                        }
+                    }
                 }
                 Piece::File { file, offset, len } => {
                     let want = (*len).min(READ_SIZE as u64) as usize;

@@ -59,7 +59,7 @@ impl ApiError {
 fn all_timeouts(e: &FillError) -> bool {
     match e {
         FillError::Upstream(u) => matches!(u.kind, ErrorKind::Timeout(_)),
-        FillError::AllFailed { attempts, .. } => !attempts.is_empty() && attempts.iter().all(all_timeouts),
+        FillError::AllFailed { attempts, timeouts_only, .. } => !attempts.is_empty() && *timeouts_only,
         _ => false,
     }
 }

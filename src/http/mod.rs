@@ -21,6 +21,7 @@ use actix_web::http::header::HeaderValue;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::actors::SyncNow;
+use crate::actors::status::StatusSource;
 use crate::source::Source;
 use crate::state::Published;
 use crate::telemetry;
@@ -36,6 +37,8 @@ pub struct AppState {
     pub boundary: String,
     pub admin_token: Option<String>,
     pub sync: Option<Recipient<SyncNow>>,
+    /// `/admin/status` (relays).
+    pub status: Option<Arc<StatusSource>>,
     pub metrics: PrometheusHandle,
     routes: Vec<RouteMetrics>,
 }
@@ -47,6 +50,7 @@ impl AppState {
         manifest_max_age: std::time::Duration,
         admin_token: Option<String>,
         sync: Option<Recipient<SyncNow>>,
+        status: Option<Arc<StatusSource>>,
         metrics: PrometheusHandle,
     ) -> AppState {
         let mut salt = [0u8; 12];
@@ -62,6 +66,7 @@ impl AppState {
             boundary: format!("patchrelay-{}", hex::encode(salt)),
             admin_token,
             sync,
+            status,
             metrics,
             routes: Route::ALL.iter().map(|r| RouteMetrics::new(r.label())).collect(),
         }
@@ -84,6 +89,7 @@ pub enum Route {
     Chain,
     Delta,
     AdminSync,
+    AdminStatus,
     Metrics,
     Health,
     Ready,
@@ -91,7 +97,7 @@ pub enum Route {
 }
 
 impl Route {
-    const ALL: [Route; 13] = [
+    const ALL: [Route; 14] = [
         Route::Manifest,
         Route::Signature,
         Route::Object,
@@ -101,6 +107,7 @@ impl Route {
         Route::Chain,
         Route::Delta,
         Route::AdminSync,
+        Route::AdminStatus,
         Route::Metrics,
         Route::Health,
         Route::Ready,
@@ -118,6 +125,7 @@ impl Route {
             Route::Chain => "chain",
             Route::Delta => "delta",
             Route::AdminSync => "admin_sync",
+            Route::AdminStatus => "admin_status",
             Route::Metrics => "metrics",
             Route::Health => "healthz",
             Route::Ready => "readyz",

@@ -19,6 +19,7 @@ use super::conditional::{self, Precondition};
 use super::error::ApiError;
 use super::range::{self, ByteRange, RangeOutcome};
 use crate::digest::Digest;
+use crate::source::Content;
 use crate::store::Blob;
 
 /// The metadata of what a URL names, known before opening any bytes.
@@ -80,10 +81,11 @@ fn common_headers(res: &mut HttpResponseBuilder, rep: &Representation) {
     }
 }
 
-fn slice(blob: &Blob, r: ByteRange) -> Piece {
-    match blob {
-        Blob::Memory(b) => Piece::Bytes(b.slice(r.start as usize..=r.end as usize)),
-        Blob::File { file, .. } => Piece::File { file: file.clone(), offset: r.start, len: r.len() },
+fn slice(content: &Content, r: ByteRange) -> Piece {
+    match content {
+        Content::Stored(Blob::Memory(b)) => Piece::Bytes(b.slice(r.start as usize..=r.end as usize)),
+        Content::Stored(Blob::File { file, .. }) => Piece::File { file: file.clone(), offset: r.start, len: r.len() },
+        Content::Filling(handle) => Piece::Growing { handle: Box::new(handle.clone()), offset: r.start, len: r.len() },
     }
 }
 
@@ -98,7 +100,7 @@ pub struct ResponseCtx<'a> {
 /// The body being assembled: its exact length always, its pieces only when
 /// there is a blob to read them from (GET; HEAD sends headers only).
 struct Assembly<'b> {
-    blob: Option<&'b Blob>,
+    blob: Option<&'b Content>,
     pieces: VecDeque<Piece>,
     len: u64,
 }
@@ -120,7 +122,7 @@ impl Assembly<'_> {
 }
 
 /// Build the response. `blob` must be `Some` when [`needs_body`] said so.
-pub fn build(rep: &Representation, decision: Decision, blob: Option<&Blob>, ctx: &ResponseCtx<'_>) -> HttpResponse {
+pub fn build(rep: &Representation, decision: Decision, blob: Option<&Content>, ctx: &ResponseCtx<'_>) -> HttpResponse {
     let mut body = Assembly { blob, pieces: VecDeque::new(), len: 0 };
     let mut res = match &decision {
         Decision::NotModified => {

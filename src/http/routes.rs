@@ -14,7 +14,7 @@ use super::{AppState, Route};
 use crate::actors::SyncNow;
 use crate::digest::Digest;
 use crate::repo::catalog::{Catalog, ObjectInfo};
-use crate::source::{Target, TargetKind};
+use crate::source::{Content, Target};
 use crate::state::unix_now;
 use crate::store::Blob;
 use crate::telemetry;
@@ -37,6 +37,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/v1/components/{name}/chain").route(web::get().to(chain)))
         .service(get_head("/v1/components/{name}/deltas/{from}/{to}", delta))
         .service(web::resource("/admin/sync").route(web::post().to(admin_sync)))
+        .service(web::resource("/admin/status").route(web::get().to(admin_status)))
         .service(web::resource("/metrics").route(web::get().to(metrics)))
         .service(get_head("/healthz", healthz))
         .service(get_head("/readyz", readyz))
@@ -66,7 +67,7 @@ async fn serve(
     let decision = respond::decide(req, &rep)?;
     let blob = if respond::needs_body(req, &decision) {
         Some(match src {
-            Bytesource::Memory(b) => Blob::Memory(b),
+            Bytesource::Memory(b) => Content::Stored(Blob::Memory(b)),
             Bytesource::Target(t) => state.source.open(&t).await?,
         })
     } else {
@@ -92,7 +93,7 @@ fn payload(obj: &ObjectInfo, cache_control: HeaderValue, version: Option<String>
         content_type: OCTETS,
         version,
     };
-    (rep, Bytesource::Target(Target { digest: obj.sha256, len: obj.size, kind: TargetKind::Payload }))
+    (rep, Bytesource::Target(Target::payload(obj)))
 }
 
 async fn manifest(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
@@ -162,8 +163,7 @@ async fn chunks(req: HttpRequest, path: web::Path<String>, state: web::Data<AppS
             content_type: OCTETS,
             version: None,
         };
-        let target = Target { digest: obj.chunks_sha256, len, kind: TargetKind::ChunkList { payload: digest } };
-        serve(&req, &state, Route::Chunks, rep, Bytesource::Target(target)).await
+        serve(&req, &state, Route::Chunks, rep, Bytesource::Target(Target::chunk_list(obj))).await
     };
     finish(&state, Route::Chunks, result.await)
 }
@@ -216,18 +216,36 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The admin API needs `Authorization: Bearer <admin.token>`.
+fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
+    let token = state.admin_token.as_deref().ok_or(ApiError::AdminDisabled)?;
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if constant_time_eq(given.trim().as_bytes(), token.as_bytes()) { Ok(()) } else { Err(ApiError::Unauthorized) }
+}
+
+async fn admin_status(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    let result = authorize(&req, &state).map(|()| {
+        let body = match &state.status {
+            Some(s) => s.report(),
+            None => serde_json::json!({
+                "role": "origin",
+                "serial": state.published.serial(),
+                "last_reload": state.published.last_good_sync(),
+            }),
+        };
+        HttpResponse::Ok().insert_header((header::CACHE_CONTROL, HeaderValue::from_static("no-store"))).json(body)
+    });
+    finish(&state, Route::AdminStatus, result)
+}
+
 async fn admin_sync(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     let result = async {
-        let token = state.admin_token.as_deref().ok_or(ApiError::AdminDisabled)?;
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !constant_time_eq(given.trim().as_bytes(), token.as_bytes()) {
-            return Err(ApiError::Unauthorized);
-        }
+        authorize(&req, &state)?;
         let sync = state.sync.as_ref().ok_or_else(|| ApiError::Unavailable("no sync actor is running".into()))?;
         let report = sync
             .send(SyncNow)
@@ -257,11 +275,22 @@ async fn healthz(state: web::Data<AppState>) -> HttpResponse {
     finish(&state, Route::Health, Ok(res))
 }
 
+/// 200 while a verified manifest is served, even when no upstream answers
+/// (`"status": "degraded"` then says since when): a relay that can serve its
+/// cache should stay in its load balancer.
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    let degraded = state.published.degraded_since();
+    let status = match (state.published.is_ready(), degraded) {
+        (false, _) => "not_ready",
+        (true, Some(_)) => "degraded",
+        (true, None) => "ok",
+    };
     let body = serde_json::json!({
         "ready": state.published.is_ready(),
+        "status": status,
         "serial": state.published.serial(),
         "last_good_sync": state.published.last_good_sync(),
+        "degraded_since": degraded.map(|t| crate::repo::manifest::format_time(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t))),
     });
     let mut res = if state.published.is_ready() { HttpResponse::Ok() } else { HttpResponse::ServiceUnavailable() };
     res.insert_header((header::CACHE_CONTROL, HeaderValue::from_static("no-store")));

@@ -1,32 +1,39 @@
-//! The store: bytes by SHA-256 on disk, an index of what is there, and a memory
-//! cache of small hot objects.
+//! The store: bytes by SHA-256 on disk, an index of what is there, a memory cache
+//! of small hot objects, partial files of fills in progress, and the disk budget.
 //!
 //! This room knows nothing about manifests, upstreams or HTTP. Its one invariant:
-//! a file under `objects/` named `X` holds bytes whose SHA-256 is `X`. Writes go
-//! through [`BlobWriter`], which hashes what it is given and only renames the file
-//! into place when the digest and length match, so an interrupted or corrupted
-//! download can never become an object.
+//! a file under `objects/` named `X` holds bytes whose SHA-256 is `X`. Bytes get
+//! there only by rename, after their digest was checked ([`BlobWriter`] for
+//! whole objects, [`Store::commit_partial`] for fills verified chunk by chunk),
+//! so neither an interrupted download nor a `kill -9` can ever leave a wrong or
+//! partial object where a complete one is expected.
 //!
 //! Layout under `storage.dir`:
 //!
 //! ```text
 //! objects/ab/ab12…   complete, verified objects (fan-out by the first byte)
-//! tmp/               writes in progress; emptied at start
+//! partial/ab12…      fills in progress; kept across restarts and re-verified
+//!                    chunk by chunk before a fill resumes from them
+//! tmp/               whole-object writes in progress; emptied at start
 //! state/             small files owned by other rooms (the last verified manifest)
 //! ```
 
 pub mod atomic;
+mod index;
 
-use std::fs::{self, File};
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 
 use crate::digest::{Digest, Hasher};
 use atomic::TempFile;
+pub use index::EvictReport;
+use index::Index;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -126,6 +133,8 @@ impl MemoryCache {
 pub struct StoreOptions {
     pub memory_cache: u64,
     pub memory_object_max: u64,
+    /// Disk budget for complete objects; `None`: unlimited.
+    pub max_size: Option<u64>,
 }
 
 /// The relay's content-addressed object store. Cheap to clone.
@@ -135,9 +144,9 @@ pub struct Store(Arc<Inner>);
 struct Inner {
     root: PathBuf,
     objects: PathBuf,
+    partial: PathBuf,
     tmp: PathBuf,
-    /// Digest -> size of every complete object on disk.
-    index: moka::sync::Cache<Digest, u64>,
+    index: Index,
     memory: MemoryCache,
 }
 
@@ -146,6 +155,7 @@ struct Inner {
 pub struct OpenReport {
     pub objects: u64,
     pub bytes: u64,
+    pub partial_files: u64,
     pub temp_files_removed: usize,
     pub elapsed: std::time::Duration,
 }
@@ -155,35 +165,35 @@ impl Store {
     pub fn open(root: &Path, opts: &StoreOptions) -> Result<(Store, OpenReport), StoreError> {
         let started = Instant::now();
         let objects = root.join("objects");
+        let partial = root.join("partial");
         let tmp = root.join("tmp");
-        for d in [root, &objects, &tmp, &root.join("state")] {
+        for d in [root, &objects, &partial, &tmp, &root.join("state")] {
             fs::create_dir_all(d).map_err(io_err("cannot create directory", d))?;
         }
         let temp_files_removed = clear_dir(&tmp)?;
-        let index = moka::sync::Cache::builder().build();
-        let (mut count, mut bytes) = (0u64, 0u64);
+        let index = Index::new(opts.max_size);
         for fan in fs::read_dir(&objects).map_err(io_err("cannot list", &objects))? {
-            let fan = fan.map_err(io_err("cannot list", &objects))?;
-            let fan_path = fan.path();
+            let fan_path = fan.map_err(io_err("cannot list", &objects))?.path();
             if !fan_path.is_dir() {
                 continue;
             }
             for entry in fs::read_dir(&fan_path).map_err(io_err("cannot list", &fan_path))? {
                 let entry = entry.map_err(io_err("cannot list", &fan_path))?;
-                let name = entry.file_name();
-                let Some(digest) = name.to_str().and_then(|n| n.parse::<Digest>().ok()) else {
-                    // Not ours (or a stray temp file from an old layout): leave it.
-                    continue;
+                let Some(digest) = entry.file_name().to_str().and_then(|n| n.parse::<Digest>().ok()) else {
+                    continue; // not ours
                 };
-                let len = entry.metadata().map_err(io_err("cannot stat", &entry.path()))?.len();
-                index.insert(digest, len);
-                count += 1;
-                bytes += len;
+                let meta = entry.metadata().map_err(io_err("cannot stat", &entry.path()))?;
+                // Older files are evicted first after a restart; access times
+                // are not reliable (noatime), modification times are.
+                index.insert_at(digest, meta.len(), meta.modified().unwrap_or(SystemTime::UNIX_EPOCH));
             }
         }
+        let partial_files = fs::read_dir(&partial).map_err(io_err("cannot list", &partial))?.count() as u64;
         let memory = MemoryCache::new(opts.memory_cache, opts.memory_object_max);
-        let store = Store(Arc::new(Inner { root: root.to_path_buf(), objects, tmp, index, memory }));
-        let report = OpenReport { objects: count, bytes, temp_files_removed, elapsed: started.elapsed() };
+        let (objects_n, bytes) = index.totals();
+        let store = Store(Arc::new(Inner { root: root.to_path_buf(), objects, partial, tmp, index, memory }));
+        let report =
+            OpenReport { objects: objects_n, bytes, partial_files, temp_files_removed, elapsed: started.elapsed() };
         Ok((store, report))
     }
 
@@ -202,35 +212,31 @@ impl Store {
     }
 
     pub fn contains(&self, digest: &Digest) -> bool {
-        self.0.index.contains_key(digest)
+        self.0.index.contains(digest)
     }
 
-    /// Number of objects and their total bytes.
+    /// Number of complete objects and their total bytes.
     pub fn usage(&self) -> (u64, u64) {
-        self.0.index.run_pending_tasks();
-        let mut n = 0;
-        let mut bytes = 0;
-        for (_, len) in self.0.index.iter() {
-            n += 1;
-            bytes += len;
-        }
-        (n, bytes)
+        self.0.index.totals()
+    }
+
+    pub fn budget(&self) -> Option<u64> {
+        self.0.index.budget()
     }
 
     /// The object if it is complete on disk; `None` if we do not hold it.
     pub fn get(&self, digest: &Digest) -> Result<Option<Blob>, StoreError> {
-        if let Some(bytes) = self.0.memory.get(digest) {
-            return Ok(Some(Blob::Memory(bytes)));
-        }
-        let Some(len) = self.0.index.get(digest) else {
+        let Some(entry) = self.0.index.get(digest) else {
             return Ok(None);
         };
-        match self.0.memory.load(digest, &self.path_of(digest), len) {
+        entry.touch();
+        match self.0.memory.load(digest, &self.path_of(digest), entry.len) {
             Ok(blob) => Ok(Some(blob)),
             Err(StoreError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
                 // Removed behind our back (an operator cleaning up): forget it and
                 // let the caller fetch it again.
-                self.0.index.invalidate(digest);
+                self.0.index.remove(digest);
+                self.0.memory.invalidate(digest);
                 Ok(None)
             }
             Err(e) => Err(e),
@@ -248,6 +254,109 @@ impl Store {
         let mut w = self.writer(expected, data.len() as u64)?;
         w.write(data)?;
         w.commit()
+    }
+
+    fn publish_object(&self, digest: Digest, len: u64) {
+        self.0.index.insert(digest, len);
+    }
+
+    // ----- partial files (fills in progress) -----
+
+    pub fn partial_path(&self, digest: &Digest) -> PathBuf {
+        self.0.partial.join(digest.to_hex())
+    }
+
+    /// Open (or create) the partial file of `digest` for reading and writing.
+    pub fn open_partial(&self, digest: &Digest) -> Result<File, StoreError> {
+        let path = self.partial_path(digest);
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_err("cannot open", &path))
+    }
+
+    /// The partial file is complete and its digest checked: make it durable and
+    /// move it into `objects/`. Blocking (fsync): call off the async threads.
+    pub fn commit_partial(&self, digest: &Digest, file: &File, len: u64) -> Result<(), StoreError> {
+        let from = self.partial_path(digest);
+        file.sync_all().map_err(io_err("cannot fsync", &from))?;
+        let dest = self.path_of(digest);
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent).map_err(io_err("cannot create directory", parent))?;
+        }
+        fs::rename(&from, &dest).map_err(io_err("cannot move into place", &dest))?;
+        if let Some(parent) = dest.parent() {
+            atomic::fsync_dir(parent).map_err(io_err("cannot fsync", parent))?;
+        }
+        self.publish_object(*digest, len);
+        Ok(())
+    }
+
+    /// Forget a partial file (its bytes were wrong, or its object is gone).
+    pub fn discard_partial(&self, digest: &Digest) {
+        let path = self.partial_path(digest);
+        if let Err(e) = fs::remove_file(&path)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove partial file");
+        }
+    }
+
+    /// Partial files on disk: `(digest, bytes, last modified)`.
+    pub fn partials(&self) -> Vec<(Digest, u64, SystemTime)> {
+        let Ok(rd) = fs::read_dir(&self.0.partial) else { return Vec::new() };
+        rd.flatten()
+            .filter_map(|e| {
+                let d = e.file_name().to_str()?.parse::<Digest>().ok()?;
+                let m = e.metadata().ok()?;
+                Some((d, m.len(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH)))
+            })
+            .collect()
+    }
+
+    // ----- disk budget -----
+
+    /// Objects that eviction must keep (critical components' retained versions).
+    pub fn set_pins(&self, pins: HashSet<Digest>) {
+        self.0.index.set_pins(pins);
+    }
+
+    pub fn is_pinned(&self, digest: &Digest) -> bool {
+        self.0.index.is_pinned(digest)
+    }
+
+    /// Evict least-recently-used unpinned objects until the store is under its
+    /// budget (with 5% headroom, so eviction does not run on every fill).
+    pub fn evict_over_budget(&self) -> EvictReport {
+        let victims = self.0.index.select_victims();
+        let mut report = EvictReport::default();
+        for (digest, len) in victims {
+            self.0.index.remove(&digest);
+            self.0.memory.invalidate(&digest);
+            let path = self.path_of(&digest);
+            match fs::remove_file(&path) {
+                Ok(()) => {
+                    report.objects += 1;
+                    report.bytes += len;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot evict object"),
+            }
+        }
+        report.pinned_bytes = self.0.index.pinned_bytes();
+        if report.objects > 0 {
+            metrics::counter!(crate::telemetry::STORE_EVICTIONS).increment(report.objects);
+            metrics::counter!(crate::telemetry::STORE_EVICTED_BYTES).increment(report.bytes);
+            tracing::info!(objects = report.objects, bytes = report.bytes, "evicted least recently used objects");
+        }
+        report
+    }
+
+    pub fn over_budget(&self) -> bool {
+        self.0.index.over_budget()
     }
 }
 
@@ -311,7 +420,7 @@ impl BlobWriter {
             fs::create_dir_all(parent).map_err(io_err("cannot create directory", parent))?;
         }
         self.tmp.persist(&dest).map_err(io_err("cannot move object into place at", &dest))?;
-        self.store.0.index.insert(self.expected, self.expected_len);
+        self.store.publish_object(self.expected, self.expected_len);
         Ok(())
     }
 }
@@ -320,14 +429,14 @@ impl BlobWriter {
 mod tests {
     use super::*;
 
-    fn opts() -> StoreOptions {
-        StoreOptions { memory_cache: 1 << 20, memory_object_max: 16 }
+    fn opts(max_size: Option<u64>) -> StoreOptions {
+        StoreOptions { memory_cache: 1 << 20, memory_object_max: 16, max_size }
     }
 
     #[test]
     fn verified_writes_only() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, report) = Store::open(dir.path(), &opts()).unwrap();
+        let (store, report) = Store::open(dir.path(), &opts(None)).unwrap();
         assert_eq!(report.objects, 0);
 
         let small = b"hello".to_vec();
@@ -349,12 +458,61 @@ mod tests {
 
         // Reopen: the index comes back from disk.
         drop(store);
-        let (store, report) = Store::open(dir.path(), &opts()).unwrap();
+        let (store, report) = Store::open(dir.path(), &opts(None)).unwrap();
         assert_eq!((report.objects, report.bytes), (2, 1005));
         assert!(store.contains(&Digest::of(&big)));
 
         // A file deleted behind our back is a miss, not an error.
         fs::remove_file(store.path_of(&Digest::of(&big))).unwrap();
         assert!(store.get(&Digest::of(&big)).unwrap().is_none());
+        assert_eq!(store.usage(), (1, 5));
+    }
+
+    #[test]
+    fn partial_files_commit_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), &opts(None)).unwrap();
+        let data = vec![3u8; 5000];
+        let d = Digest::of(&data);
+        let mut f = store.open_partial(&d).unwrap();
+        f.write_all(&data[..2000]).unwrap();
+        drop(f);
+        let (store, report) = Store::open(dir.path(), &opts(None)).unwrap();
+        assert_eq!(report.partial_files, 1);
+        assert_eq!(store.partials()[0].1, 2000);
+        let mut f = store.open_partial(&d).unwrap();
+        use std::io::{Seek, SeekFrom};
+        f.seek(SeekFrom::End(0)).unwrap();
+        f.write_all(&data[2000..]).unwrap();
+        store.commit_partial(&d, &f, 5000).unwrap();
+        assert!(store.partials().is_empty());
+        assert!(matches!(store.get(&d).unwrap(), Some(Blob::File { len: 5000, .. })));
+    }
+
+    #[test]
+    #[allow(clippy::disallowed_methods)] // a plain #[test]: no async worker to block
+    fn eviction_is_lru_and_spares_pins() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), &opts(Some(10_000))).unwrap();
+        let objs: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 3000]).collect();
+        let ds: Vec<Digest> = objs.iter().map(|o| Digest::of(o)).collect();
+        store.set_pins(HashSet::from([ds[0]]));
+        for (o, d) in objs.iter().zip(&ds) {
+            store.put(*d, o).unwrap();
+            // Distinct access times, oldest first; object 1 is then used again.
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        store.get(&ds[1]).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert!(store.over_budget());
+        let report = store.evict_over_budget();
+        // 15,000 bytes, budget 10,000 (target 9,500): two go, the oldest unpinned.
+        assert_eq!((report.objects, report.bytes), (2, 6000));
+        assert!(store.contains(&ds[0]), "pinned object evicted");
+        assert!(store.contains(&ds[1]), "recently used object evicted");
+        assert!(!store.contains(&ds[2]) && !store.contains(&ds[3]));
+        assert!(store.contains(&ds[4]));
+        assert!(!store.path_of(&ds[2]).exists());
+        assert!(!store.over_budget());
     }
 }

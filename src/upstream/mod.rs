@@ -4,10 +4,16 @@
 //! Faults are reported as [`UpstreamError`], which says which upstream, which
 //! path, what went wrong and whether trying again (here or on the next upstream)
 //! may help, so the fill and the sync can fail over and logs say where to look.
+//! Each upstream tracks its own [`health`]; [`Upstreams::candidates`] gives the
+//! order in which to try them.
 //!
 //! hyper 1 speaks `http` 1.x while actix-web speaks 0.2; nothing from an upstream
 //! response is passed on to clients (every header patchrelay sends is its own),
 //! so the two never meet and no conversion is needed.
+
+mod connect;
+pub mod health;
+pub mod runtime;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,12 +24,14 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{UpstreamConfig, UpstreamUrl};
 use crate::telemetry;
+use connect::Connector;
+use health::{Health, HealthReport};
 
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
+type HttpsClient = Client<hyper_rustls::HttpsConnector<Connector>, Empty<Bytes>>;
 
 const USER_AGENT: &str = concat!("patchrelay/", env!("CARGO_PKG_VERSION"));
 
@@ -56,6 +64,16 @@ impl ErrorKind {
             ErrorKind::Protocol(_) => "protocol",
         }
     }
+
+    /// Whether this says something about the upstream's health (as opposed to
+    /// about one object, like a 404).
+    fn is_health_fault(&self) -> bool {
+        match self {
+            ErrorKind::Connect(_) | ErrorKind::Timeout(_) | ErrorKind::Protocol(_) | ErrorKind::Length { .. } => true,
+            ErrorKind::Status(s) => *s >= 500,
+            ErrorKind::TooLarge(_) => false,
+        }
+    }
 }
 
 /// A fault at an upstream, with where it happened.
@@ -82,10 +100,14 @@ pub struct Upstream {
     pub url: UpstreamUrl,
     pub read_timeout: Duration,
     client: HttpsClient,
+    health: Health,
+    /// Bounds the fills running against this upstream at once.
+    fill_slots: Arc<Semaphore>,
     /// Metric handles resolved once (label lookups are not free per chunk).
     /// Build upstreams after the recorder is installed, or these are no-ops.
     bytes_received: metrics::Counter,
     latency: metrics::Histogram,
+    up: metrics::Gauge,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -125,22 +147,28 @@ impl Upstreams {
                 http.enforce_http(false);
                 http.set_nodelay(true);
                 http.set_connect_timeout(Some(c.connect_timeout.0));
+                let proxy = c.proxy.as_ref().and_then(|p| p.base.parse::<http::Uri>().ok());
                 let https = hyper_rustls::HttpsConnectorBuilder::new()
                     .with_tls_config(tls.clone())
                     .https_or_http()
                     .enable_http1()
                     .enable_http2()
-                    .wrap_connector(http);
+                    .wrap_connector(Connector::new(http, proxy));
                 let client =
-                    Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(https);
+                    Client::builder(runtime::UpstreamExecutor).pool_idle_timeout(Duration::from_secs(60)).build(https);
                 let name = c.display_name();
+                let up = metrics::gauge!(telemetry::UPSTREAM_UP, "upstream" => name.clone());
+                up.set(1.0);
                 Arc::new(Upstream {
                     bytes_received: metrics::counter!(telemetry::UPSTREAM_BYTES, "upstream" => name.clone()),
                     latency: metrics::histogram!(telemetry::UPSTREAM_LATENCY, "upstream" => name.clone()),
+                    up,
                     name,
                     url: c.url.clone(),
                     read_timeout: c.read_timeout.0,
                     client,
+                    health: Health::default(),
+                    fill_slots: Arc::new(Semaphore::new(c.max_concurrent_fills.max(1))),
                 })
             })
             .collect();
@@ -149,6 +177,23 @@ impl Upstreams {
 
     pub fn list(&self) -> &[Arc<Upstream>] {
         &self.list
+    }
+
+    /// The order to try upstreams in now: the available ones in configured
+    /// order, then the backed-off ones, soonest retry first.
+    pub fn candidates(&self) -> Vec<Arc<Upstream>> {
+        let now = Instant::now();
+        let (mut ready, mut waiting): (Vec<_>, Vec<_>) =
+            self.list.iter().cloned().partition(|u| u.health.available(now));
+        waiting.sort_by_key(|u| u.health.next_try(now));
+        ready.append(&mut waiting);
+        ready
+    }
+
+    /// Whether every upstream is currently backed off.
+    pub fn all_down(&self) -> bool {
+        let now = Instant::now();
+        !self.list.iter().any(|u| u.health.available(now))
     }
 }
 
@@ -159,6 +204,11 @@ pub struct Body {
     body: Incoming,
     /// `Content-Length`, when the upstream sent one.
     pub content_length: Option<u64>,
+    /// Offset in the object of the first body byte: the requested offset for a
+    /// 206, 0 for a 200 (an upstream may ignore `Range`).
+    pub start: u64,
+    /// The upstream's own validator, for `If-Range` on a later resume.
+    pub etag: Option<String>,
     received: u64,
 }
 
@@ -166,20 +216,57 @@ impl Upstream {
     fn err(&self, path: &str, kind: ErrorKind) -> UpstreamError {
         metrics::counter!(telemetry::UPSTREAM_ERRORS, "upstream" => self.name.clone(), "kind" => kind.label())
             .increment(1);
+        if kind.is_health_fault() {
+            self.health.record_failure(&kind.to_string());
+            self.up.set(0.0);
+        }
         UpstreamError { upstream: self.name.clone(), path: path.to_string(), kind }
     }
 
-    /// `GET path` (relative to the upstream's base URL); the response's body on 200.
+    /// Report bytes that failed verification: the upstream becomes suspect.
+    pub fn record_integrity_failure(&self, what: &str) {
+        metrics::counter!(telemetry::UPSTREAM_INTEGRITY_FAILURES, "upstream" => self.name.clone()).increment(1);
+        self.health.record_integrity_failure(what);
+        self.up.set(0.0);
+        tracing::error!(upstream = %self.name, "upstream sent bytes that failed verification: {what}; marked suspect");
+    }
+
+    pub fn health(&self) -> HealthReport {
+        self.health.report()
+    }
+
+    /// Wait for a fill slot on this upstream.
+    pub async fn fill_slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.fill_slots.clone().acquire_owned().await.ok()
+    }
+
+    /// `GET path` (relative to the upstream's base URL); the body on 200.
     pub async fn get(self: &Arc<Self>, path: &str) -> Result<Body, UpstreamError> {
+        self.get_from(path, 0, None).await
+    }
+
+    /// `GET path` from byte `from` on (`Range: bytes=from-`, with `If-Range`
+    /// when we hold this upstream's validator). The body on 200 or 206.
+    pub async fn get_from(
+        self: &Arc<Self>,
+        path: &str,
+        from: u64,
+        if_range: Option<&str>,
+    ) -> Result<Body, UpstreamError> {
         let url = self.url.join(path);
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(Method::GET)
             .uri(&url)
             .header(header::USER_AGENT, HeaderValue::from_static(USER_AGENT))
             // Bytes are verified by digest: they must arrive exactly as stored.
-            .header(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"))
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| self.err(path, ErrorKind::Protocol(e.to_string())))?;
+            .header(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        if from > 0 {
+            req = req.header(header::RANGE, format!("bytes={from}-"));
+            if let Some(tag) = if_range {
+                req = req.header(header::IF_RANGE, tag);
+            }
+        }
+        let req = req.body(Empty::<Bytes>::new()).map_err(|e| self.err(path, ErrorKind::Protocol(e.to_string())))?;
         let started = Instant::now();
         let res = match tokio::time::timeout(self.read_timeout, self.client.request(req)).await {
             Err(_) => return Err(self.err(path, ErrorKind::Timeout(self.read_timeout))),
@@ -195,13 +282,43 @@ impl Upstream {
         };
         self.latency.record(started.elapsed().as_secs_f64());
         let status = res.status();
-        metrics::counter!(telemetry::UPSTREAM_REQUESTS, "upstream" => self.name.clone(), "status" => status.as_str().to_string()).increment(1);
-        if status != StatusCode::OK {
-            return Err(self.err(path, ErrorKind::Status(status.as_u16())));
+        metrics::counter!(telemetry::UPSTREAM_REQUESTS, "upstream" => self.name.clone(), "status" => status.as_str().to_string())
+            .increment(1);
+        let start = match status {
+            StatusCode::OK => 0,
+            StatusCode::PARTIAL_CONTENT if from > 0 => {
+                let range = res.headers().get(header::CONTENT_RANGE).and_then(|v| v.to_str().ok()).unwrap_or("");
+                match parse_content_range_start(range) {
+                    Some(s) if s == from => from,
+                    _ => {
+                        let why = format!("asked for bytes {from}-, got Content-Range {range:?}");
+                        return Err(self.err(path, ErrorKind::Protocol(why)));
+                    }
+                }
+            }
+            s => return Err(self.err(path, ErrorKind::Status(s.as_u16()))),
+        };
+        if status.is_success() {
+            self.health.record_ok();
+            self.up.set(1.0);
         }
         let content_length =
             res.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-        Ok(Body { upstream: self.clone(), path: path.to_string(), body: res.into_body(), content_length, received: 0 })
+        let etag = res
+            .headers()
+            .get(header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .filter(|t| t.starts_with('"'))
+            .map(str::to_string);
+        Ok(Body {
+            upstream: self.clone(),
+            path: path.to_string(),
+            body: res.into_body(),
+            content_length,
+            start,
+            etag,
+            received: 0,
+        })
     }
 
     /// `GET path` and read the whole body, which must not exceed `limit` bytes.
@@ -223,13 +340,20 @@ impl Upstream {
     }
 }
 
+/// The first byte position of `bytes a-b/len`.
+fn parse_content_range_start(v: &str) -> Option<u64> {
+    v.strip_prefix("bytes ")?.split('-').next()?.trim().parse().ok()
+}
+
 impl Body {
     /// The next piece of the body; `None` at the end. Each wait is bounded by the
     /// upstream's `read_timeout`, so a stalled upstream cannot hold a fill forever.
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, UpstreamError> {
         loop {
             let frame = match tokio::time::timeout(self.upstream.read_timeout, self.body.frame()).await {
-                Err(_) => return Err(self.upstream.err(&self.path, ErrorKind::Timeout(self.upstream.read_timeout))),
+                Err(_) => {
+                    return Err(self.upstream.err(&self.path, ErrorKind::Timeout(self.upstream.read_timeout)));
+                }
                 Ok(None) => {
                     if let Some(expected) = self.content_length
                         && expected != self.received
@@ -253,8 +377,8 @@ impl Body {
         }
     }
 
-    pub fn upstream(&self) -> &str {
-        &self.upstream.name
+    pub fn upstream(&self) -> &Arc<Upstream> {
+        &self.upstream
     }
 }
 
@@ -269,4 +393,14 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = inner.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn content_range_start() {
+        assert_eq!(super::parse_content_range_start("bytes 100-199/1000"), Some(100));
+        assert_eq!(super::parse_content_range_start("bytes */1000"), None);
+        assert_eq!(super::parse_content_range_start("items 1-2/3"), None);
+    }
 }

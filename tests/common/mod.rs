@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod faults;
+
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -50,12 +52,7 @@ impl TestRepo {
     /// Components: `engine` (pattern, critical, versions 1..=3, ~300 KB text),
     /// `big` (software, one 3 MiB version), `empty` (a zero-byte payload).
     pub fn new() -> TestRepo {
-        let dir = tempfile::tempdir().unwrap();
-        let input = dir.path().join("input");
-        let repo = dir.path().join("repo");
-        let key = SecretKey::generate().unwrap();
-        let public = key.public().to_base64();
-        let t = TestRepo { dir, input, repo, key, public, chunk_size: 64 * 1024 };
+        let t = TestRepo::bare();
         t.write_meta("engine", "kind = \"pattern\"\ncritical = true\n");
         for v in 1..=3 {
             t.add_version("engine", &v.to_string(), &Self::engine_bytes(v));
@@ -65,6 +62,16 @@ impl TestRepo {
         t.add_version("empty", "1", b"");
         t.publish();
         t
+    }
+
+    /// No components yet: add some, then `publish()`.
+    pub fn bare() -> TestRepo {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("input");
+        let repo = dir.path().join("repo");
+        let key = SecretKey::generate().unwrap();
+        let public = key.public().to_base64();
+        TestRepo { dir, input, repo, key, public, chunk_size: 64 * 1024 }
     }
 
     pub fn engine_bytes(version: u64) -> Vec<u8> {
@@ -147,6 +154,10 @@ pub fn relay_toml(upstreams: &[&str], public: &str, storage: &Path, extra: &str)
 }
 
 pub async fn start(config: &Config) -> RunningServer {
+    // PATCHRELAY_TEST_LOGS=1 shows the servers' logs (filtered by PATCHRELAY_LOG).
+    if std::env::var_os("PATCHRELAY_TEST_LOGS").is_some() {
+        patchrelay::telemetry::init_logging(&config.log);
+    }
     server::start(config, StartOptions::default()).await.unwrap()
 }
 
@@ -204,7 +215,28 @@ pub fn free_port() -> u16 {
 pub struct Nginx {
     child: Child,
     pub url: String,
+    pub port: u16,
+    /// One line per request: `"<request line>" <status> "<Range>" <bytes sent>`.
+    pub access_log: PathBuf,
     _dir: TempDir,
+}
+
+impl Nginx {
+    /// Access log lines whose request line contains `needle`.
+    pub fn requests_for(&self, needle: &str) -> Vec<String> {
+        std::fs::read_to_string(&self.access_log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Stop serving (the port goes dead).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for Nginx {
@@ -228,20 +260,28 @@ pub fn nginx_binary() -> Option<PathBuf> {
 /// Start nginx on a free port serving `root`, or `None` (with a message) when
 /// nginx is not installed; `.ci/run` installs it.
 pub async fn start_nginx(root: &Path) -> Option<Nginx> {
+    start_nginx_with(root, "", None).await
+}
+
+/// nginx with extra `server { ... }` directives (e.g. `limit_rate 4m;`), on
+/// `port` if given (to bring a killed upstream back at the same address).
+pub async fn start_nginx_with(root: &Path, server_extra: &str, port: Option<u16>) -> Option<Nginx> {
     let Some(bin) = nginx_binary() else {
         eprintln!("SKIP: nginx is not installed (apt-get install nginx-light); .ci/run installs it");
         return None;
     };
     let dir = tempfile::tempdir().unwrap();
     for _ in 0..5 {
-        let port = free_port();
+        let port = port.unwrap_or_else(free_port);
+        let access_log = dir.path().join("access.log");
         // As root, nginx's workers would drop to `nobody`, who cannot read a
         // 0700 temp directory: keep them as root (tests only).
         let user = if running_as_root() { "user root;\n" } else { "" };
         let conf = format!(
-            "{user}daemon off;\nworker_processes 1;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\nevents {{ worker_connections 1024; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {dir};\n  proxy_temp_path {dir};\n  fastcgi_temp_path {dir};\n  uwsgi_temp_path {dir};\n  scgi_temp_path {dir};\n  default_type application/octet-stream;\n  server {{\n    listen 127.0.0.1:{port};\n    root {root};\n  }}\n}}\n",
+            "{user}daemon off;\nmaster_process off;\nworker_processes 1;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\nevents {{ worker_connections 1024; }}\nhttp {{\n  log_format t '\"$request\" $status \"$http_range\" $body_bytes_sent';\n  access_log {log} t;\n  client_body_temp_path {dir};\n  proxy_temp_path {dir};\n  fastcgi_temp_path {dir};\n  uwsgi_temp_path {dir};\n  scgi_temp_path {dir};\n  default_type application/octet-stream;\n  server {{\n    listen 127.0.0.1:{port};\n    root {root};\n    {server_extra}\n  }}\n}}\n",
             dir = dir.path().display(),
-            root = root.display()
+            root = root.display(),
+            log = access_log.display(),
         );
         let conf_path = dir.path().join("nginx.conf");
         std::fs::write(&conf_path, conf).unwrap();
@@ -257,7 +297,7 @@ pub async fn start_nginx(root: &Path) -> Option<Nginx> {
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Some(Nginx { child, url: format!("http://127.0.0.1:{port}"), _dir: dir });
+                return Some(Nginx { child, url: format!("http://127.0.0.1:{port}"), port, access_log, _dir: dir });
             }
             if let Ok(Some(_)) = child.try_wait() {
                 break; // port taken meanwhile: try another
@@ -340,5 +380,170 @@ impl ScriptedUpstream {
 
     pub async fn stop(self) {
         self.handle.stop(false).await;
+    }
+}
+
+/// How a GET ended, seen from the client.
+pub enum Outcome {
+    /// A complete response with this status and body.
+    Complete(u16, Bytes),
+    /// An error status (4xx/5xx) with its body.
+    Error(u16, String),
+    /// A 200/206 cut short after this many bytes.
+    Truncated(usize),
+}
+
+impl std::fmt::Debug for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Complete(s, b) => {
+                write!(f, "Complete({s}, {} bytes, sha256 {})", b.len(), patchrelay::digest::Digest::of(b))
+            }
+            Outcome::Error(s, body) => write!(f, "Error({s}, {body})"),
+            Outcome::Truncated(n) => write!(f, "Truncated({n})"),
+        }
+    }
+}
+
+pub async fn get_outcome(url: &str) -> Outcome {
+    use futures_util::StreamExt;
+    let r = client().get(url).send().await.unwrap();
+    let status = r.status().as_u16();
+    if status >= 400 {
+        return Outcome::Error(status, r.text().await.unwrap_or_default());
+    }
+    let mut got = Vec::new();
+    let mut body = r.bytes_stream();
+    while let Some(piece) = body.next().await {
+        match piece {
+            Ok(b) => got.extend_from_slice(&b),
+            Err(_) => return Outcome::Truncated(got.len()),
+        }
+    }
+    Outcome::Complete(status, Bytes::from(got))
+}
+
+/// What one simulated agent saw.
+#[derive(Debug, Clone)]
+pub struct AgentResult {
+    pub status: u16,
+    pub first_byte: Duration,
+    pub total: Duration,
+    pub sha256: String,
+    pub bytes: usize,
+}
+
+/// `n` agents GET `url` at once, each on its own connection, from a separate
+/// multi-threaded runtime (so clients and the in-process servers do not share
+/// one thread). Returns when all are done.
+pub async fn agents(n: usize, url: String) -> Vec<AgentResult> {
+    // Off the test's own thread, which runs the servers' actors.
+    tokio::task::spawn_blocking(move || agents_blocking(n, url)).await.unwrap()
+}
+
+fn agents_blocking(n: usize, url: String) -> Vec<AgentResult> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async move {
+            let start = Instant::now();
+            let tasks: Vec<_> = (0..n)
+                .map(|_| {
+                    let url = url.clone();
+                    tokio::spawn(async move {
+                        use futures_util::StreamExt;
+                        // One client per agent: separate connections, as agents have.
+                        let c =
+                            reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(300)).build().unwrap();
+                        let t0 = Instant::now();
+                        let r = c.get(&url).send().await.unwrap();
+                        let status = r.status().as_u16();
+                        let mut body = r.bytes_stream();
+                        let mut first = None;
+                        let mut h = patchrelay::digest::Hasher::new();
+                        let mut bytes = 0;
+                        while let Some(piece) = body.next().await {
+                            let piece = piece.unwrap();
+                            if first.is_none() && !piece.is_empty() {
+                                first = Some(t0.elapsed());
+                            }
+                            bytes += piece.len();
+                            h.update(&piece);
+                        }
+                        AgentResult {
+                            status,
+                            first_byte: first.unwrap_or_else(|| t0.elapsed()),
+                            total: t0.elapsed(),
+                            sha256: h.finish().to_hex(),
+                            bytes,
+                        }
+                    })
+                })
+                .collect();
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.unwrap());
+            }
+            let _ = start;
+            out
+        })
+    })
+    .join()
+    .unwrap()
+}
+
+pub fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// A relay as its own process (`patchrelay serve`), for kill -9 tests.
+pub struct RelayProcess {
+    pub child: Child,
+    pub url: String,
+}
+
+impl RelayProcess {
+    /// Start `patchrelay serve --config <toml>`; waits for its listening line.
+    pub fn start(config_path: &Path) -> RelayProcess {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_patchrelay"))
+            .arg("serve")
+            .arg("--config")
+            .arg(config_path)
+            .env("PATCHRELAY_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if !sent && let Some(i) = line.find("listening on http://") {
+                    let url = line[i + "listening on ".len()..].split_whitespace().next().unwrap().to_string();
+                    let _ = tx.send(url);
+                    sent = true;
+                }
+                if std::env::var_os("PATCHRELAY_TEST_LOGS").is_some() {
+                    eprintln!("[relay] {line}");
+                }
+            }
+        });
+        let url = rx.recv_timeout(Duration::from_secs(20)).expect("relay process did not start");
+        RelayProcess { child, url }
+    }
+
+    /// SIGKILL: no shutdown, no flush.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -1,0 +1,162 @@
+//! Critical components are fetched the moment they are published.
+//!
+//! After each sync, the retained versions of every critical component (the
+//! `sync.retain` most recent, latest included) are pinned in the store, so the
+//! disk budget never evicts them, and fetched ahead of any agent asking, through
+//! the same fill registry agents use: an agent that asks mid-prefetch attaches
+//! to it. A failed prefetch is retried by the housekeeping sweep after a minute.
+//! Non-critical components are left to be pulled through on first request.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::Semaphore;
+
+use crate::digest::Digest;
+use crate::fill::Filler;
+use crate::repo::catalog::Catalog;
+use crate::source::Target;
+use crate::telemetry;
+
+const RETRY_AFTER: Duration = Duration::from_secs(60);
+
+struct Wanted {
+    component: String,
+    version: String,
+    target: Target,
+}
+
+/// One retained version, for `/admin/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PrefetchStatus {
+    pub component: String,
+    pub version: String,
+    pub sha256: Digest,
+    pub size: u64,
+    /// `cached`, `filling`, `failed` or `pending`.
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verified: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+pub struct Prefetcher {
+    filler: Arc<Filler>,
+    retain: usize,
+    slots: Arc<Semaphore>,
+    wanted: Mutex<Vec<Wanted>>,
+    failures: Mutex<HashMap<Digest, (Instant, String)>>,
+    started: Mutex<HashSet<Digest>>,
+}
+
+impl Prefetcher {
+    pub fn new(filler: Arc<Filler>, retain: usize, concurrency: usize) -> Arc<Prefetcher> {
+        Arc::new(Prefetcher {
+            filler,
+            retain,
+            slots: Arc::new(Semaphore::new(concurrency.max(1))),
+            wanted: Mutex::new(Vec::new()),
+            failures: Mutex::new(HashMap::new()),
+            started: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Pin and fetch the retained versions of critical components in `catalog`.
+    pub fn plan(self: &Arc<Self>, catalog: &Catalog) {
+        let mut wanted = Vec::new();
+        let mut pins = HashSet::new();
+        for (name, c) in &catalog.manifest.components {
+            if !c.critical {
+                continue;
+            }
+            let mut versions: Vec<_> = c.versions.iter().collect();
+            versions.sort_by(|a, b| b.version.cmp(&a.version));
+            for v in versions.into_iter().take(self.retain) {
+                let Some(obj) = catalog.object(&v.sha256) else { continue };
+                pins.insert(obj.sha256);
+                pins.insert(obj.chunks_sha256);
+                wanted.push(Wanted {
+                    component: name.to_string(),
+                    version: v.version.to_string(),
+                    target: Target::payload(obj),
+                });
+            }
+        }
+        self.filler.store().set_pins(pins);
+        *lock(&self.wanted) = wanted;
+        self.sweep(true);
+    }
+
+    /// Start fetches for retained versions that are missing. `force` retries
+    /// recent failures too (a new manifest may have fixed them).
+    pub fn sweep(self: &Arc<Self>, force: bool) {
+        let store = self.filler.store();
+        let targets: Vec<Target> = lock(&self.wanted).iter().map(|w| w.target).collect();
+        for target in targets {
+            if store.contains(&target.digest) || self.filler.is_filling(&target.digest) {
+                continue;
+            }
+            if !force && lock(&self.failures).get(&target.digest).is_some_and(|(at, _)| at.elapsed() < RETRY_AFTER) {
+                continue;
+            }
+            if !lock(&self.started).insert(target.digest) {
+                continue; // queued for a slot already
+            }
+            let this = self.clone();
+            crate::upstream::runtime::spawn(async move {
+                let _slot = this.slots.clone().acquire_owned().await;
+                let result = this.filler.ensure(target.fill_request()).await;
+                lock(&this.started).remove(&target.digest);
+                match result {
+                    Ok(()) => {
+                        metrics::counter!(telemetry::PREFETCHES, "result" => "ok").increment(1);
+                        lock(&this.failures).remove(&target.digest);
+                    }
+                    Err(e) => {
+                        metrics::counter!(telemetry::PREFETCHES, "result" => "failed").increment(1);
+                        tracing::warn!(object = %target.repo_path(), error = %e, "prefetch failed; will retry");
+                        lock(&this.failures).insert(target.digest, (Instant::now(), e.to_string()));
+                    }
+                }
+            });
+        }
+    }
+
+    pub fn report(&self) -> Vec<PrefetchStatus> {
+        let store = self.filler.store();
+        let in_flight: HashMap<Digest, u64> =
+            self.filler.in_flight().into_iter().map(|f| (f.digest, f.verified)).collect();
+        let failures = lock(&self.failures);
+        lock(&self.wanted)
+            .iter()
+            .map(|w| {
+                let d = w.target.digest;
+                let (state, verified, error) = if store.contains(&d) {
+                    ("cached", None, None)
+                } else if let Some(v) = in_flight.get(&d) {
+                    ("filling", Some(*v), None)
+                } else if let Some((_, e)) = failures.get(&d) {
+                    ("failed", None, Some(e.clone()))
+                } else {
+                    ("pending", None, None)
+                };
+                PrefetchStatus {
+                    component: w.component.clone(),
+                    version: w.version.clone(),
+                    sha256: d,
+                    size: w.target.len,
+                    state,
+                    verified,
+                    error,
+                }
+            })
+            .collect()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,360 @@
+//! One fill, start to finish.
+//!
+//! 1. For a payload, get its chunk list first (a small fill of its own, checked
+//!    whole against `chunks_sha256` from the signed manifest).
+//! 2. Re-verify whatever a partial file from an earlier attempt (or before a
+//!    restart) holds, block by block, and keep only the verified prefix.
+//! 3. Fetch the rest, trying upstreams in health order. A transfer that breaks
+//!    after making progress is resumed from the verified offset on the same
+//!    upstream (`Range`, with `If-Range` when we hold that upstream's ETag),
+//!    with a short backoff; one that breaks without progress moves on to the
+//!    next upstream, which also resumes from the verified offset.
+//! 4. A block that fails verification is cut off (the file is truncated to the
+//!    verified mark), counted against its upstream, which becomes suspect, and
+//!    the fill continues from the next upstream. Waiters never saw those bytes,
+//!    so they keep waiting instead of being cut off.
+//! 5. When every byte is verified, check the whole object's SHA-256, fsync,
+//!    and move it into the store. If the whole digest disagrees although every
+//!    block matched, the manifest contradicts itself: the partial is dropped
+//!    and waiters' connections are aborted (they never get a complete response
+//!    with wrong bytes).
+
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{FillError, FillRequest, Filler, Progress, Shared, Verify};
+use crate::digest::{Digest, Hasher};
+use crate::store::Blob;
+use crate::telemetry;
+use crate::upstream::{ErrorKind, Upstream};
+
+/// Most consecutive resumes on one upstream, each after progress, before
+/// moving on: a link that drops every few KiB is better served elsewhere.
+const MAX_RESUMES_PER_UPSTREAM: u32 = 50;
+
+/// Chunk lists above this are refused (2^21 blocks: 2 TiB at 1 MiB blocks).
+pub const MAX_CHUNK_LIST: u64 = 64 << 20;
+
+/// Verification state of the bytes received so far.
+struct Verifier {
+    len: u64,
+    /// Expected SHA-256 of each block (empty for whole-object verification).
+    blocks: Vec<[u8; 32]>,
+    chunk_size: u64,
+    /// Bytes `0..verified` are checked.
+    verified: u64,
+    /// Bytes `0..written` are in the file (`written >= verified`).
+    written: u64,
+    block: Hasher,
+    whole_at_verified: Hasher,
+    whole: Hasher,
+}
+
+enum Fault {
+    /// The transfer broke; retry (here or elsewhere).
+    Transfer(String, bool),
+    /// Bytes failed verification: the upstream is suspect.
+    Integrity(String),
+    /// Our own disk failed: retrying elsewhere will not help.
+    Local(String),
+}
+
+impl Verifier {
+    fn chunked(&self) -> bool {
+        !self.blocks.is_empty() || self.len == 0
+    }
+
+    /// Feed bytes that were just written at `written..`. Returns whether the
+    /// verified mark moved.
+    fn feed(&mut self, mut data: &[u8]) -> Result<bool, String> {
+        let mut advanced = false;
+        while !data.is_empty() {
+            if self.blocks.is_empty() {
+                self.whole.update(data);
+                self.written += data.len() as u64;
+                return Ok(false);
+            }
+            let block_start = self.verified;
+            let block_len = self.chunk_size.min(self.len - block_start);
+            let in_block = self.written - block_start;
+            let take = (block_len - in_block).min(data.len() as u64) as usize;
+            self.block.update(&data[..take]);
+            self.whole.update(&data[..take]);
+            self.written += take as u64;
+            data = &data[take..];
+            if self.written - block_start == block_len {
+                let index = (block_start / self.chunk_size) as usize;
+                let got = std::mem::take(&mut self.block).finish();
+                if got.as_bytes() != &self.blocks[index] {
+                    self.written = self.verified;
+                    self.whole = self.whole_at_verified.clone();
+                    return Err(format!(
+                        "block {index} (bytes {block_start}..{}) does not match the chunk list",
+                        block_start + block_len
+                    ));
+                }
+                self.verified += block_len;
+                self.whole_at_verified = self.whole.clone();
+                advanced = true;
+            }
+        }
+        Ok(advanced)
+    }
+
+    /// Forget unverified bytes (after a broken transfer).
+    fn rewind(&mut self) {
+        self.written = self.verified;
+        self.block = Hasher::new();
+        self.whole = self.whole_at_verified.clone();
+    }
+}
+
+pub(super) async fn run(filler: &Arc<Filler>, shared: &Arc<Shared>, req: &FillRequest) -> Result<(), FillError> {
+    let blocks = match &req.verify {
+        // An empty payload has an empty chunk list, whose digest is its own:
+        // asking for the list would wait on this very fill. Nothing to check
+        // block by block anyway; the whole-object check below covers it.
+        Verify::Chunks { .. } if req.len == 0 => Vec::new(),
+        Verify::Whole => Vec::new(),
+        Verify::Chunks { chunk_size, list } => load_chunk_list(filler, list, req.len, *chunk_size).await?,
+    };
+    let chunk_size = match &req.verify {
+        Verify::Chunks { chunk_size, .. } => *chunk_size,
+        Verify::Whole => req.len.max(1),
+    };
+    let mut v = Verifier {
+        len: req.len,
+        blocks,
+        chunk_size,
+        verified: 0,
+        written: 0,
+        block: Hasher::new(),
+        whole_at_verified: Hasher::new(),
+        whole: Hasher::new(),
+    };
+    if v.chunked() {
+        resume_from_disk(shared, &mut v).await?;
+    } else {
+        shared.file.set_len(0).map_err(|e| FillError::Store(format!("truncate partial {}: {e}", req.path)))?;
+    }
+    shared.progress.send_replace(Progress::Starting { verified: v.verified });
+
+    let mut attempts = Vec::new();
+    let mut timeouts_only = true;
+    let mut last_upstream: Option<Arc<Upstream>> = None;
+    // An empty object needs no upstream: its digest is checked below.
+    if v.verified < v.len {
+        let mut complete = false;
+        'upstreams: for up in filler.upstreams.candidates() {
+            let Some(_slot) = up.fill_slot().await else { continue };
+            let mut etag: Option<String> = None;
+            let mut resumes = 0;
+            loop {
+                let before = v.verified;
+                match transfer(&up, shared, req, &mut v, &mut etag).await {
+                    Ok(()) => {
+                        last_upstream = Some(up.clone());
+                        complete = true;
+                        break 'upstreams;
+                    }
+                    Err(Fault::Local(e)) => return Err(FillError::Store(e)),
+                    Err(Fault::Integrity(why)) => {
+                        up.record_integrity_failure(&format!("{}: {why}", req.path));
+                        truncate(shared, &v)?;
+                        timeouts_only = false;
+                        attempts.push(format!("upstream {}: {why}", up.name));
+                        continue 'upstreams;
+                    }
+                    Err(Fault::Transfer(why, timeout)) => {
+                        v.rewind();
+                        timeouts_only &= timeout;
+                        if v.verified > before && resumes < MAX_RESUMES_PER_UPSTREAM {
+                            resumes += 1;
+                            metrics::counter!(telemetry::FILL_RESUMES, "upstream" => up.name.clone()).increment(1);
+                            tracing::info!(upstream = %up.name, object = %req.path, at = v.verified, "transfer broke after progress; resuming: {why}");
+                            tokio::time::sleep(Duration::from_millis(100 * u64::from(resumes.min(10)))).await;
+                            continue;
+                        }
+                        tracing::warn!(upstream = %up.name, object = %req.path, at = v.verified, "trying the next upstream: {why}");
+                        attempts.push(why);
+                        continue 'upstreams;
+                    }
+                }
+            }
+        }
+        if !complete {
+            return Err(FillError::AllFailed { path: req.path.clone(), attempts, timeouts_only });
+        }
+    }
+
+    // Every byte verified (or whole-object mode): the final check.
+    let actual = v.whole.clone().finish();
+    if actual != req.digest {
+        let upstream = last_upstream.as_ref().map(|u| u.name.clone()).unwrap_or_default();
+        if let Some(up) = &last_upstream {
+            up.record_integrity_failure(&format!("{} hashes to {actual}", req.path));
+        }
+        filler.store.discard_partial(&req.digest);
+        return Err(FillError::Integrity {
+            upstream,
+            path: req.path.clone(),
+            reason: format!("content hashes to {actual}, not {}; refusing to store it", req.digest),
+        });
+    }
+    let (store, file, digest, len) = (filler.store.clone(), shared.file.clone(), req.digest, req.len);
+    tokio::task::spawn_blocking(move || store.commit_partial(&digest, &file, len))
+        .await
+        .map_err(|_| FillError::Aborted(req.path.clone()))?
+        .map_err(|e| FillError::Store(e.to_string()))?;
+    if let Some(up) = last_upstream {
+        tracing::info!(upstream = %up.name, object = %req.path, bytes = req.len, "cached");
+    }
+    Ok(())
+}
+
+fn truncate(shared: &Shared, v: &Verifier) -> Result<(), FillError> {
+    shared.file.set_len(v.verified).map_err(|e| FillError::Store(format!("truncate partial {}: {e}", shared.path)))
+}
+
+/// One upstream request, from the verified offset to the end.
+async fn transfer(
+    up: &Arc<Upstream>,
+    shared: &Shared,
+    req: &FillRequest,
+    v: &mut Verifier,
+    etag: &mut Option<String>,
+) -> Result<(), Fault> {
+    let from = if v.chunked() { v.verified } else { 0 };
+    let mut body = up.get_from(&req.path, from, etag.as_deref()).await.map_err(|e| {
+        let timeout = matches!(e.kind, ErrorKind::Timeout(_));
+        Fault::Transfer(e.to_string(), timeout)
+    })?;
+    if body.etag.is_some() {
+        etag.clone_from(&body.etag);
+    }
+    if let Some(cl) = body.content_length
+        && cl != req.len - body.start
+    {
+        return Err(Fault::Transfer(
+            format!("upstream {}: {} has Content-Length {cl}, expected {}", up.name, req.path, req.len - body.start),
+            false,
+        ));
+    }
+    shared.progress.send_replace(Progress::Running { verified: v.verified });
+    let mut pos = body.start;
+    loop {
+        let chunk = match body.next_chunk().await {
+            Ok(Some(c)) => c,
+            Ok(None) => break,
+            Err(e) => return Err(Fault::Transfer(e.to_string(), matches!(e.kind, ErrorKind::Timeout(_)))),
+        };
+        let mut data = &chunk[..];
+        // A 200 after a resume restarts at 0: skip what we already have.
+        if pos < v.written {
+            let skip = (v.written - pos).min(data.len() as u64) as usize;
+            data = &data[skip..];
+            pos += skip as u64;
+        }
+        if data.is_empty() {
+            continue;
+        }
+        if pos + data.len() as u64 > req.len {
+            return Err(Fault::Integrity(format!("sent more than the manifest's {} bytes", req.len)));
+        }
+        shared.file.write_all_at(data, pos).map_err(|e| Fault::Local(format!("write partial {}: {e}", req.path)))?;
+        pos += data.len() as u64;
+        match v.feed(data) {
+            Ok(true) => {
+                shared.progress.send_replace(Progress::Running { verified: v.verified });
+            }
+            Ok(false) => {}
+            Err(why) => return Err(Fault::Integrity(why)),
+        }
+    }
+    if v.written != req.len {
+        return Err(Fault::Transfer(
+            format!("upstream {}: {} ended at byte {}, expected {}", up.name, req.path, v.written, req.len),
+            false,
+        ));
+    }
+    if !v.chunked() {
+        v.verified = v.written;
+    }
+    Ok(())
+}
+
+/// Fetch (or find) the chunk list and check it fits the object.
+async fn load_chunk_list(
+    filler: &Arc<Filler>,
+    list: &FillRequest,
+    len: u64,
+    chunk_size: u64,
+) -> Result<Vec<[u8; 32]>, FillError> {
+    let expected = len.div_ceil(chunk_size) * Digest::LEN as u64;
+    if list.len != expected || list.len > MAX_CHUNK_LIST {
+        return Err(FillError::Integrity {
+            upstream: String::new(),
+            path: list.path.clone(),
+            reason: format!(
+                "chunk list is {} bytes, but {len} bytes in {chunk_size}-byte blocks need {expected}",
+                list.len
+            ),
+        });
+    }
+    filler.ensure(list.clone()).await.map_err(|e| (*e).clone())?;
+    let blob = filler
+        .store
+        .get(&list.digest)
+        .map_err(|e| FillError::Store(e.to_string()))?
+        .ok_or_else(|| FillError::Store(format!("chunk list {} vanished after it was stored", list.digest)))?;
+    let bytes = match blob {
+        Blob::Memory(b) => b.to_vec(),
+        Blob::File { file, len } => {
+            let mut buf = Vec::with_capacity(len as usize);
+            (&*file).take(len).read_to_end(&mut buf).map_err(|e| FillError::Store(format!("read chunk list: {e}")))?;
+            buf
+        }
+    };
+    Ok(bytes.chunks_exact(Digest::LEN).map(|c| c.try_into().unwrap_or([0u8; 32])).collect())
+}
+
+/// Keep the verified prefix of a partial file left by an earlier attempt.
+async fn resume_from_disk(shared: &Shared, v: &mut Verifier) -> Result<(), FillError> {
+    let file = shared.file.clone();
+    let (len, chunk_size, blocks) = (v.len, v.chunk_size, v.blocks.clone());
+    let scanned = tokio::task::spawn_blocking(move || -> std::io::Result<(u64, Hasher)> {
+        let on_disk = file.metadata()?.len().min(len);
+        let mut whole = Hasher::new();
+        let mut verified = 0u64;
+        let mut buf = vec![0u8; chunk_size.min(on_disk.max(1)) as usize];
+        while verified < on_disk {
+            let block_len = chunk_size.min(len - verified);
+            if verified + block_len > on_disk {
+                break;
+            }
+            let b = &mut buf[..block_len as usize];
+            file.read_exact_at(b, verified)?;
+            let index = (verified / chunk_size) as usize;
+            if Digest::of(b).as_bytes() != &blocks[index] {
+                break;
+            }
+            whole.update(b);
+            verified += block_len;
+        }
+        file.set_len(verified)?;
+        Ok((verified, whole))
+    })
+    .await
+    .map_err(|_| FillError::Aborted(shared.path.clone()))?
+    .map_err(|e| FillError::Store(format!("re-verify partial {}: {e}", shared.path)))?;
+    if scanned.0 > 0 {
+        tracing::info!(object = %shared.path, bytes = scanned.0, "resuming from a verified partial file");
+    }
+    v.verified = scanned.0;
+    v.written = scanned.0;
+    v.whole_at_verified = scanned.1.clone();
+    v.whole = scanned.1;
+    Ok(())
+}
