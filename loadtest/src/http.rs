@@ -1,0 +1,106 @@
+//! A minimal HTTP/1.1 client, written for the load generator rather than taken
+//! from a crate: it must bind each connection to a chosen source address
+//! (127.0.0.x, to get past the ~28,000 ephemeral ports per destination), keep
+//! per-connection memory tiny for tens of thousands of agents, and expose the
+//! exact moment the first body byte arrives. It speaks only what patchrelay and
+//! nginx answer a GET with: a status line, headers, and a Content-Length body.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+pub struct Conn {
+    stream: TcpStream,
+    buf: BytesMut,
+    host: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Head {
+    pub status: u16,
+    pub content_length: u64,
+}
+
+fn bad(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+impl Conn {
+    /// Connect to `target`, from `source` if given. `recv_buffer` caps the
+    /// kernel receive buffer (slow agents should not each hold megabytes).
+    pub async fn connect(target: SocketAddr, source: Option<IpAddr>, recv_buffer: Option<u32>) -> io::Result<Conn> {
+        let sock = if target.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        if let Some(ip) = source {
+            sock.bind(SocketAddr::new(ip, 0))?;
+        }
+        if let Some(n) = recv_buffer {
+            sock.set_recv_buffer_size(n)?;
+        }
+        let stream = sock.connect(target).await?;
+        stream.set_nodelay(true)?;
+        Ok(Conn { stream, buf: BytesMut::with_capacity(4096), host: target.to_string() })
+    }
+
+    /// Send `GET path` with extra header lines (each "Name: value").
+    pub async fn get(&mut self, path: &str, headers: &[String]) -> io::Result<Head> {
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: patchrelay-load\r\n", self.host);
+        for h in headers {
+            req.push_str(h);
+            req.push_str("\r\n");
+        }
+        req.push_str("\r\n");
+        self.stream.write_all(req.as_bytes()).await?;
+        self.read_head().await
+    }
+
+    async fn read_head(&mut self) -> io::Result<Head> {
+        loop {
+            let mut parsed = [httparse::EMPTY_HEADER; 32];
+            let mut res = httparse::Response::new(&mut parsed);
+            match res.parse(&self.buf) {
+                Ok(httparse::Status::Complete(n)) => {
+                    let status = res.code.unwrap_or(0);
+                    let content_length = res
+                        .headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                        .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse().ok())
+                        .ok_or_else(|| bad("response without Content-Length"))?;
+                    self.buf.advance(n);
+                    return Ok(Head { status, content_length });
+                }
+                Ok(httparse::Status::Partial) => {}
+                Err(e) => return Err(bad(format!("bad response head: {e}"))),
+            }
+            if self.buf.len() > 64 * 1024 {
+                return Err(bad("response head over 64 KiB"));
+            }
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed before the response head"));
+            }
+        }
+    }
+
+    /// Read `len` body bytes, handing each piece to `sink`. `limit` stops early
+    /// (the caller then drops the connection, as an agent whose link fails).
+    pub async fn read_body(&mut self, len: u64, limit: Option<u64>, mut sink: impl FnMut(&[u8])) -> io::Result<u64> {
+        let stop = limit.unwrap_or(len).min(len);
+        let mut got = 0u64;
+        while got < stop {
+            if self.buf.is_empty() && self.stream.read_buf(&mut self.buf).await? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("body ended at {got} of {len} bytes"),
+                ));
+            }
+            let take = (self.buf.len() as u64).min(stop - got) as usize;
+            sink(&self.buf[..take]);
+            self.buf.advance(take);
+            got += take as u64;
+        }
+        Ok(got)
+    }
+}
