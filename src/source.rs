@@ -100,6 +100,21 @@ pub enum Content {
     Filling(FillHandle),
 }
 
+/// A stored object must be exactly as long as the manifest says: the response
+/// was sized from the manifest. (Same digest means same bytes, so this only
+/// fails when a manifest's `size` contradicts its `sha256`.)
+fn checked(blob: Blob, target: &Target) -> Result<Blob, SourceError> {
+    if blob.len() == target.len {
+        Ok(blob)
+    } else {
+        Err(SourceError::Store(StoreError::Length {
+            expected: target.digest,
+            expected_len: target.len,
+            actual: blob.len(),
+        }))
+    }
+}
+
 pub enum Source {
     Origin { repo: RepoDir, memory: MemoryCache },
     Relay { store: Store, filler: Arc<Filler> },
@@ -114,16 +129,16 @@ impl Source {
         match self {
             Source::Origin { repo, memory } => {
                 let path = repo.root().join(target.repo_path());
-                Ok(Content::Stored(memory.load(&target.digest, &path, target.len)?))
+                Ok(Content::Stored(checked(memory.load(&target.digest, &path, target.len)?, target)?))
             }
             Source::Relay { store, filler } => {
                 if let Some(blob) = store.get(&target.digest)? {
                     metrics::counter!(telemetry::CACHE_HITS, "kind" => target.kind_label()).increment(1);
-                    return Ok(Content::Stored(blob));
+                    return Ok(Content::Stored(checked(blob, target)?));
                 }
                 metrics::counter!(telemetry::CACHE_MISSES, "kind" => target.kind_label()).increment(1);
                 match filler.attach(target.fill_request())? {
-                    Opened::Stored(blob) => Ok(Content::Stored(blob)),
+                    Opened::Stored(blob) => Ok(Content::Stored(checked(blob, target)?)),
                     Opened::Filling(mut handle) => {
                         handle.started().await.map_err(|e| SourceError::Fill((*e).clone()))?;
                         Ok(Content::Filling(handle))

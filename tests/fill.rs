@@ -356,3 +356,30 @@ async fn upstreams_behind_a_corporate_connect_proxy() {
     let logged = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(logged.contains("CONNECT"), "tinyproxy saw no CONNECT:\n{logged}");
 }
+
+/// An upstream that sends the right bytes and then some, without a
+/// Content-Length: the overshoot is refused, and what the next upstream
+/// supplies from the verified mark on is all that gets stored.
+#[actix_web::test]
+async fn an_overlong_body_leaves_no_trace_in_what_is_stored() {
+    let repo = TestRepo::new();
+    let sha = repo.sha("big", "1.0");
+    let want = noise(42, 3 << 20);
+    let bad = ScriptedUpstream::start().await;
+    bad.files.load_repo(&repo.repo);
+    let mut long = want.clone();
+    long.extend_from_slice(&[0xAA; 70_000]);
+    bad.files.put(&format!("v1/objects/{sha}"), long);
+    bad.chunked.store(true, std::sync::atomic::Ordering::SeqCst);
+    let good = ScriptedUpstream::start().await;
+    good.files.load_repo(&repo.repo);
+    let storage = tempfile::tempdir().unwrap();
+    let relay = start(&relay_config(&[(&bad.url, ""), (&good.url, "")], &repo.public, storage.path(), "")).await;
+    assert!(wait_ready(&relay.url(), Duration::from_secs(10)).await);
+    match get_outcome(&format!("{}/v1/objects/{sha}", relay.url())).await {
+        Outcome::Complete(200, body) => assert_eq!(sha_hex(&body), sha_hex(&want)),
+        other => panic!("{other:?}"),
+    }
+    let stored = std::fs::read(storage.path().join("objects").join(&sha[..2]).join(&sha)).unwrap();
+    assert_eq!(sha_hex(&stored), sha);
+}

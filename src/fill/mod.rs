@@ -221,10 +221,10 @@ impl Filler {
 
     /// Attach to the fill of `req`, starting it if none is running.
     pub fn attach(self: &Arc<Self>, req: FillRequest) -> Result<Opened, FillError> {
-        // The registry lock is held only for this block, never across an await;
-        // the store is checked under it so a fill that just completed is found.
-        let mut inflight = self.registry();
-        if let Some(shared) = inflight.get(&req.digest) {
+        // The registry lock is only ever held for map operations: no I/O, no
+        // await. Disk work (the store lookup, opening the partial file) happens
+        // between two short critical sections, and the second one re-checks.
+        if let Some(shared) = self.registry().get(&req.digest) {
             self.waiters.increment(1);
             return Ok(Opened::Filling(FillHandle::new(shared.clone())));
         }
@@ -240,8 +240,23 @@ impl Filler {
             file: Arc::new(file),
             progress,
         });
-        inflight.insert(req.digest, shared.clone());
-        drop(inflight);
+        {
+            let mut inflight = self.registry();
+            if let Some(existing) = inflight.get(&req.digest) {
+                // Another request registered it meanwhile: join that one.
+                self.waiters.increment(1);
+                return Ok(Opened::Filling(FillHandle::new(existing.clone())));
+            }
+            if self.store.contains(&req.digest) {
+                // ...or finished it meanwhile.
+                drop(inflight);
+                return match self.store.get(&req.digest).map_err(|e| FillError::Store(e.to_string()))? {
+                    Some(blob) => Ok(Opened::Stored(blob)),
+                    None => Err(FillError::Store(format!("{} vanished right after it was stored", req.path))),
+                };
+            }
+            inflight.insert(req.digest, shared.clone());
+        }
         self.in_flight_gauge.increment(1.0);
         let handle = FillHandle::new(shared.clone());
         let this = self.clone();

@@ -34,9 +34,6 @@ use crate::upstream::{ErrorKind, Upstream};
 /// moving on: a link that drops every few KiB is better served elsewhere.
 const MAX_RESUMES_PER_UPSTREAM: u32 = 50;
 
-/// Chunk lists above this are refused (2^21 blocks: 2 TiB at 1 MiB blocks).
-pub const MAX_CHUNK_LIST: u64 = 64 << 20;
-
 /// Verification state of the bytes received so far.
 struct Verifier {
     len: u64,
@@ -103,6 +100,18 @@ impl Verifier {
         Ok(advanced)
     }
 
+    /// How far waiters may read: everything verified, except that the last
+    /// block is held back until the whole-object digest has been checked too,
+    /// so no waiter can complete a response whose bytes fail that check.
+    fn servable(&self) -> u64 {
+        if self.chunked() && self.verified == self.len && self.len > 0 {
+            let last = self.len - (self.len - 1) / self.chunk_size * self.chunk_size;
+            self.len - last
+        } else {
+            self.verified
+        }
+    }
+
     /// Forget unverified bytes (after a broken transfer).
     fn rewind(&mut self) {
         self.written = self.verified;
@@ -162,6 +171,9 @@ pub(super) async fn run(filler: &Arc<Filler>, shared: &Arc<Shared>, req: &FillRe
                     Err(Fault::Local(e)) => return Err(FillError::Store(e)),
                     Err(Fault::Integrity(why)) => {
                         up.record_integrity_failure(&format!("{}: {why}", req.path));
+                        // Forget every unverified byte this upstream sent (its
+                        // hasher state too) before anyone else continues.
+                        v.rewind();
                         truncate(shared, &v)?;
                         timeouts_only = false;
                         attempts.push(format!("upstream {}: {why}", up.name));
@@ -226,6 +238,9 @@ async fn transfer(
     v: &mut Verifier,
     etag: &mut Option<String>,
 ) -> Result<(), Fault> {
+    // Whatever the last attempt left unverified is discarded: a transfer starts
+    // exactly at the verified mark, with hashers in the matching state.
+    v.rewind();
     let from = if v.chunked() { v.verified } else { 0 };
     let mut body = up.get_from(&req.path, from, etag.as_deref()).await.map_err(|e| {
         let timeout = matches!(e.kind, ErrorKind::Timeout(_));
@@ -242,7 +257,7 @@ async fn transfer(
             false,
         ));
     }
-    shared.progress.send_replace(Progress::Running { verified: v.verified });
+    shared.progress.send_replace(Progress::Running { verified: v.servable() });
     let mut pos = body.start;
     loop {
         let chunk = match body.next_chunk().await {
@@ -267,7 +282,7 @@ async fn transfer(
         pos += data.len() as u64;
         match v.feed(data) {
             Ok(true) => {
-                shared.progress.send_replace(Progress::Running { verified: v.verified });
+                shared.progress.send_replace(Progress::Running { verified: v.servable() });
             }
             Ok(false) => {}
             Err(why) => return Err(Fault::Integrity(why)),
@@ -293,7 +308,7 @@ async fn load_chunk_list(
     chunk_size: u64,
 ) -> Result<Vec<[u8; 32]>, FillError> {
     let expected = len.div_ceil(chunk_size) * Digest::LEN as u64;
-    if list.len != expected || list.len > MAX_CHUNK_LIST {
+    if list.len != expected || list.len > crate::repo::manifest::MAX_CHUNK_LIST_BYTES {
         return Err(FillError::Integrity {
             upstream: String::new(),
             path: list.path.clone(),
@@ -311,12 +326,23 @@ async fn load_chunk_list(
         .ok_or_else(|| FillError::Store(format!("chunk list {} vanished after it was stored", list.digest)))?;
     let bytes = match blob {
         Blob::Memory(b) => b.to_vec(),
-        Blob::File { file, len } => {
+        // Up to 64 MiB: read off the async threads.
+        Blob::File { file, len } => tokio::task::spawn_blocking(move || {
             let mut buf = Vec::with_capacity(len as usize);
-            (&*file).take(len).read_to_end(&mut buf).map_err(|e| FillError::Store(format!("read chunk list: {e}")))?;
-            buf
-        }
+            (&*file).take(len).read_to_end(&mut buf).map(|_| buf)
+        })
+        .await
+        .map_err(|_| FillError::Aborted(list.path.clone()))?
+        .map_err(|e| FillError::Store(format!("read chunk list: {e}")))?,
     };
+    if bytes.len() as u64 != list.len {
+        return Err(FillError::Store(format!(
+            "chunk list {} is {} bytes on disk, expected {}",
+            list.digest,
+            bytes.len(),
+            list.len
+        )));
+    }
     Ok(bytes.chunks_exact(Digest::LEN).map(|c| c.try_into().unwrap_or([0u8; 32])).collect())
 }
 

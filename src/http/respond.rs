@@ -31,6 +31,10 @@ pub struct Representation {
     pub content_type: HeaderValue,
     /// `X-Patchrelay-Version`, for component routes.
     pub version: Option<String>,
+    /// Whether these bytes can never change at this URL. Only then is a date a
+    /// strong enough validator for `If-Range` (a manifest can be replaced
+    /// within the second its `Last-Modified` names).
+    pub immutable: bool,
 }
 
 /// What to answer, decided from the request headers and the metadata.
@@ -54,7 +58,9 @@ pub fn decide(req: &HttpRequest, rep: &Representation) -> Result<Decision, ApiEr
     let Some(range) = headers.get(header::RANGE) else {
         return Ok(Decision::Full);
     };
-    if !safe || !conditional::if_range_allows(headers, &rep.etag, rep.modified) {
+    // RFC 9110 §14.2: range handling is defined for GET only (HEAD answers as
+    // an unranged GET would).
+    if method != Method::GET || !conditional::if_range_allows(headers, &rep.etag, rep.modified, rep.immutable) {
         return Ok(Decision::Full);
     }
     match range::resolve(range.as_bytes(), rep.len) {

@@ -84,14 +84,18 @@ fn catalog(state: &AppState) -> Result<std::sync::Arc<Catalog>, ApiError> {
 const OCTETS: HeaderValue = HeaderValue::from_static("application/octet-stream");
 const IMMUTABLE: HeaderValue = HeaderValue::from_static("public, max-age=31536000, immutable");
 
-fn payload(obj: &ObjectInfo, cache_control: HeaderValue, version: Option<String>) -> (Representation, Bytesource) {
+/// A payload. `moving` is the `Cache-Control` of a URL whose bytes move on
+/// with the manifest (`latest`); `None` for immutable URLs.
+fn payload(obj: &ObjectInfo, moving: Option<HeaderValue>, version: Option<String>) -> (Representation, Bytesource) {
+    let immutable = moving.is_none();
     let rep = Representation {
         etag: obj.sha256,
         len: obj.size,
         modified: obj.modified,
-        cache_control,
+        cache_control: moving.unwrap_or(IMMUTABLE),
         content_type: OCTETS,
         version,
+        immutable,
     };
     (rep, Bytesource::Target(Target::payload(obj)))
 }
@@ -106,6 +110,7 @@ async fn manifest(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse 
             cache_control: state.short_cache.clone(),
             content_type: HeaderValue::from_static("application/json"),
             version: None,
+            immutable: false,
         };
         serve(&req, &state, Route::Manifest, rep, Bytesource::Memory(cat.manifest_bytes.clone())).await
     };
@@ -122,6 +127,7 @@ async fn signature(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse
             cache_control: state.short_cache.clone(),
             content_type: HeaderValue::from_static("text/plain; charset=utf-8"),
             version: None,
+            immutable: false,
         };
         serve(&req, &state, Route::Signature, rep, Bytesource::Memory(cat.signature.clone())).await
     };
@@ -141,7 +147,7 @@ async fn object(req: HttpRequest, path: web::Path<String>, state: web::Data<AppS
         let obj = cat
             .object(&digest)
             .ok_or_else(|| ApiError::NotFound(format!("object {digest} is not in manifest serial {}", cat.serial())))?;
-        let (rep, src) = payload(obj, IMMUTABLE, None);
+        let (rep, src) = payload(obj, None, None);
         serve(&req, &state, Route::Object, rep, src).await
     };
     finish(&state, Route::Object, result.await)
@@ -162,6 +168,7 @@ async fn chunks(req: HttpRequest, path: web::Path<String>, state: web::Data<AppS
             cache_control: IMMUTABLE,
             content_type: OCTETS,
             version: None,
+            immutable: true,
         };
         serve(&req, &state, Route::Chunks, rep, Bytesource::Target(Target::chunk_list(obj))).await
     };
@@ -186,7 +193,7 @@ async fn version(req: HttpRequest, path: web::Path<(String, String)>, state: web
                 ver.chars().take(64).collect::<String>()
             ))
         })?;
-        let (rep, src) = payload(obj, IMMUTABLE, Some(entry.version.to_string()));
+        let (rep, src) = payload(obj, None, Some(entry.version.to_string()));
         serve(&req, &state, Route::Version, rep, src).await
     };
     finish(&state, Route::Version, result.await)
@@ -197,7 +204,7 @@ async fn latest(req: HttpRequest, path: web::Path<String>, state: web::Data<AppS
         let cat = catalog(&state)?;
         let (entry, obj) = cat.latest(&path).ok_or_else(|| unknown_component(&cat, &path))?;
         // `latest` moves: cache it only as long as the manifest.
-        let (rep, src) = payload(obj, state.short_cache.clone(), Some(entry.version.to_string()));
+        let (rep, src) = payload(obj, Some(state.short_cache.clone()), Some(entry.version.to_string()));
         serve(&req, &state, Route::Latest, rep, src).await
     };
     finish(&state, Route::Latest, result.await)

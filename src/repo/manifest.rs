@@ -29,6 +29,8 @@ pub const MAX_CHUNK_SIZE: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_CHUNK_SIZE: u64 = 1024 * 1024;
 /// Objects larger than this are refused: nobody ships a 1 TiB pattern file.
 pub const MAX_OBJECT_SIZE: u64 = 1 << 40;
+/// Chunk lists above this are refused (2^21 blocks: 2 TiB at 1 MiB blocks).
+pub const MAX_CHUNK_LIST_BYTES: u64 = 64 << 20;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Manifest {
@@ -253,6 +255,24 @@ impl Manifest {
                         ),
                     ));
                 }
+                if v.size > 0 && v.chunks_sha256 == v.sha256 {
+                    // The chunk list is itself an object named by its digest; one
+                    // that claims the payload's own name would have a fill wait on
+                    // itself.
+                    return Err(component_err(
+                        name,
+                        format!("version {} has chunks_sha256 equal to its sha256", v.version),
+                    ));
+                }
+                if chunk_count(v.size, v.chunk_size) * Digest::LEN as u64 > MAX_CHUNK_LIST_BYTES {
+                    return Err(component_err(
+                        name,
+                        format!(
+                            "version {} needs a chunk list over {MAX_CHUNK_LIST_BYTES} bytes; use a larger chunk_size",
+                            v.version
+                        ),
+                    ));
+                }
                 if !valid_file_name(&v.file_name) {
                     return Err(component_err(
                         name,
@@ -310,15 +330,16 @@ mod tests {
 
     fn sample() -> String {
         let d = Digest::of(b"x");
+        let c = Digest::of(b"chunks");
         format!(
             r#"{{"serial": 3, "generated_at": "2026-11-23T01:00:00Z", "future_field": [1,2],
                "components": {{"engine": {{"kind": "pattern", "critical": true, "latest": "173",
                "versions": [{{"version": "171", "sha256": "{d}", "size": 1, "file_name": "p.bin",
-                              "chunk_size": 1048576, "chunks_sha256": "{d}", "new": 1}},
+                              "chunk_size": 1048576, "chunks_sha256": "{c}", "new": 1}},
                             {{"version": "173", "sha256": "{d}", "size": 1, "file_name": "p.bin",
-                              "chunk_size": 1048576, "chunks_sha256": "{d}"}}]}},
+                              "chunk_size": 1048576, "chunks_sha256": "{c}"}}]}},
                "tool": {{"kind": "driver", "latest": "1", "versions": [{{"version": "1", "sha256": "{d}",
-                 "size": 1, "file_name": "t", "chunk_size": 4096, "chunks_sha256": "{d}"}}]}}}}}}"#
+                 "size": 1, "file_name": "t", "chunk_size": 4096, "chunks_sha256": "{c}"}}]}}}}}}"#
         )
     }
 

@@ -344,6 +344,8 @@ pub struct ScriptedUpstream {
     pub url: String,
     pub files: Files,
     pub requests: Arc<std::sync::atomic::AtomicUsize>,
+    /// Send bodies chunked (no Content-Length), as some servers and proxies do.
+    pub chunked: Arc<std::sync::atomic::AtomicBool>,
     handle: actix_web::dev::ServerHandle,
 }
 
@@ -352,16 +354,22 @@ impl ScriptedUpstream {
         use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
         let files = Files::default();
         let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (f, n) = (files.clone(), requests.clone());
+        let chunked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (f, n, ch) = (files.clone(), requests.clone(), chunked.clone());
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let server = HttpServer::new(move || {
-            let (f, n) = (f.clone(), n.clone());
+            let (f, n, ch) = (f.clone(), n.clone(), ch.clone());
             App::new().default_service(web::to(move |req: HttpRequest| {
-                let (f, n) = (f.clone(), n.clone());
+                let (f, n, ch) = (f.clone(), n.clone(), ch.clone());
                 async move {
                     n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     match f.get(req.path().trim_start_matches('/')) {
+                        Some(b) if ch.load(std::sync::atomic::Ordering::SeqCst) => {
+                            let pieces: Vec<Result<Bytes, std::io::Error>> =
+                                b.chunks(50_000).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+                            HttpResponse::Ok().streaming(futures_util::stream::iter(pieces))
+                        }
                         Some(b) => HttpResponse::Ok().body(b),
                         None => HttpResponse::NotFound().finish(),
                     }
@@ -375,7 +383,7 @@ impl ScriptedUpstream {
         .run();
         let handle = server.handle();
         actix_rt::spawn(server);
-        ScriptedUpstream { url, files, requests, handle }
+        ScriptedUpstream { url, files, requests, chunked, handle }
     }
 
     pub async fn stop(self) {
