@@ -44,6 +44,28 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub delta: DeltaConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeltaConfig {
+    /// Serve and compute deltas (a relay needs [storage]; an origin too, to
+    /// keep the deltas it computes).
+    pub enabled: bool,
+    /// Threads computing deltas.
+    pub workers: usize,
+    /// Builds running or queued at once; more are refused until a slot frees.
+    pub queue: usize,
+    /// No deltas for targets larger than this (memory: about 7x the target).
+    pub max_target_size: ByteSize,
+}
+
+impl Default for DeltaConfig {
+    fn default() -> Self {
+        DeltaConfig { enabled: true, workers: 1, queue: 4, max_target_size: ByteSize(1 << 30) }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -418,6 +440,9 @@ impl Config {
             && s.memory_object_max.0 > s.memory_cache.0
         {
             return Err(invalid("storage", "storage.memory_object_max is larger than storage.memory_cache".into()));
+        }
+        if self.delta.workers == 0 || self.delta.queue == 0 {
+            return Err(invalid("delta", "delta.workers and delta.queue must be at least 1".into()));
         }
         if self.server.max_connections_per_worker == 0 {
             return Err(invalid("server", "server.max_connections_per_worker must be at least 1".into()));

@@ -19,6 +19,7 @@
 pub mod actors;
 pub mod cli;
 pub mod config;
+pub mod delta;
 pub mod demo;
 pub mod digest;
 pub mod fill;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use actix::{Actor, Addr};
 use actix_web::{App, HttpServer, web};
 
+use crate::actors::deltas::{DeltaBuilder, DeltaService, Objects};
 use crate::actors::housekeeping::Housekeeping;
 use crate::actors::prefetch::Prefetcher;
 use crate::actors::reload::OriginReload;
@@ -17,6 +18,7 @@ use crate::actors::status::StatusSource;
 use crate::actors::sync::{RelaySync, SyncContext};
 use crate::actors::{Stop, SyncNow};
 use crate::config::{Config, Role};
+use crate::delta::EncodeOptions;
 use crate::fill::Filler;
 use crate::http::{self, AppState};
 use crate::repo::RepoDir;
@@ -102,16 +104,57 @@ pub struct StartOptions {
     pub handle_signals: bool,
 }
 
+fn open_store(config: &Config, storage: &crate::config::StorageConfig) -> Result<Store, StartError> {
+    let opts = StoreOptions {
+        memory_cache: storage.memory_cache.0,
+        memory_object_max: storage.memory_object_max.0,
+        max_size: storage.max_size.map(|s| s.0),
+    };
+    let (store, report) = Store::open(&storage.dir, &opts)?;
+    tracing::info!(
+        role = ?config.role(),
+        dir = %storage.dir.display(),
+        objects = report.objects,
+        bytes = report.bytes,
+        partial_files = report.partial_files,
+        temp_files_removed = report.temp_files_removed,
+        elapsed_ms = report.elapsed.as_millis() as u64,
+        "store opened"
+    );
+    Ok(store)
+}
+
+fn open_deltas(config: &Config, store: Store, objects: Objects) -> Result<Arc<DeltaService>, StartError> {
+    let builder = DeltaBuilder::start(config.delta.workers, EncodeOptions::default());
+    DeltaService::open(store, objects, builder, config.delta.queue, config.delta.max_target_size.0)
+        .map_err(|e| StartError::Config(format!("cannot open the delta index: {e}")))
+}
+
 /// Start a server for `config`.
 pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer, StartError> {
     let metrics = telemetry::metrics_handle().map_err(StartError::Metrics)?;
     let published = Published::new();
-    let (source, control, sync, status) = match config.role() {
+    let (source, control, sync, status, deltas) = match config.role() {
         Role::Origin => {
             let origin = config.origin.as_ref().ok_or_else(|| StartError::Config("no [origin]".into()))?;
             let repo = RepoDir::new(&origin.repository);
             let key = config.trust.as_ref().map(|t| t.public_key.0.clone());
-            let mut reload = OriginReload::new(repo.clone(), key, published.clone(), origin.reload_interval.0);
+            // An origin keeps the deltas it computes in a store of its own, if
+            // it has [storage]; without one it serves full files only.
+            let deltas = match (&config.storage, config.delta.enabled) {
+                (Some(storage), true) => {
+                    let store = open_store(config, storage)?;
+                    Some(open_deltas(config, store, Objects::Origin(repo.clone()))?)
+                }
+                _ => None,
+            };
+            let mut reload = OriginReload::new(
+                repo.clone(),
+                key,
+                published.clone(),
+                origin.reload_interval.0,
+                deltas.clone().map(|d| (d, config.sync.retain)),
+            );
             reload.reload().map_err(|e| StartError::Repository(format!("{}: {e}", origin.repository.display())))?;
             let (cache, max_object) = config
                 .storage
@@ -125,32 +168,27 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
                 ControlPlane::Origin(addr),
                 sync,
                 None,
+                deltas,
             )
         }
         Role::Relay => {
             let storage =
                 config.storage.as_ref().ok_or_else(|| StartError::Config("a relay needs [storage]".into()))?;
             let trust = config.trust.as_ref().ok_or_else(|| StartError::Config("a relay needs [trust]".into()))?;
-            let opts = StoreOptions {
-                memory_cache: storage.memory_cache.0,
-                memory_object_max: storage.memory_object_max.0,
-                max_size: storage.max_size.map(|s| s.0),
-            };
-            let (store, report) = Store::open(&storage.dir, &opts)?;
-            tracing::info!(
-                dir = %storage.dir.display(),
-                objects = report.objects,
-                bytes = report.bytes,
-                partial_files = report.partial_files,
-                temp_files_removed = report.temp_files_removed,
-                elapsed_ms = report.elapsed.as_millis() as u64,
-                "store opened"
-            );
-            metrics::gauge!(telemetry::STORE_OBJECTS).set(report.objects as f64);
-            metrics::gauge!(telemetry::STORE_BYTES).set(report.bytes as f64);
+            let store = open_store(config, storage)?;
             let upstreams = Arc::new(Upstreams::new(&config.upstream)?);
             let filler = Filler::new(store.clone(), upstreams.clone());
-            let prefetcher = Prefetcher::new(filler.clone(), config.sync.retain, config.sync.prefetch_concurrency);
+            let deltas = if config.delta.enabled {
+                Some(open_deltas(config, store.clone(), Objects::Relay(filler.clone()))?)
+            } else {
+                None
+            };
+            let prefetcher = Prefetcher::new(
+                filler.clone(),
+                published.clone(),
+                config.sync.retain,
+                config.sync.prefetch_concurrency,
+            );
             let sync_ctx = SyncContext::new(
                 published.clone(),
                 upstreams,
@@ -160,11 +198,17 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
             );
             sync_ctx.restore();
             let addr = RelaySync::new(sync_ctx, config.sync.interval.0).start();
-            let housekeeping =
-                Housekeeping::new(store.clone(), filler.clone(), prefetcher.clone(), published.clone()).start();
+            let housekeeping = Housekeeping::new(
+                store.clone(),
+                filler.clone(),
+                prefetcher.clone(),
+                published.clone(),
+                deltas.clone().map(|d| (d, config.sync.retain)),
+            )
+            .start();
             let sync = addr.clone().recipient::<SyncNow>();
             let status = Arc::new(StatusSource { published: published.clone(), filler: filler.clone(), prefetcher });
-            (Source::Relay { store, filler }, ControlPlane::Relay(addr, housekeeping), sync, Some(status))
+            (Source::Relay { store, filler }, ControlPlane::Relay(addr, housekeeping), sync, Some(status), deltas)
         }
     };
 
@@ -175,6 +219,7 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
         config.admin.as_ref().map(|a| a.token.0.clone()),
         Some(sync),
         status,
+        deltas,
         metrics.clone(),
     ));
     let listener = TcpListener::bind(config.server.listen)

@@ -41,6 +41,14 @@ pub const STORE_BYTES: &str = "patchrelay_store_bytes";
 pub const STORE_EVICTIONS: &str = "patchrelay_store_evictions_total";
 pub const STORE_EVICTED_BYTES: &str = "patchrelay_store_evicted_bytes_total";
 pub const STORE_OVER_BUDGET: &str = "patchrelay_store_over_budget_total";
+pub const DELTAS_BUILT: &str = "patchrelay_deltas_built_total";
+pub const DELTA_BUILD_SECONDS: &str = "patchrelay_delta_build_seconds";
+pub const DELTA_SYNC: &str = "patchrelay_delta_sync_total";
+pub const DELTA_SYNC_BYTES: &str = "patchrelay_delta_sync_bytes_total";
+pub const DELTA_SYNC_SAVED: &str = "patchrelay_delta_sync_saved_bytes_total";
+pub const AGENT_LAG: &str = "patchrelay_agent_version_lag";
+pub const AGENT_UNKNOWN: &str = "patchrelay_agent_unknown_version_total";
+pub const PLANS: &str = "patchrelay_plans_total";
 pub const BUILD_INFO: &str = "patchrelay_build_info";
 
 static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
@@ -52,7 +60,12 @@ pub fn metrics_handle() -> Result<PrometheusHandle, String> {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(
                     Matcher::Suffix("_seconds".into()),
-                    &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+                    &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0],
+                )
+                .map_err(|e| e.to_string())?
+                .set_buckets_for_metric(
+                    Matcher::Full(AGENT_LAG.into()),
+                    &[0.0, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0],
                 )
                 .map_err(|e| e.to_string())?;
             let handle = builder.install_recorder().map_err(|e| e.to_string())?;
@@ -103,6 +116,21 @@ fn describe() {
         STORE_OVER_BUDGET,
         "Eviction passes that could not get under storage.max_size because pinned objects fill it."
     );
+    describe_counter!(DELTAS_BUILT, "Deltas computed and stored.");
+    describe_histogram!(DELTA_BUILD_SECONDS, Unit::Seconds, "Time to compute and store one delta.");
+    describe_counter!(DELTA_SYNC, "Relay syncs of a version by delta from its upstream, by result (ok, fallback).");
+    describe_counter!(DELTA_SYNC_BYTES, Unit::Bytes, "Delta bytes fetched from upstreams by relay syncs.");
+    describe_counter!(
+        DELTA_SYNC_SAVED,
+        Unit::Bytes,
+        "Upstream bytes relay syncs avoided by fetching deltas instead of full files."
+    );
+    describe_histogram!(
+        AGENT_LAG,
+        "Versions behind the latest that agents report when they ask for an update plan, by component."
+    );
+    describe_counter!(AGENT_UNKNOWN, "Plan requests from a version not in the manifest, by component.");
+    describe_counter!(PLANS, "Update plans served, by kind of cheapest first step (none, delta, full).");
     describe_gauge!(BUILD_INFO, "Always 1; the version label says which patchrelay this is.");
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }

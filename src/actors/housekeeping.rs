@@ -11,6 +11,7 @@ use std::time::Duration;
 use actix::prelude::*;
 
 use super::Stop;
+use super::deltas::DeltaService;
 use super::prefetch::Prefetcher;
 use crate::fill::Filler;
 use crate::state::Published;
@@ -19,6 +20,8 @@ use crate::store::Store;
 const TICK: Duration = Duration::from_secs(2);
 /// Prefetch retries every this many ticks (failed ones wait a minute anyway).
 const PREFETCH_EVERY: u64 = 15;
+/// Delta precompute sweep every this many ticks (cheap when nothing is new).
+const DELTAS_EVERY: u64 = 3;
 /// Partial-file cleanup every this many ticks.
 const PARTIALS_EVERY: u64 = 300;
 /// A partial file of an object no longer in the manifest is kept this long,
@@ -27,6 +30,8 @@ const PARTIAL_GRACE: Duration = Duration::from_secs(3600);
 
 pub struct Housekeeping {
     store: Store,
+    /// Deltas to precompute, and how many versions are retained.
+    deltas: Option<(Arc<DeltaService>, usize)>,
     filler: Arc<Filler>,
     prefetcher: Arc<Prefetcher>,
     published: Arc<Published>,
@@ -35,8 +40,14 @@ pub struct Housekeeping {
 }
 
 impl Housekeeping {
-    pub fn new(store: Store, filler: Arc<Filler>, prefetcher: Arc<Prefetcher>, published: Arc<Published>) -> Self {
-        Housekeeping { store, filler, prefetcher, published, ticks: 0, evicting: false }
+    pub fn new(
+        store: Store,
+        filler: Arc<Filler>,
+        prefetcher: Arc<Prefetcher>,
+        published: Arc<Published>,
+        deltas: Option<(Arc<DeltaService>, usize)>,
+    ) -> Self {
+        Housekeeping { store, deltas, filler, prefetcher, published, ticks: 0, evicting: false }
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
@@ -49,6 +60,11 @@ impl Housekeeping {
         }
         if self.ticks.is_multiple_of(PREFETCH_EVERY) {
             self.prefetcher.sweep(false);
+        }
+        if self.ticks.is_multiple_of(DELTAS_EVERY)
+            && let (Some((deltas, retain)), Some(catalog)) = (&self.deltas, self.published.current())
+        {
+            deltas.precompute(&catalog, *retain);
         }
         if self.ticks.is_multiple_of(PARTIALS_EVERY) {
             self.clean_partials();

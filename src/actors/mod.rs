@@ -12,6 +12,7 @@
 //! sit on the request path: they replace the published catalog, and requests
 //! read it.
 
+pub mod deltas;
 pub mod housekeeping;
 pub mod prefetch;
 pub mod reload;

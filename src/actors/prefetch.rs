@@ -15,9 +15,10 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 
 use crate::digest::Digest;
-use crate::fill::Filler;
+use crate::fill::{Filler, by_delta};
 use crate::repo::catalog::Catalog;
 use crate::source::Target;
+use crate::state::Published;
 use crate::telemetry;
 
 const RETRY_AFTER: Duration = Duration::from_secs(60);
@@ -45,6 +46,7 @@ pub struct PrefetchStatus {
 
 pub struct Prefetcher {
     filler: Arc<Filler>,
+    published: Arc<Published>,
     retain: usize,
     slots: Arc<Semaphore>,
     wanted: Mutex<Vec<Wanted>>,
@@ -53,9 +55,10 @@ pub struct Prefetcher {
 }
 
 impl Prefetcher {
-    pub fn new(filler: Arc<Filler>, retain: usize, concurrency: usize) -> Arc<Prefetcher> {
+    pub fn new(filler: Arc<Filler>, published: Arc<Published>, retain: usize, concurrency: usize) -> Arc<Prefetcher> {
         Arc::new(Prefetcher {
             filler,
+            published,
             retain,
             slots: Arc::new(Semaphore::new(concurrency.max(1))),
             wanted: Mutex::new(Vec::new()),
@@ -94,8 +97,9 @@ impl Prefetcher {
     /// recent failures too (a new manifest may have fixed them).
     pub fn sweep(self: &Arc<Self>, force: bool) {
         let store = self.filler.store();
-        let targets: Vec<Target> = lock(&self.wanted).iter().map(|w| w.target).collect();
-        for target in targets {
+        let targets: Vec<(String, String, Target)> =
+            lock(&self.wanted).iter().map(|w| (w.component.clone(), w.version.clone(), w.target)).collect();
+        for (component, version, target) in targets {
             if store.contains(&target.digest) || self.filler.is_filling(&target.digest) {
                 continue;
             }
@@ -108,6 +112,16 @@ impl Prefetcher {
             let this = self.clone();
             crate::upstream::runtime::spawn(async move {
                 let _slot = this.slots.clone().acquire_owned().await;
+                // A newer version of something we hold: try its delta first.
+                if let Some(catalog) = this.published.current() {
+                    match by_delta::sync(&this.filler, &catalog, &component, &version).await {
+                        Ok(_) => {}
+                        Err(e) => {
+                            metrics::counter!(telemetry::DELTA_SYNC, "result" => "fallback").increment(1);
+                            tracing::warn!(component, version, error = %e, "sync by delta failed; fetching the full file");
+                        }
+                    }
+                }
                 let result = this.filler.ensure(target.fill_request()).await;
                 lock(&this.started).remove(&target.digest);
                 match result {

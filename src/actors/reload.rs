@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 use actix::prelude::*;
 use bytes::Bytes;
 
+use super::deltas::DeltaService;
 use super::{Stop, SyncError, SyncNow, SyncReport, added_versions};
 use crate::repo::catalog::Catalog;
 use crate::repo::manifest::Manifest;
@@ -31,6 +32,8 @@ fn stamp(path: &std::path::Path) -> std::io::Result<Stamp> {
 
 pub struct OriginReload {
     repo: RepoDir,
+    /// Deltas to precompute after each publish, and the retained versions.
+    deltas: Option<(Arc<DeltaService>, usize)>,
     key: Option<PublicKey>,
     published: Arc<Published>,
     interval: Duration,
@@ -38,8 +41,14 @@ pub struct OriginReload {
 }
 
 impl OriginReload {
-    pub fn new(repo: RepoDir, key: Option<PublicKey>, published: Arc<Published>, interval: Duration) -> Self {
-        OriginReload { repo, key, published, interval, seen: None }
+    pub fn new(
+        repo: RepoDir,
+        key: Option<PublicKey>,
+        published: Arc<Published>,
+        interval: Duration,
+        deltas: Option<(Arc<DeltaService>, usize)>,
+    ) -> Self {
+        OriginReload { repo, deltas, key, published, interval, seen: None }
     }
 
     /// Load the repository's manifest if it changed since the last load.
@@ -85,6 +94,9 @@ impl OriginReload {
         let added = added_versions(current.as_ref().map(|c| &c.manifest), &catalog.manifest);
         let catalog = Arc::new(catalog);
         self.published.publish(catalog.clone());
+        if let Some((deltas, retain)) = &self.deltas {
+            deltas.precompute(&catalog, *retain);
+        }
         self.published.mark_good_sync();
         self.seen = Some(sig_stamp);
         tracing::info!(serial = catalog.serial(), added = ?added, "serving repository manifest");

@@ -12,6 +12,7 @@
 //!
 //! See [`task`] for how a fill fetches: resume, failover, integrity failures.
 
+pub mod by_delta;
 mod task;
 
 use std::collections::HashMap;

@@ -9,6 +9,7 @@ use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpResponse, ResponseError};
 
+use crate::actors::deltas::DeltaBuildError;
 use crate::fill::FillError;
 use crate::source::SourceError;
 use crate::upstream::ErrorKind;
@@ -17,6 +18,10 @@ use crate::upstream::ErrorKind;
 pub enum ApiError {
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("delta: {0}")]
+    Delta(#[from] crate::actors::deltas::DeltaBuildError),
     #[error("no verified manifest yet: this relay has not completed its first sync; retry shortly")]
     NotReady,
     #[error("{0}")]
@@ -29,8 +34,6 @@ pub enum ApiError {
     SyncFailed(String),
     #[error("{0}")]
     Unavailable(String),
-    #[error("{0} is not implemented in this version of patchrelay")]
-    NotImplemented(&'static str),
     #[error("range not satisfiable")]
     RangeNotSatisfiable(u64),
     #[error("a precondition (If-Match / If-Unmodified-Since) failed")]
@@ -41,6 +44,10 @@ impl ApiError {
     fn code(&self) -> &'static str {
         match self {
             ApiError::NotFound(_) => "not_found",
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::Delta(DeltaBuildError::TooLarge { .. }) => "no_delta",
+            ApiError::Delta(DeltaBuildError::Object { .. }) => "upstream_failed",
+            ApiError::Delta(_) => "delta_failed",
             ApiError::NotReady => "not_ready",
             ApiError::Source(SourceError::Store(_)) => "store_error",
             ApiError::Source(SourceError::Fill(_)) => "upstream_failed",
@@ -48,7 +55,6 @@ impl ApiError {
             ApiError::Unauthorized => "unauthorized",
             ApiError::SyncFailed(_) => "sync_failed",
             ApiError::Unavailable(_) => "unavailable",
-            ApiError::NotImplemented(_) => "not_implemented",
             ApiError::RangeNotSatisfiable(_) => "range_not_satisfiable",
             ApiError::PreconditionFailed => "precondition_failed",
         }
@@ -68,6 +74,10 @@ impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Delta(DeltaBuildError::TooLarge { .. }) => StatusCode::NOT_FOUND,
+            ApiError::Delta(DeltaBuildError::Object { .. }) => StatusCode::BAD_GATEWAY,
+            ApiError::Delta(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::NotReady | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Source(SourceError::Store(_)) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Source(SourceError::Fill(e)) if all_timeouts(e) => StatusCode::GATEWAY_TIMEOUT,
@@ -76,7 +86,6 @@ impl ResponseError for ApiError {
             ApiError::AdminDisabled => StatusCode::FORBIDDEN,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::SyncFailed(_) => StatusCode::BAD_GATEWAY,
-            ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ApiError::RangeNotSatisfiable(_) => StatusCode::RANGE_NOT_SATISFIABLE,
             ApiError::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
         }

@@ -21,6 +21,7 @@ use actix_web::http::header::HeaderValue;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::actors::SyncNow;
+use crate::actors::deltas::DeltaService;
 use crate::actors::status::StatusSource;
 use crate::source::Source;
 use crate::state::Published;
@@ -39,6 +40,8 @@ pub struct AppState {
     pub sync: Option<Recipient<SyncNow>>,
     /// `/admin/status` (relays).
     pub status: Option<Arc<StatusSource>>,
+    /// Deltas and plans (absent when off).
+    pub deltas: Option<Arc<DeltaService>>,
     pub metrics: PrometheusHandle,
     routes: Vec<RouteMetrics>,
 }
@@ -51,6 +54,7 @@ impl AppState {
         admin_token: Option<String>,
         sync: Option<Recipient<SyncNow>>,
         status: Option<Arc<StatusSource>>,
+        deltas: Option<Arc<DeltaService>>,
         metrics: PrometheusHandle,
     ) -> AppState {
         let mut salt = [0u8; 12];
@@ -67,6 +71,7 @@ impl AppState {
             admin_token,
             sync,
             status,
+            deltas,
             metrics,
             routes: Route::ALL.iter().map(|r| RouteMetrics::new(r.label())).collect(),
         }

@@ -12,6 +12,7 @@ use super::error::ApiError;
 use super::respond::{self, Representation, ResponseCtx};
 use super::{AppState, Route};
 use crate::actors::SyncNow;
+use crate::delta::plan;
 use crate::digest::Digest;
 use crate::repo::catalog::{Catalog, ObjectInfo};
 use crate::source::{Content, Target};
@@ -55,6 +56,8 @@ fn finish(state: &AppState, route: Route, result: Result<HttpResponse, ApiError>
 enum Bytesource {
     Memory(Bytes),
     Target(Target),
+    /// A stored delta.
+    Delta(Digest),
 }
 
 async fn serve(
@@ -69,6 +72,17 @@ async fn serve(
         Some(match src {
             Bytesource::Memory(b) => Content::Stored(Blob::Memory(b)),
             Bytesource::Target(t) => state.source.open(&t).await?,
+            Bytesource::Delta(d) => {
+                let store = state
+                    .deltas
+                    .as_ref()
+                    .map(|x| x.store())
+                    .ok_or_else(|| ApiError::NotFound("deltas are off".into()))?;
+                match store.get(&d).map_err(|e| ApiError::Source(e.into()))? {
+                    Some(blob) => Content::Stored(blob),
+                    None => return Err(ApiError::NotFound("that delta was evicted a moment ago; ask again".into())),
+                }
+            }
         })
     } else {
         None
@@ -210,12 +224,140 @@ async fn latest(req: HttpRequest, path: web::Path<String>, state: web::Data<AppS
     finish(&state, Route::Latest, result.await)
 }
 
-async fn chain(state: web::Data<AppState>) -> HttpResponse {
-    finish(&state, Route::Chain, Err(ApiError::NotImplemented("the chain planner")))
+#[derive(serde::Deserialize)]
+struct ChainQuery {
+    from: String,
+    to: Option<String>,
 }
 
-async fn delta(state: web::Data<AppState>) -> HttpResponse {
-    finish(&state, Route::Delta, Err(ApiError::NotImplemented("delta serving")))
+/// Whether a request comes from another relay (its upstream client's
+/// User-Agent), which is not an agent and stays out of the fleet statistics.
+fn from_relay(req: &HttpRequest) -> bool {
+    req.headers().get(header::USER_AGENT).and_then(|v| v.to_str().ok()).is_some_and(|ua| ua.starts_with("patchrelay/"))
+}
+
+/// `GET /v1/components/{name}/chain?from=&to=`: the cheapest update plan.
+///
+/// Planned from the deltas that exist now, never waiting for one to be
+/// computed: thousands of agents poll at the top of the hour and each must get
+/// an answer at once, and the full file is always a correct plan. When the
+/// direct delta `from -> to` is missing it is queued, so the next agent on
+/// that version gets it.
+async fn chain(req: HttpRequest, path: web::Path<String>, state: web::Data<AppState>) -> HttpResponse {
+    let result = (|| {
+        let name = path.into_inner();
+        let q = web::Query::<ChainQuery>::from_query(req.query_string())
+            .map_err(|e| ApiError::BadRequest(format!("expected ?from=<version>[&to=<version>]: {e}")))?;
+        let cat = catalog(&state)?;
+        let (cname, component) = cat.component(&name).ok_or_else(|| unknown_component(&cat, &name))?;
+        let mut versions: Vec<_> = component.versions.iter().collect();
+        versions.sort_by(|a, b| a.version.cmp(&b.version));
+        let find = |v: &str| versions.iter().position(|e| e.version.as_str() == v);
+        let relay = from_relay(&req);
+        let Some(from) = find(&q.from) else {
+            if !relay {
+                metrics::counter!(telemetry::AGENT_UNKNOWN, "component" => cname.to_string()).increment(1);
+            }
+            return Err(ApiError::NotFound(format!("component {name:?} has no version {:?}", truncate(&q.from))));
+        };
+        let to = match &q.to {
+            Some(v) => find(v)
+                .ok_or_else(|| ApiError::NotFound(format!("component {name:?} has no version {:?}", truncate(v))))?,
+            None => find(component.latest.as_str()).unwrap_or(versions.len() - 1),
+        };
+        if !relay {
+            let latest = find(component.latest.as_str()).unwrap_or(versions.len() - 1);
+            let lag = latest.saturating_sub(from);
+            metrics::histogram!(telemetry::AGENT_LAG, "component" => cname.to_string()).record(lag as f64);
+        }
+        let nodes: Vec<plan::Node> = versions
+            .iter()
+            .map(|v| plan::Node { version: v.version.to_string(), sha256: v.sha256, size: v.size })
+            .collect();
+        let mut edges = Vec::new();
+        if let Some(deltas) = &state.deltas {
+            let by_digest: std::collections::HashMap<Digest, usize> =
+                nodes.iter().enumerate().map(|(i, n)| (n.sha256, i)).collect();
+            for (f, t, info) in deltas.between(&by_digest) {
+                edges.push(plan::Edge { from: f, to: t, sha256: info.sha256, size: info.size });
+            }
+            if from < to
+                && let (Some(b), Some(t)) = (cat.object(&nodes[from].sha256), cat.object(&nodes[to].sha256))
+            {
+                deltas.build_in_background(b, t);
+            }
+        }
+        let steps = plan::cheapest(&nodes, &edges, from, to);
+        let first =
+            steps.first().map(|s| if s.kind == plan::StepKind::Delta { "delta" } else { "full" }).unwrap_or("none");
+        metrics::counter!(telemetry::PLANS, "first_step" => first).increment(1);
+        let steps_json: Vec<serde_json::Value> = steps
+            .iter()
+            .map(|s| {
+                let (a, b) = (&nodes[s.from].version, &nodes[s.to].version);
+                let url = match s.kind {
+                    plan::StepKind::Delta => format!("/v1/components/{name}/deltas/{a}/{b}"),
+                    plan::StepKind::Full => format!("/v1/components/{name}/versions/{b}"),
+                };
+                serde_json::json!({ "kind": s.kind, "from": a, "to": b, "url": url, "size": s.size, "sha256": s.sha256 })
+            })
+            .collect();
+        let body = serde_json::json!({
+            "component": name,
+            "from": nodes[from].version,
+            "to": nodes[to].version,
+            "steps": steps_json,
+            "total_bytes": steps.iter().map(|s| s.size).sum::<u64>(),
+            "full_bytes": nodes[to].size,
+        });
+        Ok(HttpResponse::Ok().insert_header((header::CACHE_CONTROL, state.short_cache.clone())).json(body))
+    })();
+    finish(&state, Route::Chain, result)
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+/// `GET /v1/components/{name}/deltas/{from}/{to}`: the delta bytes, computed
+/// now if they do not exist yet (sharing a build already running).
+async fn delta(
+    req: HttpRequest,
+    path: web::Path<(String, String, String)>,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    let result = async {
+        let (name, from, to) = path.into_inner();
+        let cat = catalog(&state)?;
+        if cat.component(&name).is_none() {
+            return Err(unknown_component(&cat, &name));
+        }
+        let missing = |v: &str| ApiError::NotFound(format!("component {name:?} has no version {:?}", truncate(v)));
+        let (_, base) = cat.version(&name, &from).ok_or_else(|| missing(&from))?;
+        let (to_entry, target) = cat.version(&name, &to).ok_or_else(|| missing(&to))?;
+        if base.sha256 == target.sha256 {
+            return Err(ApiError::NotFound(format!("{from} and {to} have the same bytes: there is no delta to send")));
+        }
+        let deltas = state.deltas.as_ref().ok_or_else(|| {
+            ApiError::NotFound(
+                "deltas are off on this server ([delta] enabled = false, or an origin without [storage])".into(),
+            )
+        })?;
+        let info = deltas.build(base, target).await?;
+        let rep = Representation {
+            etag: info.sha256,
+            len: info.size,
+            modified: target.modified,
+            // Another relay may encode the same pair differently: cacheable,
+            // but not immutable across servers (the ETag tells them apart).
+            cache_control: HeaderValue::from_static("public, max-age=3600"),
+            content_type: OCTETS,
+            version: Some(to_entry.version.to_string()),
+            immutable: false,
+        };
+        serve(&req, &state, Route::Delta, rep, Bytesource::Delta(info.sha256)).await
+    };
+    finish(&state, Route::Delta, result.await)
 }
 
 /// Compare without an early exit, so response timing does not leak the token.

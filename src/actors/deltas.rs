@@ -1,0 +1,329 @@
+//! Deltas as a service: computed once per (base, target) pair, off the serving
+//! threads, stored as content-addressed objects, and remembered.
+//!
+//! - **Building** happens on [`DeltaBuilder`], a `SyncArbiter` actor (its own
+//!   threads, `delta.workers` of them). Its mailbox is unbounded, so a semaphore
+//!   in front of it bounds the builds queued at once; concurrent requests for
+//!   one pair share one build.
+//! - **Storing**: a delta is an object like any other (the store's key is its
+//!   SHA-256), so it is served with the same range/ETag semantics, evicted under
+//!   the same budget, and rebuilt if asked for after eviction. The pair ->
+//!   delta index is one small file per pair under `state/deltas/`, so it
+//!   survives restarts.
+//! - **Precomputing**: for critical `pattern` components, deltas from each
+//!   retained older version to the latest (Trend-style direct increments) and
+//!   between consecutive retained versions, as soon as both ends are on disk.
+//!
+//! Deltas are keyed by the digests of their ends, not by version names: the
+//! same bytes under two names share their deltas.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+
+use actix::prelude::*;
+use bytes::Bytes;
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+
+use crate::delta::{self, EncodeOptions};
+use crate::digest::Digest;
+use crate::fill::Filler;
+use crate::repo::RepoDir;
+use crate::repo::catalog::{Catalog, ObjectInfo};
+use crate::repo::manifest::Kind;
+use crate::source::Target;
+use crate::store::atomic::write_atomic;
+use crate::store::{Blob, Store};
+use crate::telemetry;
+
+/// Encode one delta (runs on the builder's own threads).
+pub struct Encode {
+    pub base: Bytes,
+    pub target: Bytes,
+}
+
+impl Message for Encode {
+    type Result = Result<Vec<u8>, delta::DeltaError>;
+}
+
+pub struct DeltaBuilder {
+    opts: EncodeOptions,
+}
+
+impl DeltaBuilder {
+    pub fn start(workers: usize, opts: EncodeOptions) -> Addr<DeltaBuilder> {
+        SyncArbiter::start(workers.max(1), move || DeltaBuilder { opts: opts.clone() })
+    }
+}
+
+impl Actor for DeltaBuilder {
+    type Context = SyncContext<Self>;
+}
+
+impl Handler<Encode> for DeltaBuilder {
+    type Result = Result<Vec<u8>, delta::DeltaError>;
+
+    fn handle(&mut self, m: Encode, _: &mut Self::Context) -> Self::Result {
+        delta::encode(&m.base, &m.target, &self.opts)
+    }
+}
+
+/// A stored delta.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeltaInfo {
+    pub sha256: Digest,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DeltaBuildError {
+    #[error("cannot get {what} {digest}: {why}")]
+    Object { what: &'static str, digest: Digest, why: String },
+    #[error("deltas are only built for targets up to {limit} bytes; this one is {size}")]
+    TooLarge { size: u64, limit: u64 },
+    #[error("building the delta failed: {0}")]
+    Encode(String),
+    #[error("cannot store the delta: {0}")]
+    Store(String),
+    #[error("the delta builder is not running")]
+    NoBuilder,
+}
+
+/// Where a delta's two ends are read from.
+pub enum Objects {
+    /// A relay: fetched through the fill (and so verified), then read from the store.
+    Relay(Arc<Filler>),
+    /// An origin: the published repository.
+    Origin(RepoDir),
+}
+
+type BuildFuture = Shared<BoxFuture<'static, Result<DeltaInfo, DeltaBuildError>>>;
+
+pub struct DeltaService {
+    store: Store,
+    index_dir: PathBuf,
+    index: RwLock<HashMap<(Digest, Digest), DeltaInfo>>,
+    builder: Addr<DeltaBuilder>,
+    slots: Arc<Semaphore>,
+    inflight: Mutex<HashMap<(Digest, Digest), BuildFuture>>,
+    objects: Objects,
+    max_size: u64,
+}
+
+fn index_name(base: &Digest, target: &Digest) -> String {
+    format!("{base}-{target}")
+}
+
+impl DeltaService {
+    /// Open the service; loads the pair index from `store`'s `state/deltas`.
+    pub fn open(
+        store: Store,
+        objects: Objects,
+        builder: Addr<DeltaBuilder>,
+        queue: usize,
+        max_size: u64,
+    ) -> std::io::Result<Arc<DeltaService>> {
+        let index_dir = store.state_dir().join("deltas");
+        std::fs::create_dir_all(&index_dir)?;
+        let mut index = HashMap::new();
+        for e in std::fs::read_dir(&index_dir)?.flatten() {
+            let name = e.file_name();
+            let Some((b, t)) = name.to_str().and_then(|n| n.split_once('-')) else { continue };
+            let (Ok(b), Ok(t)) = (b.parse::<Digest>(), t.parse::<Digest>()) else { continue };
+            let info = std::fs::read(e.path()).ok().and_then(|raw| serde_json::from_slice::<DeltaInfo>(&raw).ok());
+            match info {
+                Some(info) => {
+                    index.insert((b, t), info);
+                }
+                None => tracing::warn!(path = %e.path().display(), "ignoring a damaged delta index entry"),
+            }
+        }
+        Ok(Arc::new(DeltaService {
+            store,
+            index_dir,
+            index: RwLock::new(index),
+            builder,
+            slots: Arc::new(Semaphore::new(queue.max(1))),
+            inflight: Mutex::new(HashMap::new()),
+            objects,
+            max_size,
+        }))
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The stored delta `base -> target`, if there is one whose bytes are
+    /// still on disk.
+    pub fn get(&self, base: &Digest, target: &Digest) -> Option<DeltaInfo> {
+        let info = *self.index.read().unwrap_or_else(|p| p.into_inner()).get(&(*base, *target))?;
+        if self.store.contains(&info.sha256) {
+            Some(info)
+        } else {
+            None // evicted: forgotten by the planner until rebuilt
+        }
+    }
+
+    /// All stored deltas between objects in `digests` (for the planner).
+    pub fn between(&self, digests: &HashMap<Digest, usize>) -> Vec<(usize, usize, DeltaInfo)> {
+        let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+        index
+            .iter()
+            .filter_map(|((b, t), info)| Some((*digests.get(b)?, *digests.get(t)?, *info)))
+            .filter(|(_, _, info)| self.store.contains(&info.sha256))
+            .collect()
+    }
+
+    /// The delta `base -> target`: the stored one, or built now (sharing a
+    /// build already running for the pair).
+    pub async fn build(self: &Arc<Self>, base: &ObjectInfo, target: &ObjectInfo) -> Result<DeltaInfo, DeltaBuildError> {
+        if let Some(info) = self.get(&base.sha256, &target.sha256) {
+            return Ok(info);
+        }
+        if target.size > self.max_size {
+            return Err(DeltaBuildError::TooLarge { size: target.size, limit: self.max_size });
+        }
+        let key = (base.sha256, target.sha256);
+        let fut = {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            match inflight.get(&key) {
+                Some(f) => f.clone(),
+                None => {
+                    let (this, b, t) = (self.clone(), base.clone(), target.clone());
+                    let task = crate::upstream::runtime::spawn(async move {
+                        let r = this.build_now(&b, &t).await;
+                        this.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(&(b.sha256, t.sha256));
+                        r
+                    });
+                    let f = async move { task.await.unwrap_or(Err(DeltaBuildError::NoBuilder)) }.boxed().shared();
+                    inflight.insert(key, f.clone());
+                    f
+                }
+            }
+        };
+        fut.await
+    }
+
+    /// Start building `base -> target` unless it exists, is being built, or
+    /// the build queue is full (then a later sweep tries again).
+    pub fn build_in_background(self: &Arc<Self>, base: &ObjectInfo, target: &ObjectInfo) {
+        if base.sha256 == target.sha256
+            || target.size > self.max_size
+            || self.get(&base.sha256, &target.sha256).is_some()
+        {
+            return;
+        }
+        if self.inflight.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&(base.sha256, target.sha256)) {
+            return;
+        }
+        if self.slots.available_permits() == 0 {
+            return;
+        }
+        let (this, b, t) = (self.clone(), base.clone(), target.clone());
+        crate::upstream::runtime::spawn(async move {
+            if let Err(e) = this.build(&b, &t).await {
+                tracing::warn!(base = %b.sha256, target = %t.sha256, error = %e, "background delta build failed");
+            }
+        });
+    }
+
+    async fn build_now(&self, base: &ObjectInfo, target: &ObjectInfo) -> Result<DeltaInfo, DeltaBuildError> {
+        let _slot = self.slots.acquire().await.map_err(|_| DeltaBuildError::NoBuilder)?;
+        let started = std::time::Instant::now();
+        let base_bytes = self.read(base, "base").await?;
+        let target_bytes = self.read(target, "target").await?;
+        let encoded = self
+            .builder
+            .send(Encode { base: base_bytes, target: target_bytes })
+            .await
+            .map_err(|_| DeltaBuildError::NoBuilder)?
+            .map_err(|e| DeltaBuildError::Encode(e.to_string()))?;
+        let info = DeltaInfo { sha256: Digest::of(&encoded), size: encoded.len() as u64 };
+        let (store, path) = (self.store.clone(), self.index_dir.join(index_name(&base.sha256, &target.sha256)));
+        let record = serde_json::to_vec(&info).map_err(|e| DeltaBuildError::Store(e.to_string()))?;
+        tokio::task::spawn_blocking(move || -> Result<(), String> {
+            if !store.contains(&info.sha256) {
+                store.put(info.sha256, &encoded).map_err(|e| e.to_string())?;
+            }
+            write_atomic(&path, &record).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|_| DeltaBuildError::NoBuilder)?
+        .map_err(DeltaBuildError::Store)?;
+        self.index.write().unwrap_or_else(|p| p.into_inner()).insert((base.sha256, target.sha256), info);
+        metrics::counter!(telemetry::DELTAS_BUILT).increment(1);
+        metrics::histogram!(telemetry::DELTA_BUILD_SECONDS).record(started.elapsed().as_secs_f64());
+        tracing::info!(
+            base = %base.sha256,
+            target = %target.sha256,
+            delta_bytes = info.size,
+            target_bytes = target.size,
+            seconds = started.elapsed().as_secs_f64(),
+            "delta built"
+        );
+        Ok(info)
+    }
+
+    async fn read(&self, obj: &ObjectInfo, what: &'static str) -> Result<Bytes, DeltaBuildError> {
+        let err = |why: String| DeltaBuildError::Object { what, digest: obj.sha256, why };
+        let path = match &self.objects {
+            Objects::Relay(filler) => {
+                filler.ensure(Target::payload(obj).fill_request()).await.map_err(|e| err(e.to_string()))?;
+                match self.store.get(&obj.sha256).map_err(|e| err(e.to_string()))? {
+                    Some(Blob::Memory(b)) => return Ok(b),
+                    Some(Blob::File { .. }) => self.store.path_of(&obj.sha256),
+                    None => return Err(err("evicted while building".into())),
+                }
+            }
+            Objects::Origin(repo) => repo.object(&obj.sha256),
+        };
+        let expected = obj.sha256;
+        tokio::task::spawn_blocking(move || -> Result<Bytes, String> {
+            let data = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            // The origin's files are not verified by a fill: check them here,
+            // since the delta will name this digest as its base or target.
+            if Digest::of(&data) != expected {
+                return Err(format!("{} does not hash to its name", path.display()));
+            }
+            Ok(Bytes::from(data))
+        })
+        .await
+        .map_err(|_| err("read task failed".into()))?
+        .map_err(err)
+    }
+
+    /// Whether both ends of a delta can be read without a WAN fetch.
+    fn local(&self, obj: &ObjectInfo) -> bool {
+        match &self.objects {
+            Objects::Relay(_) => self.store.contains(&obj.sha256),
+            Objects::Origin(_) => true,
+        }
+    }
+
+    /// Queue the deltas worth having ahead of demand: for every critical
+    /// `pattern` component, each retained older version -> latest, and each
+    /// retained version -> the next, once both ends are on disk.
+    pub fn precompute(self: &Arc<Self>, catalog: &Catalog, retain: usize) {
+        for c in catalog.manifest.components.values() {
+            if !c.critical || c.kind != Kind::Pattern {
+                continue;
+            }
+            let mut versions: Vec<_> = c.versions.iter().collect();
+            versions.sort_by(|a, b| a.version.cmp(&b.version));
+            let kept: Vec<&ObjectInfo> =
+                versions.iter().rev().take(retain.max(2)).rev().filter_map(|v| catalog.object(&v.sha256)).collect();
+            let Some(latest) = kept.last() else { continue };
+            let mut pairs: Vec<(&ObjectInfo, &ObjectInfo)> = kept.iter().map(|o| (*o, *latest)).collect();
+            pairs.extend(kept.windows(2).map(|w| (w[0], w[1])));
+            for (b, t) in pairs {
+                if b.sha256 != t.sha256 && self.local(b) && self.local(t) {
+                    self.build_in_background(b, t);
+                }
+            }
+        }
+    }
+}
