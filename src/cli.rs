@@ -57,6 +57,11 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// The reference agent.
+    Agent {
+        #[command(subcommand)]
+        command: AgentCommand,
+    },
     /// Run a demo: an origin and a relay on loopback over a generated repository.
     Demo {
         /// Keep the demo's files here instead of a temporary directory.
@@ -65,6 +70,30 @@ enum Command {
         /// Relay port (the origin takes the next one); 0 picks free ports.
         #[arg(long, default_value_t = 8080)]
         port: u16,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AgentCommand {
+    /// Bring a local file to the latest version: delta chain when cheaper,
+    /// else the full file; resumes; verifies the manifest signature and the
+    /// result. Exit 0 only when the file is the latest; 3 untrusted manifest or
+    /// unknown component; 4 server unreachable or failing; 5 bad bytes; 1 other.
+    Update {
+        /// The relay or origin, e.g. http://relay.site.example:8080
+        #[arg(long)]
+        server: String,
+        #[arg(long)]
+        component: String,
+        /// The file to update (created if missing).
+        #[arg(long)]
+        file: PathBuf,
+        /// The origin's Ed25519 public key (base64), as printed by keygen.
+        #[arg(long)]
+        public_key: String,
+        /// A specific version instead of the latest.
+        #[arg(long)]
+        to: Option<String>,
     },
 }
 
@@ -157,6 +186,34 @@ pub fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(e),
+            }
+        }
+        Command::Agent { command: AgentCommand::Update { server, component, file, public_key, to } } => {
+            let args = crate::agent::UpdateArgs { server, component, file, public_key, to };
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => return fail(e),
+            };
+            match rt.block_on(crate::agent::update(args)) {
+                Ok(report) => {
+                    match report.result {
+                        "updated" => eprintln!(
+                            "{} updated {} -> {}: {} bytes downloaded ({} for the full file)",
+                            report.component,
+                            report.from.as_deref().unwrap_or("(none)"),
+                            report.to,
+                            report.downloaded_bytes,
+                            report.full_bytes
+                        ),
+                        _ => eprintln!("{} is already at {}", report.component, report.to),
+                    }
+                    println!("{}", serde_json::to_string(&report).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(e.exit_code())
+                }
             }
         }
         Command::Demo { dir, port } => {

@@ -17,6 +17,7 @@
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod actors;
+pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod delta;

@@ -20,7 +20,7 @@ use crate::actors::{Stop, SyncNow};
 use crate::config::{Config, Role};
 use crate::delta::EncodeOptions;
 use crate::fill::Filler;
-use crate::http::{self, AppState};
+use crate::http::{self, AppState, ControlHandles};
 use crate::repo::RepoDir;
 use crate::source::Source;
 use crate::state::Published;
@@ -183,12 +183,7 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
             } else {
                 None
             };
-            let prefetcher = Prefetcher::new(
-                filler.clone(),
-                published.clone(),
-                config.sync.retain,
-                config.sync.prefetch_concurrency,
-            );
+            let prefetcher = Prefetcher::new(filler.clone(), config.sync.retain, config.sync.prefetch_concurrency);
             let sync_ctx = SyncContext::new(
                 published.clone(),
                 upstreams,
@@ -217,9 +212,7 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
         source,
         config.server.manifest_max_age.0,
         config.admin.as_ref().map(|a| a.token.0.clone()),
-        Some(sync),
-        status,
-        deltas,
+        ControlHandles { sync: Some(sync), status, deltas },
         metrics.clone(),
     ));
     let listener = TcpListener::bind(config.server.listen)

@@ -18,7 +18,6 @@ use crate::digest::Digest;
 use crate::fill::{Filler, by_delta};
 use crate::repo::catalog::Catalog;
 use crate::source::Target;
-use crate::state::Published;
 use crate::telemetry;
 
 const RETRY_AFTER: Duration = Duration::from_secs(60);
@@ -46,7 +45,9 @@ pub struct PrefetchStatus {
 
 pub struct Prefetcher {
     filler: Arc<Filler>,
-    published: Arc<Published>,
+    /// The catalog the current plan was made from (the prefetch tasks may run
+    /// before the sync publishes it).
+    catalog: Mutex<Option<Arc<Catalog>>>,
     retain: usize,
     slots: Arc<Semaphore>,
     wanted: Mutex<Vec<Wanted>>,
@@ -55,10 +56,10 @@ pub struct Prefetcher {
 }
 
 impl Prefetcher {
-    pub fn new(filler: Arc<Filler>, published: Arc<Published>, retain: usize, concurrency: usize) -> Arc<Prefetcher> {
+    pub fn new(filler: Arc<Filler>, retain: usize, concurrency: usize) -> Arc<Prefetcher> {
         Arc::new(Prefetcher {
             filler,
-            published,
+            catalog: Mutex::new(None),
             retain,
             slots: Arc::new(Semaphore::new(concurrency.max(1))),
             wanted: Mutex::new(Vec::new()),
@@ -68,7 +69,7 @@ impl Prefetcher {
     }
 
     /// Pin and fetch the retained versions of critical components in `catalog`.
-    pub fn plan(self: &Arc<Self>, catalog: &Catalog) {
+    pub fn plan(self: &Arc<Self>, catalog: &Arc<Catalog>) {
         let mut wanted = Vec::new();
         let mut pins = HashSet::new();
         for (name, c) in &catalog.manifest.components {
@@ -88,6 +89,7 @@ impl Prefetcher {
                 });
             }
         }
+        *lock(&self.catalog) = Some(catalog.clone());
         self.filler.store().set_pins(pins);
         *lock(&self.wanted) = wanted;
         self.sweep(true);
@@ -113,7 +115,8 @@ impl Prefetcher {
             crate::upstream::runtime::spawn(async move {
                 let _slot = this.slots.clone().acquire_owned().await;
                 // A newer version of something we hold: try its delta first.
-                if let Some(catalog) = this.published.current() {
+                let catalog = lock(&this.catalog).clone();
+                if let Some(catalog) = catalog {
                     match by_delta::sync(&this.filler, &catalog, &component, &version).await {
                         Ok(_) => {}
                         Err(e) => {

@@ -79,8 +79,8 @@ pub fn cheapest(nodes: &[Node], edges: &[Edge], from: usize, to: usize) -> Vec<S
     }
     // Full downloads leave from the start only: after a full download the
     // agent is simply at that version.
-    for v in from + 1..=to {
-        let step = Step { kind: StepKind::Full, from, to: v, sha256: nodes[v].sha256, size: nodes[v].size };
+    for (v, node) in nodes.iter().enumerate().take(to + 1).skip(from + 1) {
+        let step = Step { kind: StepKind::Full, from, to: v, sha256: node.sha256, size: node.size };
         relax(&mut dist, &mut heap, step, (0, 0));
     }
     while let Some(Reverse((bytes, steps, u))) = heap.pop() {

@@ -108,8 +108,8 @@ pub async fn sync(
             .map_err(|e| e.to_string())?;
         let saved = target_obj.size.saturating_sub(fetched);
         metrics::counter!(telemetry::DELTA_SYNC, "result" => "ok").increment(1);
-        metrics::counter!(telemetry::DELTA_SYNC_BYTES).increment(fetched);
-        metrics::counter!(telemetry::DELTA_SYNC_SAVED).increment(saved);
+        metrics::counter!(telemetry::DELTA_SYNC_BYTES, "upstream" => up.name.clone()).increment(fetched);
+        metrics::counter!(telemetry::DELTA_SYNC_SAVED, "upstream" => up.name.clone()).increment(saved);
         tracing::info!(
             upstream = %up.name,
             component,

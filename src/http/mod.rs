@@ -29,6 +29,13 @@ use crate::telemetry;
 
 pub use routes::configure;
 
+/// The control plane as the HTTP room sees it.
+pub struct ControlHandles {
+    pub sync: Option<Recipient<SyncNow>>,
+    pub status: Option<Arc<StatusSource>>,
+    pub deltas: Option<Arc<DeltaService>>,
+}
+
 /// Everything a request handler may use. Shared by all workers.
 pub struct AppState {
     pub published: Arc<Published>,
@@ -52,11 +59,10 @@ impl AppState {
         source: Source,
         manifest_max_age: std::time::Duration,
         admin_token: Option<String>,
-        sync: Option<Recipient<SyncNow>>,
-        status: Option<Arc<StatusSource>>,
-        deltas: Option<Arc<DeltaService>>,
+        control: ControlHandles,
         metrics: PrometheusHandle,
     ) -> AppState {
+        let ControlHandles { sync, status, deltas } = control;
         let mut salt = [0u8; 12];
         // A fixed fallback boundary is still valid MIME; randomness only makes a
         // collision with payload bytes less likely.

@@ -233,7 +233,12 @@ struct ChainQuery {
 /// Whether a request comes from another relay (its upstream client's
 /// User-Agent), which is not an agent and stays out of the fleet statistics.
 fn from_relay(req: &HttpRequest) -> bool {
-    req.headers().get(header::USER_AGENT).and_then(|v| v.to_str().ok()).is_some_and(|ua| ua.starts_with("patchrelay/"))
+    let relay = crate::upstream::RELAY_USER_AGENT.split('/').next().unwrap_or("patchrelay");
+    req.headers()
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|ua| ua.split('/').next())
+        .is_some_and(|product| product == relay)
 }
 
 /// `GET /v1/components/{name}/chain?from=&to=`: the cheapest update plan.

@@ -33,7 +33,11 @@ use health::{Health, HealthReport};
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<Connector>, Empty<Bytes>>;
 
-const USER_AGENT: &str = concat!("patchrelay/", env!("CARGO_PKG_VERSION"));
+/// What relays call themselves upstream; `http::routes` recognises it to keep
+/// relays out of the fleet statistics.
+pub const RELAY_USER_AGENT: &str = concat!("patchrelay/", env!("CARGO_PKG_VERSION"));
+/// What the reference agent calls itself.
+pub const AGENT_USER_AGENT: &str = concat!("patchrelay-agent/", env!("CARGO_PKG_VERSION"));
 
 /// What went wrong talking to an upstream.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -100,6 +104,7 @@ pub struct Upstream {
     pub url: UpstreamUrl,
     pub read_timeout: Duration,
     client: HttpsClient,
+    user_agent: &'static str,
     health: Health,
     /// Bounds the fills running against this upstream at once.
     fill_slots: Arc<Semaphore>,
@@ -139,6 +144,10 @@ fn tls_config() -> Result<rustls::ClientConfig, TlsSetupError> {
 
 impl Upstreams {
     pub fn new(configs: &[UpstreamConfig]) -> Result<Upstreams, TlsSetupError> {
+        Self::with_user_agent(configs, RELAY_USER_AGENT)
+    }
+
+    pub fn with_user_agent(configs: &[UpstreamConfig], user_agent: &'static str) -> Result<Upstreams, TlsSetupError> {
         let tls = tls_config()?;
         let list = configs
             .iter()
@@ -167,6 +176,7 @@ impl Upstreams {
                     url: c.url.clone(),
                     read_timeout: c.read_timeout.0,
                     client,
+                    user_agent,
                     health: Health::default(),
                     fill_slots: Arc::new(Semaphore::new(c.max_concurrent_fills.max(1))),
                 })
@@ -257,7 +267,7 @@ impl Upstream {
         let mut req = Request::builder()
             .method(Method::GET)
             .uri(&url)
-            .header(header::USER_AGENT, HeaderValue::from_static(USER_AGENT))
+            .header(header::USER_AGENT, HeaderValue::from_static(self.user_agent))
             // Bytes are verified by digest: they must arrive exactly as stored.
             .header(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
         if from > 0 {

@@ -1,0 +1,322 @@
+//! The reference agent: `patchrelay agent update`.
+//!
+//! Brings one local file to the latest version of a component, the way an
+//! endpoint agent should: verify the manifest's signature under a pinned key,
+//! work out which version the file is (by its SHA-256), ask for the cheapest
+//! plan, download each step with resume, rebuild, check the result against the
+//! signed digest, and replace the file atomically. Every failure leaves the
+//! old file untouched.
+//!
+//! Exit codes (see [`AgentError::exit_code`]): 0 the file is the latest; 3 the
+//! server's manifest cannot be trusted or does not have the component; 4 the
+//! server could not be reached or kept failing (try again later); 5 downloaded
+//! bytes failed verification; 1 anything else (local disk, bad arguments).
+
+use std::fs::{self, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{HumanDuration, UpstreamConfig, UpstreamUrl};
+use crate::delta;
+use crate::digest::{Digest, Hasher};
+use crate::repo::manifest::MAX_MANIFEST_BYTES;
+use crate::repo::sign::PublicKey;
+use crate::repo::{self};
+use crate::store::atomic::TempFile;
+use crate::upstream::{ErrorKind, Upstream, Upstreams};
+
+/// Attempts per download step before giving up (each resumes where the last
+/// one stopped).
+const ATTEMPTS: u32 = 6;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot trust the server's manifest: {0}")]
+    Trust(String),
+    #[error("server: {0} (try again later)")]
+    Network(String),
+    #[error("downloaded data failed verification: {0}")]
+    Integrity(String),
+    #[error("local file: {0}")]
+    Local(String),
+}
+
+impl AgentError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            AgentError::Usage(_) | AgentError::Local(_) => 1,
+            AgentError::Trust(_) => 3,
+            AgentError::Network(_) => 4,
+            AgentError::Integrity(_) => 5,
+        }
+    }
+}
+
+pub struct UpdateArgs {
+    pub server: String,
+    pub component: String,
+    pub file: PathBuf,
+    pub public_key: String,
+    /// A specific version instead of the latest.
+    pub to: Option<String>,
+}
+
+/// What an update did (printed as JSON on stdout).
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub component: String,
+    pub from: Option<String>,
+    pub to: String,
+    /// `up_to_date`, `updated`.
+    pub result: &'static str,
+    pub steps: Vec<String>,
+    pub downloaded_bytes: u64,
+    pub full_bytes: u64,
+}
+
+#[derive(Deserialize)]
+struct Plan {
+    steps: Vec<PlanStep>,
+}
+
+#[derive(Deserialize)]
+struct PlanStep {
+    kind: String,
+    from: String,
+    to: String,
+    url: String,
+    size: u64,
+    sha256: Digest,
+}
+
+fn net(e: impl std::fmt::Display) -> AgentError {
+    AgentError::Network(e.to_string())
+}
+
+fn local(path: &Path, e: impl std::fmt::Display) -> AgentError {
+    AgentError::Local(format!("{}: {e}", path.display()))
+}
+
+/// Run `agent update`.
+pub async fn update(args: UpdateArgs) -> Result<Report, AgentError> {
+    let key = PublicKey::parse(&args.public_key).map_err(|e| AgentError::Usage(format!("--public-key: {e}")))?;
+    let url = UpstreamUrl::parse(&args.server).map_err(|e| AgentError::Usage(format!("--server: {e}")))?;
+    let server = client(url)?;
+
+    // 1. The manifest, verified.
+    let manifest = server.get_bytes(repo::MANIFEST_PATH, MAX_MANIFEST_BYTES).await.map_err(net)?;
+    let sig = server.get_bytes(repo::SIGNATURE_PATH, 1024).await.map_err(net)?;
+    let catalog = repo::verify(&key, manifest, sig).map_err(|e| AgentError::Trust(e.to_string()))?;
+    let (_, component) = catalog
+        .component(&args.component)
+        .ok_or_else(|| AgentError::Trust(format!("the manifest has no component {:?}", args.component)))?;
+    let to = args.to.clone().unwrap_or_else(|| component.latest.to_string());
+    let (target, target_obj) = catalog
+        .version(&args.component, &to)
+        .ok_or_else(|| AgentError::Trust(format!("{} has no version {to:?}", args.component)))?;
+    let (target_sha, full_bytes) = (target.sha256, target_obj.size);
+
+    // 2. Where the local file is.
+    let current = match fs::read(&args.file) {
+        Ok(b) => Some(b),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(local(&args.file, e)),
+    };
+    let current_sha = current.as_deref().map(Digest::of);
+    let from =
+        current_sha.and_then(|d| component.versions.iter().find(|v| v.sha256 == d)).map(|v| v.version.to_string());
+    let mut report = Report {
+        component: args.component.clone(),
+        from: from.clone(),
+        to: to.clone(),
+        result: "up_to_date",
+        steps: Vec::new(),
+        downloaded_bytes: 0,
+        full_bytes,
+    };
+    if current_sha == Some(target_sha) {
+        return Ok(report);
+    }
+
+    // 3. The plan: cheapest from where we are, or the full file.
+    let steps = match &from {
+        Some(f) => {
+            let path = format!("v1/components/{}/chain?from={f}&to={to}", args.component);
+            let body = server.get_bytes(&path, 1 << 20).await.map_err(net)?;
+            serde_json::from_slice::<Plan>(&body)
+                .map_err(|e| AgentError::Network(format!("unreadable plan: {e}")))?
+                .steps
+        }
+        None => vec![PlanStep {
+            kind: "full".into(),
+            from: String::new(),
+            to: to.clone(),
+            url: format!("/v1/components/{}/versions/{to}", args.component),
+            size: full_bytes,
+            sha256: target_sha,
+        }],
+    };
+
+    // 4. Download each step (resumable), rebuild, verify.
+    let work = download_dir(&args.file);
+    fs::create_dir_all(&work).map_err(|e| local(&work, e))?;
+    let mut bytes = current.unwrap_or_default();
+    for step in &steps {
+        let (step_to, _) = catalog
+            .version(&args.component, &step.to)
+            .ok_or_else(|| AgentError::Trust(format!("the plan goes through unknown version {:?}", step.to)))?;
+        let part = work.join(step.sha256.to_hex());
+        report.downloaded_bytes += fetch(&server, &step.url, &part, step.size, &step.sha256).await?;
+        let data = fs::read(&part).map_err(|e| local(&part, e))?;
+        bytes = match step.kind.as_str() {
+            "delta" => {
+                let h = delta::read_header(&data).map_err(|e| AgentError::Integrity(e.to_string()))?;
+                if h.target != step_to.sha256 {
+                    return Err(AgentError::Integrity(format!(
+                        "delta {} -> {} builds the wrong version",
+                        step.from, step.to
+                    )));
+                }
+                // Refused before anything is written if it is not for our file.
+                let limit = catalog.object(&step_to.sha256).map(|o| o.size).unwrap_or(0);
+                delta::apply(&bytes, &data, limit)
+                    .map_err(|e| AgentError::Integrity(format!("delta {} -> {}: {e}", step.from, step.to)))?
+            }
+            _ => data,
+        };
+        if Digest::of(&bytes) != step_to.sha256 {
+            return Err(AgentError::Integrity(format!("the rebuilt {} does not match the manifest", step.to)));
+        }
+        report.steps.push(format!("{} {}->{} ({} bytes)", step.kind, step.from, step.to, step.size));
+    }
+    if Digest::of(&bytes) != target_sha {
+        return Err(AgentError::Integrity("the plan did not end at the target version".into()));
+    }
+
+    // 5. Replace the file atomically.
+    let dir = args.file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut tmp = TempFile::new_in(dir).map_err(|e| local(dir, e))?;
+    tmp.file().write_all(&bytes).map_err(|e| local(dir, e))?;
+    tmp.persist(&args.file).map_err(|e| local(&args.file, e))?;
+    let _ = fs::remove_dir_all(&work);
+    report.result = "updated";
+    Ok(report)
+}
+
+fn client(url: UpstreamUrl) -> Result<Arc<Upstream>, AgentError> {
+    let cfg = UpstreamConfig {
+        url,
+        name: Some("server".into()),
+        connect_timeout: HumanDuration(Duration::from_secs(10)),
+        read_timeout: HumanDuration(Duration::from_secs(60)),
+        proxy: None,
+        max_concurrent_fills: 1,
+    };
+    let ups = Upstreams::with_user_agent(std::slice::from_ref(&cfg), crate::upstream::AGENT_USER_AGENT)
+        .map_err(|e| AgentError::Usage(e.to_string()))?;
+    ups.list().first().cloned().ok_or_else(|| AgentError::Usage("no server".into()))
+}
+
+/// `PATH.patchrelay-download/`: partial downloads, kept across runs so an
+/// interrupted update resumes.
+pub fn download_dir(file: &Path) -> PathBuf {
+    let mut name = file.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".patchrelay-download");
+    file.with_file_name(name)
+}
+
+/// Download `url` into `part` (resuming what is there), and check its digest.
+/// Returns the bytes transferred now.
+async fn fetch(server: &Arc<Upstream>, url: &str, part: &Path, size: u64, sha: &Digest) -> Result<u64, AgentError> {
+    let path = url.trim_start_matches('/');
+    let mut transferred = 0u64;
+    let mut last_error = String::new();
+    for attempt in 0..ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(200 * (1 << attempt.min(5)))).await;
+        }
+        let mut file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .write(true)
+            .truncate(false)
+            .open(part)
+            .map_err(|e| local(part, e))?;
+        let mut have = file.metadata().map_err(|e| local(part, e))?.len();
+        if have > size {
+            file.set_len(0).map_err(|e| local(part, e))?;
+            have = 0;
+        }
+        if have < size {
+            // The server's ETag is the content's digest, which we know: resume
+            // only if it still names the same bytes.
+            let etag = sha.etag();
+            let mut body = match server.get_from(path, have, Some(&etag)).await {
+                Ok(b) => b,
+                Err(e) if matches!(e.kind, ErrorKind::Status(404 | 410)) => {
+                    return Err(AgentError::Network(e.to_string()));
+                }
+                Err(e) => {
+                    last_error = e.to_string();
+                    continue;
+                }
+            };
+            if body.start == 0 && have > 0 {
+                file.set_len(0).map_err(|e| local(part, e))?;
+                have = 0;
+            }
+            file.seek(SeekFrom::Start(have)).map_err(|e| local(part, e))?;
+            let mut broke = false;
+            loop {
+                match body.next_chunk().await {
+                    Ok(Some(chunk)) => {
+                        if have + chunk.len() as u64 > size {
+                            return Err(AgentError::Integrity(format!("{url} is longer than the plan says")));
+                        }
+                        file.write_all(&chunk).map_err(|e| local(part, e))?;
+                        have += chunk.len() as u64;
+                        transferred += chunk.len() as u64;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        last_error = e.to_string();
+                        broke = true;
+                        break;
+                    }
+                }
+            }
+            file.sync_all().map_err(|e| local(part, e))?;
+            if broke || have < size {
+                continue;
+            }
+        }
+        // Complete: check it.
+        file.seek(SeekFrom::Start(0)).map_err(|e| local(part, e))?;
+        let mut h = Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = file.read(&mut buf).map_err(|e| local(part, e))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        if h.finish() == *sha {
+            return Ok(transferred);
+        }
+        // Wrong bytes: start this step over once more, from nothing.
+        drop(file);
+        let _ = fs::remove_file(part);
+        last_error = format!("{url} does not hash to {sha}");
+        if attempt + 1 == ATTEMPTS {
+            return Err(AgentError::Integrity(last_error));
+        }
+    }
+    Err(AgentError::Network(format!("{url}: {last_error}")))
+}

@@ -1,0 +1,289 @@
+//! Incremental updates end to end: the reference agent (the real binary) at
+//! every older version reaches the latest through origin <- relay <- relay,
+//! deltas that are tampered with or made for another base are refused before
+//! the file is touched, an interrupted delta download resumes, and relays sync
+//! new versions from each other by delta.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::faults::{Fault, FaultProxy};
+use common::*;
+use patchrelay::config::Config;
+use patchrelay::digest::Digest;
+
+/// A binary component whose releases differ in a few places.
+fn blob(version: u64) -> Vec<u8> {
+    let mut b = noise(77, 2 << 20);
+    for v in 1..=version {
+        let at = (v as usize * 300_007) % (b.len() - 40_000);
+        b[at..at + 40_000].copy_from_slice(&noise(1000 + v, 40_000));
+    }
+    b
+}
+
+fn origin_with_deltas(repo: &TestRepo, storage: &Path) -> Config {
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 1\n[origin]\nrepository = {:?}\nreload_interval = \"100ms\"\n[storage]\ndir = {:?}\n[trust]\npublic_key = \"{}\"\n[admin]\ntoken = \"{ADMIN_TOKEN}\"\n",
+        repo.repo.display().to_string(),
+        storage.display().to_string(),
+        repo.public
+    );
+    Config::from_toml(&toml, "origin.toml").unwrap()
+}
+
+struct AgentRun {
+    code: i32,
+    report: serde_json::Value,
+    stderr: String,
+}
+
+async fn agent(server: &str, component: &str, file: &Path, key: &str) -> AgentRun {
+    let args: Vec<String> = vec![
+        "agent".into(),
+        "update".into(),
+        "--server".into(),
+        server.into(),
+        "--component".into(),
+        component.into(),
+        "--file".into(),
+        file.display().to_string(),
+        "--public-key".into(),
+        key.into(),
+    ];
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_patchrelay")).args(&args).output().unwrap()
+    })
+    .await
+    .unwrap();
+    AgentRun {
+        code: out.status.code().unwrap_or(-1),
+        report: serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null),
+        stderr: String::from_utf8_lossy(&out.stderr).to_string(),
+    }
+}
+
+async fn plan(server: &str, component: &str, from: &str) -> serde_json::Value {
+    client()
+        .get(format!("{server}/v1/components/{component}/chain?from={from}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Poll until the plan from `from` starts with a delta (deltas are built in the background).
+async fn wait_for_delta_plan(server: &str, component: &str, from: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let p = plan(server, component, from).await;
+        if p["steps"][0]["kind"] == "delta" {
+            return p;
+        }
+        assert!(Instant::now() < deadline, "no delta plan appeared: {p}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[actix_web::test]
+async fn agents_at_every_older_version_reach_the_latest_through_two_relays() {
+    let repo = TestRepo::bare();
+    repo.write_meta("engine", "kind = \"pattern\"\ncritical = true\n");
+    for v in 1..=5 {
+        repo.add_version("engine", &v.to_string(), &TestRepo::engine_bytes(v));
+    }
+    repo.publish();
+    let dirs = tempfile::tempdir().unwrap();
+    let origin = start(&origin_with_deltas(&repo, &dirs.path().join("o"))).await;
+    let relay1 = start_relay(&[&origin.url()], &repo.public, &dirs.path().join("r1")).await;
+    assert!(wait_ready(&relay1.url(), Duration::from_secs(10)).await);
+    let relay2 = start_relay(&[&relay1.url()], &repo.public, &dirs.path().join("r2")).await;
+    assert!(wait_ready(&relay2.url(), Duration::from_secs(10)).await);
+    let latest = TestRepo::engine_bytes(5);
+    let full = latest.len() as u64;
+
+    // The retained versions (3, 4) get precomputed deltas; 1 and 2 get one
+    // built when first asked for.
+    for v in 1..=4u64 {
+        wait_for_delta_plan(&relay2.url(), "engine", &v.to_string()).await;
+        let file = dirs.path().join(format!("agent-{v}.sig"));
+        std::fs::write(&file, TestRepo::engine_bytes(v)).unwrap();
+        let run = agent(&relay2.url(), "engine", &file, &repo.public).await;
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        assert_eq!(std::fs::read(&file).unwrap(), latest);
+        let got = run.report["downloaded_bytes"].as_u64().unwrap();
+        assert!(got * 20 < full, "version {v}: {got} bytes for a {full}-byte file: {}", run.report);
+        eprintln!("agent at {v}: {got} bytes instead of {full} ({})", run.report["steps"]);
+        assert!(!patchrelay::agent::download_dir(&file).exists());
+        // Running again is a no-op that says so.
+        let again = agent(&relay2.url(), "engine", &file, &repo.public).await;
+        assert_eq!((again.code, again.report["result"].as_str()), (0, Some("up_to_date")));
+    }
+    // No file yet: the full file.
+    let fresh = dirs.path().join("fresh.sig");
+    let run = agent(&relay2.url(), "engine", &fresh, &repo.public).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.report["downloaded_bytes"].as_u64(), Some(full));
+    assert_eq!(std::fs::read(&fresh).unwrap(), latest);
+
+    // Fleet freshness: every agent's plan request recorded its lag.
+    let n = metric(&relay2.url(), "patchrelay_agent_version_lag_count", &[("component", "engine")]).await;
+    assert!(n >= 4.0, "{n}");
+    // Plans: same version, unknown version, unknown component, bad query.
+    let p = plan(&relay2.url(), "engine", "5").await;
+    assert_eq!((p["steps"].as_array().unwrap().len(), p["total_bytes"].as_u64()), (0, Some(0)));
+    let r = client().get(format!("{}/v1/components/engine/chain?from=99", relay2.url())).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let r = client().get(format!("{}/v1/components/nope/chain?from=1", relay2.url())).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let r = client().get(format!("{}/v1/components/engine/chain", relay2.url())).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+}
+
+#[actix_web::test]
+async fn tampered_and_wrong_base_deltas_never_touch_the_file() {
+    let repo = TestRepo::bare();
+    for v in 1..=3 {
+        repo.add_version("blob", &v.to_string(), &blob(v));
+    }
+    repo.publish();
+    let dirs = tempfile::tempdir().unwrap();
+    let origin = start(&origin_with_deltas(&repo, &dirs.path().join("o"))).await;
+    let delta_2_3 = client()
+        .get(format!("{}/v1/components/blob/deltas/2/3", origin.url()))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(delta_2_3.len() < 200_000, "{}", delta_2_3.len());
+
+    // A server that plans 1 -> 3 in one delta step, but serves the 2 -> 3
+    // delta (wrong base), or a tampered copy of it.
+    let evil = ScriptedUpstream::start().await;
+    evil.files.load_repo(&repo.repo);
+    let plan_for = |bytes: &[u8]| {
+        serde_json::json!({"component": "blob", "from": "1", "to": "3", "total_bytes": bytes.len(), "full_bytes": blob(3).len(),
+            "steps": [{"kind": "delta", "from": "1", "to": "3", "url": "/v1/components/blob/deltas/1/3", "size": bytes.len(),
+                       "sha256": Digest::of(bytes)}]})
+        .to_string()
+    };
+    let mut tampered = delta_2_3.to_vec();
+    let at = tampered.len() - 100;
+    tampered[at] ^= 0x40;
+    for (case, bytes) in [("wrong base", delta_2_3.to_vec()), ("tampered", tampered)] {
+        evil.files.put("v1/components/blob/chain", plan_for(&bytes));
+        evil.files.put("v1/components/blob/deltas/1/3", bytes);
+        let file = dirs.path().join(format!("{}.bin", case.replace(' ', "-")));
+        std::fs::write(&file, blob(1)).unwrap();
+        let before = std::fs::metadata(&file).unwrap().modified().unwrap();
+        let run = agent(&evil.url, "blob", &file, &repo.public).await;
+        assert_eq!(run.code, 5, "{case}: {}", run.stderr);
+        assert_eq!(std::fs::read(&file).unwrap(), blob(1), "{case}: file changed");
+        assert_eq!(std::fs::metadata(&file).unwrap().modified().unwrap(), before);
+        let leftovers: Vec<_> = std::fs::read_dir(dirs.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
+            .collect();
+        assert!(leftovers.is_empty(), "{case}: temp files left");
+        if case == "wrong base" {
+            assert!(run.stderr.contains("delta is for base"), "{}", run.stderr);
+        }
+    }
+
+    // A forged manifest: exit 3, file untouched.
+    let forged = String::from_utf8(repo.manifest_bytes()).unwrap().replacen("\"serial\": 1", "\"serial\": 2", 1);
+    evil.files.put("v1/manifest", forged);
+    let file = dirs.path().join("forged.bin");
+    std::fs::write(&file, blob(1)).unwrap();
+    let run = agent(&evil.url, "blob", &file, &repo.public).await;
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert_eq!(std::fs::read(&file).unwrap(), blob(1));
+}
+
+#[actix_web::test]
+async fn an_interrupted_delta_download_resumes() {
+    let repo = TestRepo::bare();
+    for v in 1..=2 {
+        repo.add_version("blob", &v.to_string(), &blob(v));
+    }
+    repo.publish();
+    let dirs = tempfile::tempdir().unwrap();
+    let origin = start(&origin_with_deltas(&repo, &dirs.path().join("o"))).await;
+    wait_for_delta_plan(&origin.url(), "blob", "1").await;
+    let proxy = FaultProxy::start(origin.addr.to_string(), "/deltas/").await;
+    proxy.plan([Fault::CutAfter(30_000)]);
+    let file = dirs.path().join("blob.bin");
+    std::fs::write(&file, blob(1)).unwrap();
+    let run = agent(&proxy.url, "blob", &file, &repo.public).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(std::fs::read(&file).unwrap(), blob(2));
+    let seen = proxy.seen("/deltas/1/2");
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let from: u64 =
+        seen[1].split("bytes=").nth(1).expect("second request resumes").trim_end_matches('-').parse().unwrap();
+    assert!(from > 0);
+}
+
+#[actix_web::test]
+async fn relays_sync_new_versions_from_each_other_by_delta() {
+    let repo = TestRepo::bare();
+    repo.write_meta("blob", "kind = \"pattern\"\ncritical = true\n");
+    repo.add_version("blob", "1", &blob(1));
+    repo.publish();
+    let dirs = tempfile::tempdir().unwrap();
+    let origin = start(&origin_with_deltas(&repo, &dirs.path().join("o"))).await;
+    let relay1 = start_relay(&[&origin.url()], &repo.public, &dirs.path().join("r1")).await;
+    assert!(wait_ready(&relay1.url(), Duration::from_secs(10)).await);
+    let relay2 = start_relay(&[&relay1.url()], &repo.public, &dirs.path().join("r2")).await;
+    assert!(wait_ready(&relay2.url(), Duration::from_secs(10)).await);
+    let sha1 = repo.sha("blob", "1");
+    let cached = |dir: &str, sha: &str| dirs.path().join(dir).join("objects").join(&sha[..2]).join(sha).exists();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(cached("r1", &sha1) && cached("r2", &sha1)) {
+        assert!(Instant::now() < deadline, "version 1 was not prefetched");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Version 2 is published; each hop syncs it by delta once its upstream has one.
+    repo.add_version("blob", "2", &blob(2));
+    repo.publish();
+    let sha2 = repo.sha("blob", "2");
+    admin_sync(&origin.url()).await;
+    wait_for_delta_plan(&origin.url(), "blob", "1").await;
+    let (status, report) = admin_sync(&relay1.url()).await;
+    assert_eq!(status, 200, "{report}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cached("r1", &sha2) {
+        assert!(Instant::now() < deadline, "relay1 did not get version 2");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_for_delta_plan(&relay1.url(), "blob", "1").await;
+    let (status, _) = admin_sync(&relay2.url()).await;
+    assert_eq!(status, 200);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cached("r2", &sha2) {
+        assert!(Instant::now() < deadline, "relay2 did not get version 2");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let full = blob(2).len() as f64;
+    // Metrics are per process here; each relay's upstream label tells them apart.
+    for upstream in [&origin, &relay1] {
+        let label = format!("up0-{}", upstream.addr.port());
+        let saved = metric(&relay2.url(), "patchrelay_delta_sync_saved_bytes_total", &[("upstream", &label)]).await;
+        let fetched = metric(&relay2.url(), "patchrelay_delta_sync_bytes_total", &[("upstream", &label)]).await;
+        assert!(fetched > 0.0 && fetched * 10.0 < full, "from {label}: fetched {fetched} of {full}");
+        assert!(saved > 0.0);
+        eprintln!("sync from {label}: {fetched} delta bytes instead of {full} (saved {saved})");
+    }
+    // And it is the right version, served from the second relay.
+    let r = client().get(format!("{}/v1/components/blob/latest", relay2.url())).send().await.unwrap();
+    assert_eq!(Digest::of(&r.bytes().await.unwrap()).to_hex(), sha2);
+}
