@@ -46,6 +46,111 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub delta: DeltaConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]`: per-agent rate and concurrency policies.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// `header` (the `agent_header` value, falling back to the address when
+    /// absent), `ip`, or `cert` (needs TLS client auth; not available yet).
+    pub identity: String,
+    pub agent_header: String,
+    /// Cap on all egress, shared among active downloads.
+    pub total_rate: Option<Rate>,
+    pub total_burst: Option<ByteSize>,
+    /// An agent's state is dropped after this long without a request.
+    pub idle_ttl: HumanDuration,
+    /// Time zone of policy windows: `UTC`, or an IANA name like `Europe/Berlin`.
+    pub timezone: String,
+    /// First match wins; none configured: nothing is limited.
+    pub policy: Vec<PolicyConfig>,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            identity: "header".into(),
+            agent_header: "X-Agent-Id".into(),
+            total_rate: None,
+            total_burst: None,
+            idle_ttl: HumanDuration(Duration::from_secs(600)),
+            timezone: "UTC".into(),
+            policy: Vec::new(),
+        }
+    }
+}
+
+/// `[[limits.policy]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub name: String,
+    /// Globs on the agent identity, e.g. `"ws-*"`; absent: any agent.
+    #[serde(default)]
+    pub agents: Vec<GlobText>,
+    /// Client networks, e.g. `"10.1.0.0/16"`; absent: any address.
+    #[serde(default)]
+    pub cidrs: Vec<ipnet::IpNet>,
+    /// Bytes per second for one agent across all its connections.
+    pub rate: Option<Rate>,
+    pub burst: Option<ByteSize>,
+    /// Downloads at once per agent.
+    pub max_concurrent: Option<u32>,
+    /// `"HH:MM-HH:MM"`: when this group may download.
+    pub window: Option<WindowText>,
+}
+
+/// A glob, checked while parsing.
+#[derive(Debug, Clone)]
+pub struct GlobText(pub String);
+
+impl<'de> Deserialize<'de> for GlobText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        globset::Glob::new(&s).map_err(|e| serde::de::Error::custom(format!("{s:?} is not a glob: {e}")))?;
+        Ok(GlobText(s))
+    }
+}
+
+impl AsRef<str> for GlobText {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A daily window, checked while parsing.
+#[derive(Debug, Clone)]
+pub struct WindowText(pub String);
+
+impl<'de> Deserialize<'de> for WindowText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        crate::limits::Window::parse(&s).map_err(serde::de::Error::custom)?;
+        Ok(WindowText(s))
+    }
+}
+
+/// A rate written for people: `"1MiB/s"`, `"500KB/s"` (the `/s` is optional).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate(pub u64);
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let n = s
+            .trim()
+            .trim_end_matches("/s")
+            .trim()
+            .parse::<bytesize::ByteSize>()
+            .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a rate ({e}); write e.g. \"1MiB/s\"")))?;
+        if n.0 == 0 {
+            return Err(serde::de::Error::custom("a rate of 0 would stop all traffic; leave the key out instead"));
+        }
+        Ok(Rate(n.0))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -82,6 +187,9 @@ pub struct ServerConfig {
     pub keep_alive: HumanDuration,
     /// `Cache-Control: max-age` for the manifest, its signature and `latest`.
     pub manifest_max_age: HumanDuration,
+    /// Peers whose `Forwarded` / `X-Forwarded-For` are believed (reverse
+    /// proxies, load balancers); from anyone else those headers are ignored.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Default for ServerConfig {
@@ -93,6 +201,7 @@ impl Default for ServerConfig {
             max_connections_per_worker: 25_000,
             keep_alive: HumanDuration(Duration::from_secs(30)),
             manifest_max_age: HumanDuration(Duration::from_secs(60)),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -440,6 +549,33 @@ impl Config {
             && s.memory_object_max.0 > s.memory_cache.0
         {
             return Err(invalid("storage", "storage.memory_object_max is larger than storage.memory_cache".into()));
+        }
+        match self.limits.identity.as_str() {
+            "header" | "ip" => {}
+            "cert" => {
+                return Err(invalid(
+                    "limits",
+                    "limits.identity = \"cert\" needs TLS client authentication, which this patchrelay does not terminate yet; put a TLS proxy in front and use \"header\"".into(),
+                ));
+            }
+            other => return Err(invalid("limits", format!("limits.identity {other:?}: use \"header\" or \"ip\""))),
+        }
+        if actix_web::http::header::HeaderName::try_from(self.limits.agent_header.as_str()).is_err() {
+            return Err(invalid(
+                "limits",
+                format!("limits.agent_header {:?} is not a header name", self.limits.agent_header),
+            ));
+        }
+        if !self.limits.timezone.eq_ignore_ascii_case("utc")
+            && let Err(e) = jiff::tz::TimeZone::get(&self.limits.timezone)
+        {
+            return Err(invalid("limits", format!("limits.timezone {:?}: {e}", self.limits.timezone)));
+        }
+        let mut names = std::collections::HashSet::new();
+        for p in &self.limits.policy {
+            if !names.insert(&p.name) {
+                return Err(invalid("limits.policy", format!("two policies are named {:?}", p.name)));
+            }
         }
         if self.delta.workers == 0 || self.delta.queue == 0 {
             return Err(invalid("delta", "delta.workers and delta.queue must be at least 1".into()));

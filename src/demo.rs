@@ -117,8 +117,9 @@ pub fn run(dir: Option<PathBuf>, port: u16) -> Result<(), DemoError> {
     let origin_toml = format!(
         "# Demo origin: serves the repository that `patchrelay demo` published.\n\
          [server]\nlisten = \"127.0.0.1:{origin_port}\"\n\n[origin]\nrepository = {repo:?}\n\n\
-         [trust]\npublic_key = \"{public}\"\n",
-        repo = repo.display().to_string()
+         [storage]\ndir = {deltas:?}\n\n[trust]\npublic_key = \"{public}\"\n",
+        repo = repo.display().to_string(),
+        deltas = dir.join("origin-deltas").display().to_string()
     );
     let relay_toml = format!(
         "# Demo relay: mirrors the demo origin.\n\
@@ -152,6 +153,13 @@ pub fn run(dir: Option<PathBuf>, port: u16) -> Result<(), DemoError> {
         println!("  curl -s -H 'Range: bytes=0-9,100-109' {r}/v1/components/hotfix-kb5021/latest | head -c 400");
         println!("  curl -s {r}/readyz; curl -s {r}/metrics | grep '^patchrelay_' | head -20");
         println!("  curl -s -X POST -H 'Authorization: Bearer {token}' {r}/admin/sync");
+        println!("  curl -s '{r}/v1/components/engine-pattern/chain?from=171'; echo");
+        println!();
+        println!("Bring an old pattern file up to date with the reference agent (it fetches a delta):");
+        println!("  cp {} lpt.sig", dir.join("input/engine-pattern/171/lpt171.sig").display());
+        println!(
+            "  target/debug/patchrelay agent update --server {r} --component engine-pattern --file lpt.sig --public-key {public}"
+        );
         println!();
         println!(
             "Configs used: {} and {}. Ctrl-C stops both.",

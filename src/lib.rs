@@ -25,6 +25,7 @@ pub mod demo;
 pub mod digest;
 pub mod fill;
 pub mod http;
+pub mod limits;
 pub mod repo;
 pub mod server;
 pub mod source;

@@ -20,7 +20,8 @@ use crate::actors::{Stop, SyncNow};
 use crate::config::{Config, Role};
 use crate::delta::EncodeOptions;
 use crate::fill::Filler;
-use crate::http::{self, AppState, ControlHandles};
+use crate::http::{self, AppState, Services};
+use crate::limits::Limits;
 use crate::repo::RepoDir;
 use crate::source::Source;
 use crate::state::Published;
@@ -207,12 +208,13 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
         }
     };
 
+    let limits = Limits::new(&config.limits, &config.server.trusted_proxies).map_err(StartError::Config)?;
     let state = web::Data::new(AppState::new(
         published.clone(),
         source,
         config.server.manifest_max_age.0,
         config.admin.as_ref().map(|a| a.token.0.clone()),
-        ControlHandles { sync: Some(sync), status, deltas },
+        Services { sync: Some(sync), status, deltas, limits },
         metrics.clone(),
     ));
     let listener = TcpListener::bind(config.server.listen)

@@ -49,6 +49,11 @@ pub const DELTA_SYNC_SAVED: &str = "patchrelay_delta_sync_saved_bytes_total";
 pub const AGENT_LAG: &str = "patchrelay_agent_version_lag";
 pub const AGENT_UNKNOWN: &str = "patchrelay_agent_unknown_version_total";
 pub const PLANS: &str = "patchrelay_plans_total";
+pub const LIMIT_ACTIVE_AGENTS: &str = "patchrelay_limit_active_agents";
+pub const LIMIT_REFUSALS: &str = "patchrelay_limit_refusals_total";
+pub const LIMIT_EGRESS: &str = "patchrelay_limit_egress_bytes_total";
+pub const LIMIT_THROTTLED_BYTES: &str = "patchrelay_limit_throttled_bytes_total";
+pub const LIMIT_WAIT: &str = "patchrelay_limit_wait_seconds";
 pub const BUILD_INFO: &str = "patchrelay_build_info";
 
 static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
@@ -131,6 +136,19 @@ fn describe() {
     );
     describe_counter!(AGENT_UNKNOWN, "Plan requests from a version not in the manifest, by component.");
     describe_counter!(PLANS, "Update plans served, by kind of cheapest first step (none, delta, full).");
+    describe_gauge!(LIMIT_ACTIVE_AGENTS, "Agents with a download in progress (under a limit policy).");
+    describe_counter!(LIMIT_REFUSALS, "Downloads refused with 429, by policy and reason (concurrency, window).");
+    describe_counter!(LIMIT_EGRESS, Unit::Bytes, "Bytes sent under each limit policy.");
+    describe_counter!(
+        LIMIT_THROTTLED_BYTES,
+        Unit::Bytes,
+        "Bytes that had to wait for their agent's (or the total) rate, by policy."
+    );
+    describe_histogram!(
+        LIMIT_WAIT,
+        Unit::Seconds,
+        "Waits imposed on pieces of a download by rate limits, by policy; the sum is the total time throttled."
+    );
     describe_gauge!(BUILD_INFO, "Always 1; the version label says which patchrelay this is.");
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }

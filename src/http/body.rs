@@ -12,6 +12,7 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
+use std::future::Future;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::pin::Pin;
@@ -22,6 +23,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 
 use crate::fill::FillHandle;
+use crate::limits::Permit;
 
 /// How much of a file one read takes: large enough to amortise the system call,
 /// small enough that a slow client does not pin much memory.
@@ -53,11 +55,23 @@ pub struct PieceStream {
     buf: BytesMut,
     sent: u64,
     sent_counter: metrics::Counter,
+    /// Rate limits, when a policy applies: each piece is reserved on the
+    /// agent's bucket (and the total one) and held back until it is due. The
+    /// permit also holds the agent's concurrency slot until the stream ends.
+    permit: Option<Permit>,
+    /// A piece read and waiting for its time, and the timer.
+    held: Option<(Bytes, Pin<Box<tokio::time::Sleep>>)>,
 }
 
 impl PieceStream {
-    pub fn new(pieces: VecDeque<Piece>, sent_counter: metrics::Counter) -> Self {
-        PieceStream { pieces, buf: BytesMut::new(), sent: 0, sent_counter }
+    pub fn new(pieces: VecDeque<Piece>, sent_counter: metrics::Counter, permit: Option<Permit>) -> Self {
+        PieceStream { pieces, buf: BytesMut::new(), sent: 0, sent_counter, permit, held: None }
+    }
+
+    /// The largest piece to produce at once: the read size, or less when a
+    /// rate limit paces the stream (so no single piece exceeds the burst).
+    fn max_piece(&self) -> usize {
+        self.permit.as_ref().map_or(READ_SIZE, |p| (p.piece() as usize).min(READ_SIZE))
     }
 
     pub fn total_len(&self) -> u64 {
@@ -91,18 +105,55 @@ impl Stream for PieceStream {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
+        if let Some((_, sleep)) = &mut this.held {
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if let Some((out, _)) = this.held.take() {
+                this.sent += out.len() as u64;
+                return Poll::Ready(Some(Ok(out)));
+            }
+        }
+        let out = match this.next_piece(cx) {
+            Poll::Ready(Some(Ok(out))) => out,
+            other => return other,
+        };
+        if let Some(permit) = &mut this.permit {
+            let wait = permit.reserve(out.len() as u64);
+            if !wait.is_zero() {
+                let mut sleep = Box::pin(tokio::time::sleep(wait));
+                if sleep.as_mut().poll(cx).is_pending() {
+                    this.held = Some((out, sleep));
+                    return Poll::Pending;
+                }
+            }
+        }
+        this.sent += out.len() as u64;
+        Poll::Ready(Some(Ok(out)))
+    }
+}
+
+impl PieceStream {
+    /// The next piece of the body, before any pacing.
+    fn next_piece(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, io::Error>>> {
+        let max = self.max_piece();
+        let this = self;
         loop {
             let Some(front) = this.pieces.front_mut() else {
                 return Poll::Ready(None);
             };
             let out = match front {
                 Piece::Bytes(b) => {
-                    let b = std::mem::take(b);
-                    this.pieces.pop_front();
-                    if b.is_empty() {
-                        continue;
+                    if b.len() > max {
+                        b.split_to(max)
+                    } else {
+                        let b = std::mem::take(b);
+                        this.pieces.pop_front();
+                        if b.is_empty() {
+                            continue;
+                        }
+                        b
                     }
-                    b
                 }
                 Piece::File { len: 0, .. } | Piece::Growing { len: 0, .. } => {
                     this.pieces.pop_front();
@@ -126,7 +177,7 @@ impl Stream for PieceStream {
                             }
                         }
                     }
-                    let want = (*len).min(available - *offset).min(READ_SIZE as u64) as usize;
+                    let want = (*len).min(available - *offset).min(max as u64) as usize;
                     let (file, at) = (handle.file().clone(), *offset);
                     match this.read_file(&file, at, want) {
                         Ok(bytes) => {
@@ -144,7 +195,7 @@ impl Stream for PieceStream {
                     }
                 }
                 Piece::File { file, offset, len } => {
-                    let want = (*len).min(READ_SIZE as u64) as usize;
+                    let want = (*len).min(max as u64) as usize;
                     let (file, at) = (file.clone(), *offset);
                     match this.read_file(&file, at, want) {
                         Ok(bytes) => {
@@ -164,7 +215,6 @@ impl Stream for PieceStream {
                     }
                 }
             };
-            this.sent += out.len() as u64;
             return Poll::Ready(Some(Ok(out)));
         }
     }
@@ -194,7 +244,7 @@ mod tests {
             Piece::File { file, offset: 0, len: 0 },
             Piece::Bytes(Bytes::from_static(b"tail")),
         ]);
-        let mut s = PieceStream::new(pieces, metrics::Counter::noop());
+        let mut s = PieceStream::new(pieces, metrics::Counter::noop(), None);
         assert_eq!(s.total_len(), (READ_SIZE + 108) as u64);
         // The stream never waits, so polling once per item is enough.
         let mut got = Vec::new();

@@ -38,6 +38,8 @@ pub enum ApiError {
     RangeNotSatisfiable(u64),
     #[error("a precondition (If-Match / If-Unmodified-Since) failed")]
     PreconditionFailed,
+    #[error("{}; retry in {} s", .0.message, .0.retry_after.as_secs())]
+    Limited(crate::limits::Refusal),
 }
 
 impl ApiError {
@@ -57,6 +59,8 @@ impl ApiError {
             ApiError::Unavailable(_) => "unavailable",
             ApiError::RangeNotSatisfiable(_) => "range_not_satisfiable",
             ApiError::PreconditionFailed => "precondition_failed",
+            ApiError::Limited(r) if r.reason == "window" => "outside_window",
+            ApiError::Limited(_) => "too_many_downloads",
         }
     }
 }
@@ -88,6 +92,7 @@ impl ResponseError for ApiError {
             ApiError::SyncFailed(_) => StatusCode::BAD_GATEWAY,
             ApiError::RangeNotSatisfiable(_) => StatusCode::RANGE_NOT_SATISFIABLE,
             ApiError::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
+            ApiError::Limited(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -102,6 +107,9 @@ impl ResponseError for ApiError {
         match self {
             ApiError::NotReady | ApiError::Unavailable(_) => {
                 res.insert_header((header::RETRY_AFTER, HeaderValue::from_static("5")));
+            }
+            ApiError::Limited(r) => {
+                res.insert_header((header::RETRY_AFTER, r.retry_after.as_secs().to_string()));
             }
             ApiError::Unauthorized => {
                 res.insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));

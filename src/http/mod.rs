@@ -23,6 +23,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use crate::actors::SyncNow;
 use crate::actors::deltas::DeltaService;
 use crate::actors::status::StatusSource;
+use crate::limits::Limits;
 use crate::source::Source;
 use crate::state::Published;
 use crate::telemetry;
@@ -30,10 +31,11 @@ use crate::telemetry;
 pub use routes::configure;
 
 /// The control plane as the HTTP room sees it.
-pub struct ControlHandles {
+pub struct Services {
     pub sync: Option<Recipient<SyncNow>>,
     pub status: Option<Arc<StatusSource>>,
     pub deltas: Option<Arc<DeltaService>>,
+    pub limits: Option<Arc<Limits>>,
 }
 
 /// Everything a request handler may use. Shared by all workers.
@@ -49,6 +51,8 @@ pub struct AppState {
     pub status: Option<Arc<StatusSource>>,
     /// Deltas and plans (absent when off).
     pub deltas: Option<Arc<DeltaService>>,
+    /// Per-agent limits (absent when no policy is configured).
+    pub limits: Option<Arc<Limits>>,
     pub metrics: PrometheusHandle,
     routes: Vec<RouteMetrics>,
 }
@@ -59,10 +63,10 @@ impl AppState {
         source: Source,
         manifest_max_age: std::time::Duration,
         admin_token: Option<String>,
-        control: ControlHandles,
+        control: Services,
         metrics: PrometheusHandle,
     ) -> AppState {
-        let ControlHandles { sync, status, deltas } = control;
+        let Services { sync, status, deltas, limits } = control;
         let mut salt = [0u8; 12];
         // A fixed fallback boundary is still valid MIME; randomness only makes a
         // collision with payload bytes less likely.
@@ -78,6 +82,7 @@ impl AppState {
             sync,
             status,
             deltas,
+            limits,
             metrics,
             routes: Route::ALL.iter().map(|r| RouteMetrics::new(r.label())).collect(),
         }
@@ -154,7 +159,7 @@ struct RouteMetrics {
 }
 
 /// Statuses patchrelay answers with; others are counted through a slower path.
-const COMMON_STATUSES: [u16; 14] = [200, 206, 304, 400, 401, 403, 404, 405, 412, 416, 500, 502, 503, 504];
+const COMMON_STATUSES: [u16; 15] = [200, 206, 304, 400, 401, 403, 404, 405, 412, 416, 429, 500, 502, 503, 504];
 
 impl RouteMetrics {
     fn new(route: &'static str) -> Self {

@@ -19,6 +19,7 @@ use super::conditional::{self, Precondition};
 use super::error::ApiError;
 use super::range::{self, ByteRange, RangeOutcome};
 use crate::digest::Digest;
+use crate::limits::Permit;
 use crate::source::Content;
 use crate::store::Blob;
 
@@ -31,6 +32,8 @@ pub struct Representation {
     pub content_type: HeaderValue,
     /// `X-Patchrelay-Version`, for component routes.
     pub version: Option<String>,
+    /// Served ahead of bulk traffic when `limits.total_rate` binds.
+    pub critical: bool,
     /// Whether these bytes can never change at this URL. Only then is a date a
     /// strong enough validator for `If-Range` (a manifest can be replaced
     /// within the second its `Last-Modified` names).
@@ -101,6 +104,8 @@ pub struct ResponseCtx<'a> {
     pub boundary: &'a str,
     /// Where to count body bytes sent.
     pub sent_counter: metrics::Counter,
+    /// The agent's download slot and rate, when a limit policy applies.
+    pub permit: Option<Permit>,
 }
 
 /// The body being assembled: its exact length always, its pieces only when
@@ -128,7 +133,7 @@ impl Assembly<'_> {
 }
 
 /// Build the response. `blob` must be `Some` when [`needs_body`] said so.
-pub fn build(rep: &Representation, decision: Decision, blob: Option<&Content>, ctx: &ResponseCtx<'_>) -> HttpResponse {
+pub fn build(rep: &Representation, decision: Decision, blob: Option<&Content>, ctx: ResponseCtx<'_>) -> HttpResponse {
     let mut body = Assembly { blob, pieces: VecDeque::new(), len: 0 };
     let mut res = match &decision {
         Decision::NotModified => {
@@ -170,5 +175,5 @@ pub fn build(rep: &Representation, decision: Decision, blob: Option<&Content>, c
         }
     };
     common_headers(&mut res, rep);
-    res.body(SizedStream::new(body.len, PieceStream::new(body.pieces, ctx.sent_counter.clone())))
+    res.body(SizedStream::new(body.len, PieceStream::new(body.pieces, ctx.sent_counter, ctx.permit)))
 }

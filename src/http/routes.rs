@@ -68,7 +68,17 @@ async fn serve(
     src: Bytesource,
 ) -> Result<HttpResponse, ApiError> {
     let decision = respond::decide(req, &rep)?;
-    let blob = if respond::needs_body(req, &decision) {
+    let needs_body = respond::needs_body(req, &decision);
+    // Downloads (not the manifest or a plan) count against the agent's limits;
+    // refused ones are turned away before anything is opened or fetched.
+    let permit = match (&state.limits, needs_body, route) {
+        (Some(limits), true, Route::Object | Route::Version | Route::Latest | Route::Delta) => {
+            let peer = req.peer_addr().map(|a| a.ip()).unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+            limits.admit(peer, req.headers(), rep.critical).map_err(ApiError::Limited)?
+        }
+        _ => None,
+    };
+    let blob = if needs_body {
         Some(match src {
             Bytesource::Memory(b) => Content::Stored(Blob::Memory(b)),
             Bytesource::Target(t) => state.source.open(&t).await?,
@@ -87,8 +97,8 @@ async fn serve(
     } else {
         None
     };
-    let ctx = ResponseCtx { boundary: &state.boundary, sent_counter: state.route(route).bytes.clone() };
-    Ok(respond::build(&rep, decision, blob.as_ref(), &ctx))
+    let ctx = ResponseCtx { boundary: &state.boundary, sent_counter: state.route(route).bytes.clone(), permit };
+    Ok(respond::build(&rep, decision, blob.as_ref(), ctx))
 }
 
 fn catalog(state: &AppState) -> Result<std::sync::Arc<Catalog>, ApiError> {
@@ -109,6 +119,7 @@ fn payload(obj: &ObjectInfo, moving: Option<HeaderValue>, version: Option<String
         cache_control: moving.unwrap_or(IMMUTABLE),
         content_type: OCTETS,
         version,
+        critical: obj.critical,
         immutable,
     };
     (rep, Bytesource::Target(Target::payload(obj)))
@@ -124,6 +135,7 @@ async fn manifest(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse 
             cache_control: state.short_cache.clone(),
             content_type: HeaderValue::from_static("application/json"),
             version: None,
+            critical: false,
             immutable: false,
         };
         serve(&req, &state, Route::Manifest, rep, Bytesource::Memory(cat.manifest_bytes.clone())).await
@@ -141,6 +153,7 @@ async fn signature(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse
             cache_control: state.short_cache.clone(),
             content_type: HeaderValue::from_static("text/plain; charset=utf-8"),
             version: None,
+            critical: false,
             immutable: false,
         };
         serve(&req, &state, Route::Signature, rep, Bytesource::Memory(cat.signature.clone())).await
@@ -182,6 +195,7 @@ async fn chunks(req: HttpRequest, path: web::Path<String>, state: web::Data<AppS
             cache_control: IMMUTABLE,
             content_type: OCTETS,
             version: None,
+            critical: false,
             immutable: true,
         };
         serve(&req, &state, Route::Chunks, rep, Bytesource::Target(Target::chunk_list(obj))).await
@@ -358,6 +372,7 @@ async fn delta(
             cache_control: HeaderValue::from_static("public, max-age=3600"),
             content_type: OCTETS,
             version: Some(to_entry.version.to_string()),
+            critical: target.critical,
             immutable: false,
         };
         serve(&req, &state, Route::Delta, rep, Bytesource::Delta(info.sha256)).await

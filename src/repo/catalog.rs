@@ -36,6 +36,9 @@ pub struct ObjectInfo {
     pub chunks_sha256: Digest,
     /// The earliest `published_at` of any version with these bytes.
     pub modified: SystemTime,
+    /// Whether a critical component has a version with these bytes (served
+    /// ahead of bulk traffic when `limits.total_rate` binds).
+    pub critical: bool,
 }
 
 impl ObjectInfo {
@@ -53,13 +56,20 @@ impl Catalog {
         for c in manifest.components.values() {
             for v in &c.versions {
                 let modified = v.published_at.as_deref().and_then(parse_time).unwrap_or(generated_at);
-                objects.entry(v.sha256).and_modify(|o| o.modified = o.modified.min(modified)).or_insert(ObjectInfo {
-                    sha256: v.sha256,
-                    size: v.size,
-                    chunk_size: v.chunk_size,
-                    chunks_sha256: v.chunks_sha256,
-                    modified,
-                });
+                objects
+                    .entry(v.sha256)
+                    .and_modify(|o| {
+                        o.modified = o.modified.min(modified);
+                        o.critical |= c.critical;
+                    })
+                    .or_insert(ObjectInfo {
+                        sha256: v.sha256,
+                        size: v.size,
+                        chunk_size: v.chunk_size,
+                        chunks_sha256: v.chunks_sha256,
+                        modified,
+                        critical: c.critical,
+                    });
             }
         }
         Catalog {

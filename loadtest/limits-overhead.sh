@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# What limits cost when they never bind: the same relay and workload with no
+# policy, and with a policy far above the traffic (every agent id distinct, so
+# every request goes through identity, policy match, agent state and pacing).
+# Alternates ROUNDS times; prints medians and the ratio.
+#
+#   loadtest/limits-overhead.sh            # needs wrk, nginx, curl, a release build
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-8}
+ROUNDS=${ROUNDS:-5}
+BIN=${BIN:-target/release/patchrelay}
+for t in wrk curl "$BIN"; do command -v "$t" >/dev/null 2>&1 || { echo "missing: $t" >&2; exit 2; }; done
+
+work=$(mktemp -d /tmp/patchrelay-limits.XXXXXX)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+mkdir -p "$work/in/small/1" "$work/in/large/1"
+head -c 4096 /dev/urandom > "$work/in/small/1/small.bin"
+head -c $((24 << 20)) /dev/urandom > "$work/in/large/1/large.bin"
+pub=$("$BIN" keygen --secret "$work/key" 2>/dev/null)
+"$BIN" publish --input "$work/in" --output "$work/repo" --key "$work/key" >/dev/null
+small=$(sha256sum "$work/in/small/1/small.bin" | cut -d' ' -f1)
+large=$(sha256sum "$work/in/large/1/large.bin" | cut -d' ' -f1)
+oport=$(free_port)
+printf '[server]\nlisten = "127.0.0.1:%s"\n[origin]\nrepository = "%s"\n[log]\nlevel = "warn"\n' "$oport" "$work/repo" > "$work/origin.toml"
+"$BIN" serve --config "$work/origin.toml" 2>/dev/null & pids+=($!)
+
+start_relay() { # name extra -> port
+  local port; port=$(free_port)
+  printf '[server]\nlisten = "127.0.0.1:%s"\n[storage]\ndir = "%s"\n[[upstream]]\nurl = "http://127.0.0.1:%s"\n[trust]\npublic_key = "%s"\n[log]\nlevel = "warn"\n%s\n' \
+    "$port" "$work/$1" "$oport" "$pub" "$2" > "$work/$1.toml"
+  "$BIN" serve --config "$work/$1.toml" 2>/dev/null & pids+=($!)
+  for i in $(seq 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
+  curl -sf -o /dev/null "http://127.0.0.1:$port/v1/objects/$small"; curl -sf -o /dev/null "http://127.0.0.1:$port/v1/objects/$large"
+  echo "$port"
+}
+off=$(start_relay off "")
+on=$(start_relay on $'[limits]\nidentity = "header"\ntotal_rate = "100GiB/s"\n[[limits.policy]]\nname = "fleet"\nrate = "50GiB/s"\nmax_concurrent = 1000\n')
+
+# Every request a new agent id, so per-agent state is created and looked up.
+cat > "$work/ids.lua" <<'LUA'
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format(nil, nil, { ["X-Agent-Id"] = "agent-" .. math.random(1, 100000) })
+end
+LUA
+run() { wrk -t2 -c"$2" -d"${DURATION}s" -s "$work/ids.lua" "$1" 2>&1 | awk '/Requests\/sec/ {r=$2} /Transfer\/sec/ {v=$2; u=v; gsub(/[0-9.]/,"",u); sub(/[A-Za-z]+$/,"",v); m=(u=="GB")?1024:(u=="MB")?1:(u=="KB")?1/1024:1/1048576; t=v*m} END {print r, t}'; }
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2}'; }
+printf '\n%-32s %12s %12s %8s\n' "workload (median of $ROUNDS)" "limits off" "limits on" "on/off"
+for w in "4KiB object, 256 conns, req/s|/v1/objects/$small|256|1" "24MiB object, 16 conns, MB/s|/v1/objects/$large|16|2"; do
+  IFS='|' read -r label path conns field <<<"$w"
+  : > "$work/a"; : > "$work/b"
+  for r in $(seq "$ROUNDS"); do
+    run "http://127.0.0.1:$off$path" "$conns" | awk -v f="$field" '{print $f}' >> "$work/a"
+    run "http://127.0.0.1:$on$path" "$conns" | awk -v f="$field" '{print $f}' >> "$work/b"
+  done
+  a=$(median < "$work/a"); b=$(median < "$work/b")
+  printf '%-32s %12s %12s %8s\n' "$label" "$a" "$b" "$(awk -v x="$b" -v y="$a" 'BEGIN{printf "%.3f", x/y}')"
+done

@@ -1,0 +1,478 @@
+//! Per-agent limits: who an agent is, which policy applies, how fast and how
+//! many downloads at once it may have, and when.
+//!
+//! - **Identity** is the `agent_header` value (default `X-Agent-Id`), or the
+//!   client address; behind reverse proxies the address comes from `Forwarded`
+//!   / `X-Forwarded-For`, but only when the immediate peer is one of
+//!   `server.trusted_proxies` (anyone else could claim any address). An agent
+//!   that sends no header is limited by its address, so leaving the header out
+//!   does not escape a limit.
+//! - **Rate** is one token bucket per agent, shared by all its connections, so
+//!   opening more connections gets it nothing. Buckets are *reservations*
+//!   (GCRA-like): a stream reserves the bytes of its next piece and waits until
+//!   they are due, so an agent's connections take turns and the average is
+//!   exact over any interval longer than the burst.
+//! - **`total_rate`** caps all egress with one more bucket, which every bulk
+//!   stream also reserves from; reservations are served in order, so active
+//!   streams share it evenly. Critical components (patches and patterns the
+//!   manifest marks critical) are counted against it but never wait for it:
+//!   when the cap binds, they go first and bulk downloads absorb the shortfall.
+//! - **Concurrency and windows** are checked when a download starts: over
+//!   `max_concurrent`, or outside the policy's `window`, the answer is 429 with
+//!   a `Retry-After` spread at random, so a refused wave does not come back in
+//!   step.
+//! - **State** for an agent lives in a moka cache with a time-to-idle, so
+//!   100,000 distinct agents cost a bounded, measured amount of memory (see the
+//!   README) and idle ones cost nothing.
+//!
+//! No policy configured: nothing here runs, and serving pays nothing for it.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+
+use crate::config::{LimitsConfig, PolicyConfig};
+use crate::telemetry;
+
+/// A token bucket of bytes, by reservation.
+pub struct Bucket {
+    /// Bytes per second.
+    rate: f64,
+    /// Bytes that may go at once.
+    burst: f64,
+    /// The time (in ns since `epoch`) at which the bucket is "empty but even":
+    /// the theoretical arrival time of GCRA. Reserving `n` bytes pushes it by
+    /// `n / rate`; it may run ahead of now by at most `burst / rate`.
+    tat_ns: AtomicU64,
+    epoch: Instant,
+}
+
+impl Bucket {
+    pub fn new(rate: u64, burst: u64, epoch: Instant) -> Bucket {
+        Bucket { rate: rate.max(1) as f64, burst: burst.max(1) as f64, tat_ns: AtomicU64::new(0), epoch }
+    }
+
+    /// Reserve `n` bytes; returns how long to wait before sending them.
+    pub fn reserve(&self, n: u64, now: Instant) -> Duration {
+        let now_ns = now.saturating_duration_since(self.epoch).as_nanos() as u64;
+        let cost = (n as f64 / self.rate * 1e9) as u64;
+        let slack = (self.burst / self.rate * 1e9) as u64;
+        let mut cur = self.tat_ns.load(Ordering::Relaxed);
+        loop {
+            let start = cur.max(now_ns);
+            let next = start + cost;
+            match self.tat_ns.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => {
+                    // Allowed to run up to `slack` ahead of now without waiting.
+                    return Duration::from_nanos(next.saturating_sub(now_ns).saturating_sub(slack));
+                }
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    pub fn burst(&self) -> u64 {
+        self.burst as u64
+    }
+}
+
+/// One policy, compiled.
+pub struct Policy {
+    pub name: String,
+    agents: Vec<globset::GlobMatcher>,
+    cidrs: Vec<IpNet>,
+    pub rate: u64,
+    pub burst: u64,
+    pub max_concurrent: u32,
+    window: Option<Window>,
+    pub egress: metrics::Counter,
+    pub throttled_bytes: metrics::Counter,
+    pub wait: metrics::Histogram,
+}
+
+/// Hours of the day a policy may download, in the configured time zone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// Minutes after midnight; `start > end` wraps past midnight.
+    start: u32,
+    end: u32,
+}
+
+impl Window {
+    /// Parse `"HH:MM-HH:MM"`.
+    pub fn parse(s: &str) -> Result<Window, String> {
+        let bad = || format!("{s:?} is not a window like \"00:00-02:00\"");
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        let minutes = |t: &str| -> Result<u32, String> {
+            let (h, m) = t.trim().split_once(':').ok_or_else(bad)?;
+            let (h, m): (u32, u32) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+            if h > 24 || m > 59 || (h == 24 && m != 0) {
+                return Err(bad());
+            }
+            Ok(h * 60 + m)
+        };
+        let w = Window { start: minutes(a)?, end: minutes(b)? };
+        if w.start == w.end {
+            return Err(format!("{s:?} is an empty window"));
+        }
+        Ok(w)
+    }
+
+    /// Whether minute-of-day `m` is inside; if not, minutes until it opens.
+    pub fn check(&self, m: u32) -> Result<(), u32> {
+        let inside =
+            if self.start < self.end { m >= self.start && m < self.end } else { m >= self.start || m < self.end };
+        if inside { Ok(()) } else { Err((self.start + 1440 - m) % 1440) }
+    }
+
+    fn len_minutes(&self) -> u32 {
+        (self.end + 1440 - self.start) % 1440
+    }
+}
+
+/// Per-agent state, shared by the agent's connections.
+pub struct AgentState {
+    pub bucket: Bucket,
+    active: AtomicU32,
+}
+
+/// Why a download may not start now.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub policy: String,
+    pub reason: &'static str,
+    pub retry_after: Duration,
+    pub message: String,
+}
+
+/// A download in progress: holds its agent's concurrency slot until dropped.
+pub struct Permit {
+    pub agent: Arc<AgentState>,
+    pub policy: Arc<Policy>,
+    /// Counts against `total_rate` but never waits for it.
+    pub critical: bool,
+    limits: Arc<Limits>,
+    last_touch: Instant,
+    identity: Arc<str>,
+}
+
+impl Permit {
+    /// Reserve `n` bytes on every bucket that applies; how long to wait.
+    pub fn reserve(&mut self, n: u64) -> Duration {
+        let now = Instant::now();
+        let mut wait = self.agent.bucket.reserve(n, now);
+        if let Some(total) = &self.limits.total {
+            let t = total.reserve(n, now);
+            if !self.critical {
+                wait = wait.max(t);
+            }
+        }
+        self.policy.egress.increment(n);
+        if !wait.is_zero() {
+            self.policy.throttled_bytes.increment(n);
+            self.policy.wait.record(wait.as_secs_f64());
+        }
+        // Keep a long download's agent state from expiring under it.
+        if now.duration_since(self.last_touch) > Duration::from_secs(30) {
+            self.last_touch = now;
+            let _ = self.limits.agents.get(&self.identity);
+        }
+        wait
+    }
+
+    /// The largest piece to send between waits.
+    pub fn piece(&self) -> u64 {
+        let b = self.agent.bucket.burst();
+        let b = self.limits.total.as_ref().map_or(b, |t| b.min(t.burst()));
+        b.clamp(4096, 256 * 1024)
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if self.agent.active.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.limits.active_agents.decrement(1.0);
+        }
+    }
+}
+
+/// Everything the limits need at request time.
+pub struct Limits {
+    policies: Vec<Arc<Policy>>,
+    agents: moka::sync::Cache<Arc<str>, Arc<AgentState>>,
+    total: Option<Bucket>,
+    identity: Identity,
+    agent_header: actix_web::http::header::HeaderName,
+    trusted_proxies: Vec<IpNet>,
+    tz: jiff::tz::TimeZone,
+    epoch: Instant,
+    active_agents: metrics::Gauge,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Identity {
+    Header,
+    Ip,
+}
+
+impl Limits {
+    /// `None` when no policy is configured: nothing is limited.
+    pub fn new(cfg: &LimitsConfig, trusted_proxies: &[IpNet]) -> Result<Option<Arc<Limits>>, String> {
+        if cfg.policy.is_empty() {
+            return Ok(None);
+        }
+        let identity = match cfg.identity.as_str() {
+            "header" => Identity::Header,
+            "ip" => Identity::Ip,
+            "cert" => return Err("limits.identity = \"cert\" needs TLS client authentication, which this patchrelay does not terminate yet; use \"header\" or \"ip\"".into()),
+            other => return Err(format!("limits.identity {other:?}: use \"header\", \"ip\" or \"cert\"")),
+        };
+        let agent_header = actix_web::http::header::HeaderName::try_from(cfg.agent_header.as_str())
+            .map_err(|_| format!("limits.agent_header {:?} is not a header name", cfg.agent_header))?;
+        let tz = if cfg.timezone.eq_ignore_ascii_case("utc") {
+            jiff::tz::TimeZone::UTC
+        } else {
+            jiff::tz::TimeZone::get(&cfg.timezone).map_err(|e| format!("limits.timezone {:?}: {e}", cfg.timezone))?
+        };
+        let policies = cfg.policy.iter().map(compile).collect::<Result<Vec<_>, _>>()?;
+        let agents = moka::sync::Cache::builder().time_to_idle(cfg.idle_ttl.0).build();
+        let epoch = Instant::now();
+        let total = cfg.total_rate.map(|r| Bucket::new(r.0, cfg.total_burst.map_or(r.0, |b| b.0), epoch));
+        Ok(Some(Arc::new(Limits {
+            policies,
+            agents,
+            total,
+            identity,
+            agent_header,
+            trusted_proxies: trusted_proxies.to_vec(),
+            tz,
+            epoch,
+            active_agents: metrics::gauge!(telemetry::LIMIT_ACTIVE_AGENTS),
+        })))
+    }
+
+    /// The client's address: the peer, or what a trusted proxy says it is.
+    pub fn client_ip(&self, peer: IpAddr, headers: &actix_web::http::header::HeaderMap) -> IpAddr {
+        client_ip(peer, headers, &self.trusted_proxies)
+    }
+
+    fn identity_of(&self, ip: IpAddr, headers: &actix_web::http::header::HeaderMap) -> Arc<str> {
+        if self.identity == Identity::Header
+            && let Some(v) = headers.get(&self.agent_header).and_then(|v| v.to_str().ok())
+        {
+            let v = v.trim();
+            if !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()) {
+                return Arc::from(format!("id:{v}"));
+            }
+        }
+        Arc::from(format!("ip:{ip}"))
+    }
+
+    fn policy_for(&self, identity: &str, ip: IpAddr) -> Option<&Arc<Policy>> {
+        let id = identity.strip_prefix("id:").unwrap_or(identity);
+        self.policies.iter().find(|p| {
+            (p.agents.is_empty() || p.agents.iter().any(|g| g.is_match(id)))
+                && (p.cidrs.is_empty() || p.cidrs.iter().any(|c| c.contains(&ip)))
+        })
+    }
+
+    /// Admit a download, or say why not and when to come back.
+    pub fn admit(
+        self: &Arc<Self>,
+        peer: IpAddr,
+        headers: &actix_web::http::header::HeaderMap,
+        critical: bool,
+    ) -> Result<Option<Permit>, Refusal> {
+        let ip = self.client_ip(peer, headers);
+        let identity = self.identity_of(ip, headers);
+        let Some(policy) = self.policy_for(&identity, ip) else { return Ok(None) };
+        if let Some(w) = policy.window {
+            let now = jiff::Timestamp::now().to_zoned(self.tz.clone());
+            let minute = now.hour() as u32 * 60 + now.minute() as u32;
+            if let Err(until) = w.check(minute) {
+                // Come back when it opens, spread over the window's first part.
+                let spread = w.len_minutes().clamp(1, 15) * 60;
+                let secs = u64::from(until) * 60 + jitter(u64::from(spread));
+                return Err(self.refuse(
+                    policy,
+                    "window",
+                    secs,
+                    format!("downloads for policy {:?} are allowed {} only", policy.name, window_text(w)),
+                ));
+            }
+        }
+        let agent = self.agents.get_with(identity.clone(), || {
+            Arc::new(AgentState {
+                bucket: Bucket::new(policy.rate, policy.burst, self.epoch),
+                active: AtomicU32::new(0),
+            })
+        });
+        let prev = agent.active.fetch_add(1, Ordering::Relaxed);
+        if policy.max_concurrent > 0 && prev >= policy.max_concurrent {
+            agent.active.fetch_sub(1, Ordering::Relaxed);
+            return Err(self.refuse(
+                policy,
+                "concurrency",
+                5 + jitter(25),
+                format!("{} downloads at once is the limit for policy {:?}", policy.max_concurrent, policy.name),
+            ));
+        }
+        if prev == 0 {
+            self.active_agents.increment(1.0);
+        }
+        Ok(Some(Permit {
+            agent,
+            policy: policy.clone(),
+            critical,
+            limits: self.clone(),
+            last_touch: Instant::now(),
+            identity,
+        }))
+    }
+
+    fn refuse(&self, policy: &Policy, reason: &'static str, secs: u64, message: String) -> Refusal {
+        metrics::counter!(telemetry::LIMIT_REFUSALS, "policy" => policy.name.clone(), "reason" => reason).increment(1);
+        Refusal { policy: policy.name.clone(), reason, retry_after: Duration::from_secs(secs.max(1)), message }
+    }
+
+    /// Agents with state right now (for the memory measurement).
+    pub fn tracked_agents(&self) -> u64 {
+        self.agents.run_pending_tasks();
+        self.agents.entry_count()
+    }
+}
+
+fn window_text(w: Window) -> String {
+    format!("{:02}:{:02}-{:02}:{:02}", w.start / 60, w.start % 60, w.end / 60, w.end % 60)
+}
+
+/// 0..max seconds, uniformly.
+fn jitter(max: u64) -> u64 {
+    let mut b = [0u8; 8];
+    let _ = getrandom::fill(&mut b);
+    if max == 0 { 0 } else { u64::from_le_bytes(b) % max }
+}
+
+fn compile(p: &PolicyConfig) -> Result<Arc<Policy>, String> {
+    let agents = p
+        .agents
+        .iter()
+        .map(|g| {
+            globset::Glob::new(g.as_ref())
+                .map(|g| g.compile_matcher())
+                .map_err(|e| format!("policy {:?}: agents glob {:?}: {e}", p.name, g.0))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let window = p
+        .window
+        .as_ref()
+        .map(|w| Window::parse(&w.0))
+        .transpose()
+        .map_err(|e| format!("policy {:?}: window {e}", p.name))?;
+    let rate = p.rate.map_or(u64::MAX / 4, |r| r.0);
+    let name = p.name.clone();
+    Ok(Arc::new(Policy {
+        egress: metrics::counter!(telemetry::LIMIT_EGRESS, "policy" => name.clone()),
+        throttled_bytes: metrics::counter!(telemetry::LIMIT_THROTTLED_BYTES, "policy" => name.clone()),
+        wait: metrics::histogram!(telemetry::LIMIT_WAIT, "policy" => name.clone()),
+        name,
+        agents,
+        cidrs: p.cidrs.clone(),
+        rate,
+        // Default burst: a quarter second of traffic, at least 64 KiB.
+        burst: p.burst.map_or((rate / 4).max(64 * 1024), |b| b.0),
+        max_concurrent: p.max_concurrent.unwrap_or(0),
+        window,
+    }))
+}
+
+/// The client's address. `Forwarded: for=` and `X-Forwarded-For` are read
+/// right to left, skipping trusted proxies, and believed only as far as the
+/// chain of trusted proxies reaches from the immediate peer.
+pub fn client_ip(peer: IpAddr, headers: &actix_web::http::header::HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let mut hops: Vec<IpAddr> = Vec::new();
+    for v in headers.get_all(actix_web::http::header::FORWARDED).filter_map(|v| v.to_str().ok()) {
+        for elem in v.split(',') {
+            for pair in elem.split(';') {
+                if let Some((k, val)) = pair.trim().split_once('=')
+                    && k.trim().eq_ignore_ascii_case("for")
+                {
+                    let val = val.trim().trim_matches('"');
+                    let val = val
+                        .strip_prefix('[')
+                        .and_then(|s| s.split(']').next())
+                        .unwrap_or_else(|| val.split(':').next().unwrap_or(val));
+                    if let Ok(ip) = val.parse() {
+                        hops.push(ip);
+                    }
+                }
+            }
+        }
+    }
+    if hops.is_empty() {
+        for v in headers.get_all("x-forwarded-for").filter_map(|v| v.to_str().ok()) {
+            hops.extend(v.split(',').filter_map(|s| s.trim().parse::<IpAddr>().ok()));
+        }
+    }
+    // Rightmost address that is not one of ours; if all are, the leftmost.
+    hops.iter().rev().find(|ip| !is_trusted(ip)).or(hops.first()).copied().unwrap_or(peer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
+
+    #[test]
+    fn bucket_paces_to_the_rate() {
+        let epoch = Instant::now();
+        let b = Bucket::new(1_000_000, 100_000, epoch);
+        // 10 MB at 1 MB/s: the last reservation is due ~9.9 s later.
+        let mut wait = Duration::ZERO;
+        for _ in 0..100 {
+            wait = b.reserve(100_000, epoch);
+        }
+        assert!((wait.as_secs_f64() - 9.9).abs() < 0.01, "{wait:?}");
+        // The burst goes at once.
+        let b = Bucket::new(1_000_000, 100_000, epoch);
+        assert_eq!(b.reserve(100_000, epoch), Duration::ZERO);
+    }
+
+    #[test]
+    fn windows() {
+        let w = Window::parse("00:00-02:00").unwrap();
+        assert_eq!(w.check(30), Ok(()));
+        assert_eq!(w.check(120), Err(1320));
+        let night = Window::parse("22:00-06:00").unwrap();
+        assert_eq!(night.check(23 * 60), Ok(()));
+        assert_eq!(night.check(5 * 60), Ok(()));
+        assert_eq!(night.check(12 * 60), Err(600));
+        for bad in ["", "1-2", "25:00-01:00", "10:00-10:00", "10:60-11:00"] {
+            assert!(Window::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn forwarded_headers_only_from_trusted_peers() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let mut h = HeaderMap::new();
+        h.insert(HeaderName::from_static("x-forwarded-for"), HeaderValue::from_static("203.0.113.7, 10.0.0.2"));
+        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
+        let stranger: IpAddr = "198.51.100.1".parse().unwrap();
+        assert_eq!(client_ip(proxy, &h, &trusted), "203.0.113.7".parse::<IpAddr>().unwrap());
+        assert_eq!(client_ip(stranger, &h, &trusted), stranger);
+        let mut f = HeaderMap::new();
+        f.insert(
+            actix_web::http::header::FORWARDED,
+            HeaderValue::from_static("for=192.0.2.60;proto=http, for=\"[2001:db8::1]:4711\""),
+        );
+        assert_eq!(client_ip(proxy, &f, &trusted), "2001:db8::1".parse::<IpAddr>().unwrap());
+    }
+}
