@@ -27,19 +27,19 @@ small=$(sha256sum "$work/in/small/1/small.bin" | cut -d' ' -f1)
 large=$(sha256sum "$work/in/large/1/large.bin" | cut -d' ' -f1)
 oport=$(free_port)
 printf '[server]\nlisten = "127.0.0.1:%s"\n[origin]\nrepository = "%s"\n[log]\nlevel = "warn"\n' "$oport" "$work/repo" > "$work/origin.toml"
-"$BIN" serve --config "$work/origin.toml" 2>/dev/null & pids+=($!)
+"$BIN" serve --config "$work/origin.toml" >/dev/null 2>&1 & pids+=($!)
 
-start_relay() { # name extra -> port
-  local port; port=$(free_port)
+port=""
+start_relay() { # name extra; sets $port (not a $(...): the server would hold its pipe open)
+  port=$(free_port)
   printf '[server]\nlisten = "127.0.0.1:%s"\n[storage]\ndir = "%s"\n[[upstream]]\nurl = "http://127.0.0.1:%s"\n[trust]\npublic_key = "%s"\n[log]\nlevel = "warn"\n%s\n' \
     "$port" "$work/$1" "$oport" "$pub" "$2" > "$work/$1.toml"
-  "$BIN" serve --config "$work/$1.toml" 2>/dev/null & pids+=($!)
+  "$BIN" serve --config "$work/$1.toml" >/dev/null 2>&1 & pids+=($!)
   for i in $(seq 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
   curl -sf -o /dev/null "http://127.0.0.1:$port/v1/objects/$small"; curl -sf -o /dev/null "http://127.0.0.1:$port/v1/objects/$large"
-  echo "$port"
 }
-off=$(start_relay off "")
-on=$(start_relay on $'[limits]\nidentity = "header"\ntotal_rate = "100GiB/s"\n[[limits.policy]]\nname = "fleet"\nrate = "50GiB/s"\nmax_concurrent = 1000\n')
+start_relay off ""; off=$port
+start_relay on $'[limits]\nidentity = "header"\ntotal_rate = "100GiB/s"\n[[limits.policy]]\nname = "fleet"\nrate = "50GiB/s"\nmax_concurrent = 1000\n'; on=$port
 
 # Every request a new agent id, so per-agent state is created and looked up.
 cat > "$work/ids.lua" <<'LUA'

@@ -88,6 +88,31 @@ impl<'de> serde::Deserialize<'de> for Digest {
     }
 }
 
+/// A hasher for maps keyed by [`Digest`]: a digest is already uniformly
+/// random, so its first 8 bytes are as good a hash as any and cost nothing.
+/// (Map contents come from signed manifests and verified bytes, not from
+/// requests, so there is no one to craft collisions.)
+#[derive(Default, Clone, Copy)]
+pub struct DigestHasher(u64);
+
+impl std::hash::Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut b = [0u8; 8];
+        let n = bytes.len().min(8);
+        b[..n].copy_from_slice(&bytes[..n]);
+        self.0 ^= u64::from_le_bytes(b);
+    }
+
+    fn write_usize(&mut self, _: usize) {}
+}
+
+pub type DigestBuildHasher = std::hash::BuildHasherDefault<DigestHasher>;
+pub type DigestMap<V> = std::collections::HashMap<Digest, V, DigestBuildHasher>;
+
 /// Incremental SHA-256, for bytes that arrive in pieces.
 #[derive(Clone, Default)]
 pub struct Hasher(Sha256);
@@ -126,6 +151,15 @@ mod tests {
         ] {
             assert!(bad.parse::<Digest>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn digest_maps_work() {
+        let mut m: DigestMap<u32> = DigestMap::default();
+        for i in 0..1000u32 {
+            m.insert(Digest::of(&i.to_le_bytes()), i);
+        }
+        assert_eq!(m.get(&Digest::of(&7u32.to_le_bytes())), Some(&7));
     }
 
     #[test]

@@ -74,6 +74,15 @@ impl Bucket {
         }
     }
 
+    /// How long `reserve(n)` would wait, without reserving.
+    pub fn would_wait(&self, n: u64, now: Instant) -> Duration {
+        let now_ns = now.saturating_duration_since(self.epoch).as_nanos() as u64;
+        let cost = (n as f64 / self.rate * 1e9) as u64;
+        let slack = (self.burst / self.rate * 1e9) as u64;
+        let next = self.tat_ns.load(Ordering::Relaxed).max(now_ns) + cost;
+        Duration::from_nanos(next.saturating_sub(now_ns).saturating_sub(slack))
+    }
+
     pub fn burst(&self) -> u64 {
         self.burst as u64
     }
@@ -137,6 +146,21 @@ impl Window {
 pub struct AgentState {
     pub bucket: Bucket,
     active: AtomicU32,
+    key: AgentKey,
+}
+
+/// Who an agent is, as stored.
+#[derive(Clone)]
+enum AgentKey {
+    Id(Arc<str>),
+    Ip(IpAddr),
+}
+
+/// Who an agent is, as read from a request (borrowed: no allocation when the
+/// agent is already known).
+enum Who<'a> {
+    Id(&'a str),
+    Ip(IpAddr),
 }
 
 /// Why a download may not start now.
@@ -156,7 +180,6 @@ pub struct Permit {
     pub critical: bool,
     limits: Arc<Limits>,
     last_touch: Instant,
-    identity: Arc<str>,
 }
 
 impl Permit {
@@ -178,9 +201,24 @@ impl Permit {
         // Keep a long download's agent state from expiring under it.
         if now.duration_since(self.last_touch) > Duration::from_secs(30) {
             self.last_touch = now;
-            let _ = self.limits.agents.get(&self.identity);
+            match &self.agent.key {
+                AgentKey::Id(id) => drop(self.limits.ids.get(id)),
+                AgentKey::Ip(ip) => drop(self.limits.ips.get(ip)),
+            }
         }
         wait
+    }
+
+    /// For a small body: reserve all of it if it may go at once (true), else
+    /// reserve nothing (false, and the body is paced piece by piece).
+    pub fn reserve_if_free(&mut self, n: u64) -> bool {
+        let now = Instant::now();
+        let free = n <= self.piece()
+            && self.agent.bucket.would_wait(n, now).is_zero()
+            && (self.critical || self.limits.total.as_ref().is_none_or(|t| t.would_wait(n, now).is_zero()));
+        // Between the look and the reservation another stream may reserve too;
+        // at worst one small body goes a little early.
+        free && self.reserve(n).is_zero()
     }
 
     /// The largest piece to send between waits.
@@ -202,7 +240,8 @@ impl Drop for Permit {
 /// Everything the limits need at request time.
 pub struct Limits {
     policies: Vec<Arc<Policy>>,
-    agents: moka::sync::Cache<Arc<str>, Arc<AgentState>>,
+    ids: moka::sync::Cache<Arc<str>, Arc<AgentState>>,
+    ips: moka::sync::Cache<IpAddr, Arc<AgentState>>,
     total: Option<Bucket>,
     identity: Identity,
     agent_header: actix_web::http::header::HeaderName,
@@ -238,12 +277,14 @@ impl Limits {
             jiff::tz::TimeZone::get(&cfg.timezone).map_err(|e| format!("limits.timezone {:?}: {e}", cfg.timezone))?
         };
         let policies = cfg.policy.iter().map(compile).collect::<Result<Vec<_>, _>>()?;
-        let agents = moka::sync::Cache::builder().time_to_idle(cfg.idle_ttl.0).build();
+        let ids = moka::sync::Cache::builder().time_to_idle(cfg.idle_ttl.0).build();
+        let ips = moka::sync::Cache::builder().time_to_idle(cfg.idle_ttl.0).build();
         let epoch = Instant::now();
         let total = cfg.total_rate.map(|r| Bucket::new(r.0, cfg.total_burst.map_or(r.0, |b| b.0), epoch));
         Ok(Some(Arc::new(Limits {
             policies,
-            agents,
+            ids,
+            ips,
             total,
             identity,
             agent_header,
@@ -259,24 +300,52 @@ impl Limits {
         client_ip(peer, headers, &self.trusted_proxies)
     }
 
-    fn identity_of(&self, ip: IpAddr, headers: &actix_web::http::header::HeaderMap) -> Arc<str> {
+    fn who<'a>(&self, ip: IpAddr, headers: &'a actix_web::http::header::HeaderMap) -> Who<'a> {
         if self.identity == Identity::Header
             && let Some(v) = headers.get(&self.agent_header).and_then(|v| v.to_str().ok())
         {
             let v = v.trim();
             if !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()) {
-                return Arc::from(format!("id:{v}"));
+                return Who::Id(v);
             }
         }
-        Arc::from(format!("ip:{ip}"))
+        Who::Ip(ip)
     }
 
-    fn policy_for(&self, identity: &str, ip: IpAddr) -> Option<&Arc<Policy>> {
-        let id = identity.strip_prefix("id:").unwrap_or(identity);
+    fn policy_for(&self, who: &Who<'_>, ip: IpAddr) -> Option<&Arc<Policy>> {
+        let mut ip_text = None;
         self.policies.iter().find(|p| {
-            (p.agents.is_empty() || p.agents.iter().any(|g| g.is_match(id)))
-                && (p.cidrs.is_empty() || p.cidrs.iter().any(|c| c.contains(&ip)))
+            let agents_ok = p.agents.is_empty()
+                || match who {
+                    Who::Id(id) => p.agents.iter().any(|g| g.is_match(id)),
+                    Who::Ip(ip) => {
+                        let text: &String = ip_text.get_or_insert_with(|| ip.to_string());
+                        p.agents.iter().any(|g| g.is_match(text.as_str()))
+                    }
+                };
+            agents_ok && (p.cidrs.is_empty() || p.cidrs.iter().any(|c| c.contains(&ip)))
         })
+    }
+
+    /// The agent's state, created on first sight.
+    fn state(&self, who: &Who<'_>, policy: &Policy) -> Arc<AgentState> {
+        let new = |key: AgentKey| {
+            Arc::new(AgentState {
+                bucket: Bucket::new(policy.rate, policy.burst, self.epoch),
+                active: AtomicU32::new(0),
+                key,
+            })
+        };
+        match who {
+            Who::Id(id) => match self.ids.get(*id) {
+                Some(s) => s,
+                None => {
+                    let key: Arc<str> = Arc::from(*id);
+                    self.ids.get_with(key.clone(), || new(AgentKey::Id(key)))
+                }
+            },
+            Who::Ip(ip) => self.ips.get_with(*ip, || new(AgentKey::Ip(*ip))),
+        }
     }
 
     /// Admit a download, or say why not and when to come back.
@@ -287,8 +356,8 @@ impl Limits {
         critical: bool,
     ) -> Result<Option<Permit>, Refusal> {
         let ip = self.client_ip(peer, headers);
-        let identity = self.identity_of(ip, headers);
-        let Some(policy) = self.policy_for(&identity, ip) else { return Ok(None) };
+        let who = self.who(ip, headers);
+        let Some(policy) = self.policy_for(&who, ip) else { return Ok(None) };
         if let Some(w) = policy.window {
             let now = jiff::Timestamp::now().to_zoned(self.tz.clone());
             let minute = now.hour() as u32 * 60 + now.minute() as u32;
@@ -304,12 +373,7 @@ impl Limits {
                 ));
             }
         }
-        let agent = self.agents.get_with(identity.clone(), || {
-            Arc::new(AgentState {
-                bucket: Bucket::new(policy.rate, policy.burst, self.epoch),
-                active: AtomicU32::new(0),
-            })
-        });
+        let agent = self.state(&who, policy);
         let prev = agent.active.fetch_add(1, Ordering::Relaxed);
         if policy.max_concurrent > 0 && prev >= policy.max_concurrent {
             agent.active.fetch_sub(1, Ordering::Relaxed);
@@ -329,7 +393,6 @@ impl Limits {
             critical,
             limits: self.clone(),
             last_touch: Instant::now(),
-            identity,
         }))
     }
 
@@ -340,8 +403,9 @@ impl Limits {
 
     /// Agents with state right now (for the memory measurement).
     pub fn tracked_agents(&self) -> u64 {
-        self.agents.run_pending_tasks();
-        self.agents.entry_count()
+        self.ids.run_pending_tasks();
+        self.ips.run_pending_tasks();
+        self.ids.entry_count() + self.ips.entry_count()
     }
 }
 

@@ -26,6 +26,9 @@ use crate::store::Blob;
 /// The metadata of what a URL names, known before opening any bytes.
 pub struct Representation {
     pub etag: Digest,
+    /// The `ETag` and `Last-Modified` values, preformatted where possible.
+    pub etag_value: HeaderValue,
+    pub modified_value: HeaderValue,
     pub len: u64,
     pub modified: SystemTime,
     pub cache_control: HeaderValue,
@@ -79,8 +82,8 @@ pub fn needs_body(req: &HttpRequest, decision: &Decision) -> bool {
 }
 
 fn common_headers(res: &mut HttpResponseBuilder, rep: &Representation) {
-    res.insert_header((header::ETAG, rep.etag.etag()));
-    res.insert_header((header::LAST_MODIFIED, httpdate::fmt_http_date(rep.modified)));
+    res.insert_header((header::ETAG, rep.etag_value.clone()));
+    res.insert_header((header::LAST_MODIFIED, rep.modified_value.clone()));
     res.insert_header((header::CACHE_CONTROL, rep.cache_control.clone()));
     res.insert_header((header::ACCEPT_RANGES, HeaderValue::from_static("bytes")));
     if let Some(v) = &rep.version
@@ -133,7 +136,22 @@ impl Assembly<'_> {
 }
 
 /// Build the response. `blob` must be `Some` when [`needs_body`] said so.
-pub fn build(rep: &Representation, decision: Decision, blob: Option<&Content>, ctx: ResponseCtx<'_>) -> HttpResponse {
+pub fn build(rep: &Representation, decision: Decision, blob: Option<&Content>, mut ctx: ResponseCtx<'_>) -> HttpResponse {
+    // The common case, a whole small object from memory that needs no pacing:
+    // hand actix the bytes themselves (no stream, no boxing). Under a limit,
+    // the bytes are reserved now; if they are due at once, the download is
+    // over as far as its agent's slot is concerned.
+    let unpaced = match &mut ctx.permit {
+        None => true,
+        Some(p) => blob.is_some_and(|b| matches!(b, Content::Stored(Blob::Memory(_)))) && p.reserve_if_free(rep.len),
+    };
+    if let (true, Decision::Full, Some(Content::Stored(Blob::Memory(bytes)))) = (unpaced, &decision, blob) {
+        let mut res = HttpResponse::Ok();
+        common_headers(&mut res, rep);
+        res.insert_header((header::CONTENT_TYPE, rep.content_type.clone()));
+        ctx.sent_counter.increment(bytes.len() as u64);
+        return res.body(bytes.clone());
+    }
     let mut body = Assembly { blob, pieces: VecDeque::new(), len: 0 };
     let mut res = match &decision {
         Decision::NotModified => {

@@ -5,13 +5,12 @@
 //! It answers: which bytes does this URL mean, how long are they, what is their
 //! digest (the ETag), and when did they first appear (`Last-Modified`).
 
-use std::collections::HashMap;
 use std::time::SystemTime;
 
 use bytes::Bytes;
 
 use super::manifest::{Component, ComponentName, Manifest, VersionEntry, parse_time};
-use crate::digest::Digest;
+use crate::digest::{Digest, DigestMap};
 
 /// A manifest that passed signature verification, with its exact bytes.
 #[derive(Debug)]
@@ -24,7 +23,11 @@ pub struct Catalog {
     pub signature: Bytes,
     pub signature_digest: Digest,
     pub generated_at: SystemTime,
-    objects: HashMap<Digest, ObjectInfo>,
+    /// Header values of the manifest and its signature (the signature's
+    /// `chunks_etag` is unused).
+    pub manifest_texts: HeaderTexts,
+    pub signature_texts: HeaderTexts,
+    objects: DigestMap<ObjectInfo>,
 }
 
 /// What the catalog knows about one payload.
@@ -39,6 +42,30 @@ pub struct ObjectInfo {
     /// Whether a critical component has a version with these bytes (served
     /// ahead of bulk traffic when `limits.total_rate` binds).
     pub critical: bool,
+    /// Response header values, formatted once per manifest instead of per request.
+    pub texts: HeaderTexts,
+}
+
+/// Header values of an object, ready to send (`Bytes`, so a response takes
+/// them without a copy).
+#[derive(Debug, Clone)]
+pub struct HeaderTexts {
+    /// `"<sha256>"`
+    pub etag: Bytes,
+    /// `"<chunks_sha256>"`
+    pub chunks_etag: Bytes,
+    /// HTTP date of `modified`.
+    pub last_modified: Bytes,
+}
+
+impl HeaderTexts {
+    pub fn new(sha256: &Digest, chunks: &Digest, modified: SystemTime) -> Self {
+        HeaderTexts {
+            etag: Bytes::from(sha256.etag()),
+            chunks_etag: Bytes::from(chunks.etag()),
+            last_modified: Bytes::from(httpdate::fmt_http_date(modified)),
+        }
+    }
 }
 
 impl ObjectInfo {
@@ -52,7 +79,7 @@ impl Catalog {
     /// Index a manifest. The caller has verified `signature` over `manifest_bytes`.
     pub fn new(manifest: Manifest, manifest_bytes: Bytes, signature: Bytes) -> Catalog {
         let generated_at = parse_time(&manifest.generated_at).unwrap_or(SystemTime::UNIX_EPOCH);
-        let mut objects: HashMap<Digest, ObjectInfo> = HashMap::new();
+        let mut objects: DigestMap<ObjectInfo> = DigestMap::default();
         for c in manifest.components.values() {
             for v in &c.versions {
                 let modified = v.published_at.as_deref().and_then(parse_time).unwrap_or(generated_at);
@@ -62,19 +89,23 @@ impl Catalog {
                         o.modified = o.modified.min(modified);
                         o.critical |= c.critical;
                     })
-                    .or_insert(ObjectInfo {
+                    .or_insert_with(|| ObjectInfo {
                         sha256: v.sha256,
                         size: v.size,
                         chunk_size: v.chunk_size,
                         chunks_sha256: v.chunks_sha256,
                         modified,
                         critical: c.critical,
+                        texts: HeaderTexts::new(&v.sha256, &v.chunks_sha256, modified),
                     });
             }
         }
+        let (manifest_digest, signature_digest) = (Digest::of(&manifest_bytes), Digest::of(&signature));
         Catalog {
-            manifest_digest: Digest::of(&manifest_bytes),
-            signature_digest: Digest::of(&signature),
+            manifest_texts: HeaderTexts::new(&manifest_digest, &manifest_digest, generated_at),
+            signature_texts: HeaderTexts::new(&signature_digest, &signature_digest, generated_at),
+            manifest_digest,
+            signature_digest,
             manifest,
             manifest_bytes,
             signature,

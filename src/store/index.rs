@@ -14,7 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 
-use crate::digest::Digest;
+use crate::digest::{Digest, DigestBuildHasher};
 use crate::telemetry;
 
 fn millis(t: SystemTime) -> u64 {
@@ -45,7 +45,7 @@ pub struct EvictReport {
 }
 
 pub struct Index {
-    map: moka::sync::Cache<Digest, Arc<Entry>>,
+    map: moka::sync::Cache<Digest, Arc<Entry>, DigestBuildHasher>,
     bytes: AtomicU64,
     objects: AtomicU64,
     pins: ArcSwap<HashSet<Digest>>,
@@ -55,7 +55,7 @@ pub struct Index {
 impl Index {
     pub fn new(budget: Option<u64>) -> Self {
         Index {
-            map: moka::sync::Cache::builder().build(),
+            map: moka::sync::Cache::builder().build_with_hasher(DigestBuildHasher::default()),
             bytes: AtomicU64::new(0),
             objects: AtomicU64::new(0),
             pins: ArcSwap::from_pointee(HashSet::new()),

@@ -30,7 +30,7 @@ use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 
-use crate::digest::{Digest, Hasher};
+use crate::digest::{Digest, DigestBuildHasher, Hasher};
 use atomic::TempFile;
 pub use index::EvictReport;
 use index::Index;
@@ -79,7 +79,7 @@ impl Blob {
 /// object's path on disk, its digest names its bytes.
 #[derive(Clone)]
 pub struct MemoryCache {
-    cache: moka::sync::Cache<Digest, Bytes>,
+    cache: moka::sync::Cache<Digest, Bytes, DigestBuildHasher>,
     max_object: u64,
 }
 
@@ -89,7 +89,7 @@ impl MemoryCache {
         let cache = moka::sync::Cache::builder()
             .max_capacity(capacity)
             .weigher(|_k: &Digest, v: &Bytes| u32::try_from(v.len()).unwrap_or(u32::MAX))
-            .build();
+            .build_with_hasher(DigestBuildHasher::default());
         MemoryCache { cache, max_object: max_object.min(capacity) }
     }
 
