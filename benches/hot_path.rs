@@ -57,9 +57,11 @@ fn lookup(c: &mut Criterion) {
     });
 
     let dir = tempfile::tempdir().unwrap();
-    let (store, _) =
-        Store::open(dir.path(), &StoreOptions { memory_cache: 64 << 20, memory_object_max: 64 << 10, max_size: None })
-            .unwrap();
+    let (store, _) = Store::open(
+        dir.path(),
+        &StoreOptions { memory_cache: 64 << 20, memory_object_max: 64 << 10, max_size: None, mmap: true },
+    )
+    .unwrap();
     let small = vec![7u8; 4096];
     let large = vec![9u8; 1 << 20];
     let (ds, dl) = (Digest::of(&small), Digest::of(&large));

@@ -24,7 +24,7 @@ fn store_open(c: &mut Criterion) {
         }
         std::fs::write(fan.join(hex), data).unwrap();
     }
-    let opts = StoreOptions { memory_cache: 1 << 20, memory_object_max: 0, max_size: None };
+    let opts = StoreOptions { memory_cache: 1 << 20, memory_object_max: 0, max_size: None, mmap: true };
     let mut g = c.benchmark_group("store");
     g.sample_size(10).measurement_time(Duration::from_secs(20));
     g.bench_function("open_100k_objects", |b| {

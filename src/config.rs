@@ -190,6 +190,10 @@ pub struct ServerConfig {
     /// Peers whose `Forwarded` / `X-Forwarded-For` are believed (reverse
     /// proxies, load balancers); from anyone else those headers are ignored.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Cap on each connection's kernel send buffer (SO_SNDBUF). With tens of
+    /// thousands of slow agents, kernel socket memory runs out before the
+    /// relay's; absent: the kernel's own tuning.
+    pub send_buffer: Option<ByteSize>,
 }
 
 impl Default for ServerConfig {
@@ -202,6 +206,7 @@ impl Default for ServerConfig {
             keep_alive: HumanDuration(Duration::from_secs(30)),
             manifest_max_age: HumanDuration(Duration::from_secs(60)),
             trusted_proxies: Vec::new(),
+            send_buffer: None,
         }
     }
 }
@@ -219,6 +224,15 @@ pub struct StorageConfig {
     /// Disk budget for cached objects; least recently used unpinned objects are
     /// evicted above it. Absent: no limit.
     pub max_size: Option<ByteSize>,
+    /// Serve objects larger than `memory_object_max` from read-only memory
+    /// mappings (one copy fewer per byte). Object files must then never be
+    /// edited in place.
+    #[serde(default = "yes")]
+    pub mmap: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_memory_cache() -> ByteSize {

@@ -13,7 +13,7 @@
 //! A request flows one way: `http` -> `store` (hit) or `fill` -> `upstream`
 //! (miss), and the bytes flow back as a stream.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod actors;

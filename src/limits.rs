@@ -222,8 +222,13 @@ impl Permit {
     }
 
     /// The largest piece to send between waits.
+    ///
+    /// The same for every connection of an agent (reservations are served in
+    /// turn, so equal pieces make equal shares), never more than the burst,
+    /// and about a quarter second of the rate: a slow agent's connection holds
+    /// a few kilobytes, not a large buffer.
     pub fn piece(&self) -> u64 {
-        let b = self.agent.bucket.burst();
+        let b = self.agent.bucket.burst().min(self.policy.rate / 4);
         let b = self.limits.total.as_ref().map_or(b, |t| b.min(t.burst()));
         b.clamp(4096, 256 * 1024)
     }
@@ -387,13 +392,7 @@ impl Limits {
         if prev == 0 {
             self.active_agents.increment(1.0);
         }
-        Ok(Some(Permit {
-            agent,
-            policy: policy.clone(),
-            critical,
-            limits: self.clone(),
-            last_touch: Instant::now(),
-        }))
+        Ok(Some(Permit { agent, policy: policy.clone(), critical, limits: self.clone(), last_touch: Instant::now() }))
     }
 
     fn refuse(&self, policy: &Policy, reason: &'static str, secs: u64, message: String) -> Refusal {

@@ -110,6 +110,7 @@ fn open_store(config: &Config, storage: &crate::config::StorageConfig) -> Result
         memory_cache: storage.memory_cache.0,
         memory_object_max: storage.memory_object_max.0,
         max_size: storage.max_size.map(|s| s.0),
+        mmap: storage.mmap,
     };
     let (store, report) = Store::open(&storage.dir, &opts)?;
     tracing::info!(
@@ -157,15 +158,15 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
                 deltas.clone().map(|d| (d, config.sync.retain)),
             );
             reload.reload().map_err(|e| StartError::Repository(format!("{}: {e}", origin.repository.display())))?;
-            let (cache, max_object) = config
+            let (cache, max_object, mmap) = config
                 .storage
                 .as_ref()
-                .map(|s| (s.memory_cache.0, s.memory_object_max.0))
-                .unwrap_or((256 << 20, 64 << 10));
+                .map(|s| (s.memory_cache.0, s.memory_object_max.0, s.mmap))
+                .unwrap_or((256 << 20, 64 << 10, true));
             let addr = reload.start();
             let sync = addr.clone().recipient::<SyncNow>();
             (
-                Source::Origin { repo, memory: MemoryCache::new(cache, max_object) },
+                Source::Origin { repo, memory: MemoryCache::new(cache, max_object, mmap) },
                 ControlPlane::Origin(addr),
                 sync,
                 None,
@@ -224,7 +225,15 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
         0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
         n => n,
     };
+    let send_buffer = config.server.send_buffer.map(|b| b.0 as usize);
     let mut server = HttpServer::new(move || App::new().app_data(state.clone()).configure(http::configure))
+        .on_connect(move |conn, _ext| {
+            if let (Some(size), Some(tcp)) = (send_buffer, conn.downcast_ref::<actix_rt::net::TcpStream>())
+                && let Err(e) = socket2::SockRef::from(tcp).set_send_buffer_size(size)
+            {
+                tracing::debug!(error = %e, "cannot set SO_SNDBUF");
+            }
+        })
         .workers(workers)
         .backlog(config.server.backlog)
         .max_connections(config.server.max_connections_per_worker)

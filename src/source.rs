@@ -115,6 +115,22 @@ fn checked(blob: Blob, target: &Target) -> Result<Blob, SourceError> {
     }
 }
 
+/// Hit and miss counters, resolved once (a label lookup per request is not free).
+fn cache_counter(name: &'static str, target: &Target) -> &'static metrics::Counter {
+    use std::sync::OnceLock;
+    static COUNTERS: OnceLock<[metrics::Counter; 4]> = OnceLock::new();
+    let c = COUNTERS.get_or_init(|| {
+        [
+            metrics::counter!(telemetry::CACHE_HITS, "kind" => "object"),
+            metrics::counter!(telemetry::CACHE_HITS, "kind" => "chunks"),
+            metrics::counter!(telemetry::CACHE_MISSES, "kind" => "object"),
+            metrics::counter!(telemetry::CACHE_MISSES, "kind" => "chunks"),
+        ]
+    });
+    let miss = usize::from(name == telemetry::CACHE_MISSES) * 2;
+    &c[miss + usize::from(target.kind_label() == "chunks")]
+}
+
 pub enum Source {
     Origin { repo: RepoDir, memory: MemoryCache },
     Relay { store: Store, filler: Arc<Filler> },
@@ -133,10 +149,10 @@ impl Source {
             }
             Source::Relay { store, filler } => {
                 if let Some(blob) = store.get(&target.digest)? {
-                    metrics::counter!(telemetry::CACHE_HITS, "kind" => target.kind_label()).increment(1);
+                    cache_counter(telemetry::CACHE_HITS, target).increment(1);
                     return Ok(Content::Stored(checked(blob, target)?));
                 }
-                metrics::counter!(telemetry::CACHE_MISSES, "kind" => target.kind_label()).increment(1);
+                cache_counter(telemetry::CACHE_MISSES, target).increment(1);
                 match filler.attach(target.fill_request())? {
                     Opened::Stored(blob) => Ok(Content::Stored(checked(blob, target)?)),
                     Opened::Filling(mut handle) => {

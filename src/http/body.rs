@@ -25,9 +25,41 @@ use futures_util::Stream;
 use crate::fill::FillHandle;
 use crate::limits::Permit;
 
-/// How much of a file one read takes: large enough to amortise the system call,
-/// small enough that a slow client does not pin much memory.
+/// The largest piece: large enough to amortise system calls for fast clients.
 pub const READ_SIZE: usize = 256 * 1024;
+/// The first piece, and the smallest: what a slow client's connection holds.
+pub const MIN_PIECE: usize = 8 * 1024;
+
+/// Piece size adapts to the client: actix asks for the next piece when its
+/// write buffer has drained, so the time between requests says how fast the
+/// client reads. A fast client's pieces double up to [`READ_SIZE`]; a slow
+/// one's halve down to [`MIN_PIECE`]. A connection then holds about one piece,
+/// so thousands of slow agents cost kilobytes each, not half a megabyte.
+#[derive(Debug)]
+struct Pace {
+    size: usize,
+    last: Option<std::time::Instant>,
+}
+
+impl Pace {
+    fn new() -> Self {
+        Pace { size: MIN_PIECE, last: None }
+    }
+
+    fn next(&mut self) -> usize {
+        let now = std::time::Instant::now();
+        if let Some(last) = self.last {
+            let gap = now.duration_since(last);
+            if gap < std::time::Duration::from_millis(20) {
+                self.size = (self.size * 2).min(READ_SIZE);
+            } else if gap > std::time::Duration::from_millis(200) {
+                self.size = (self.size / 2).max(MIN_PIECE);
+            }
+        }
+        self.last = Some(now);
+        self.size
+    }
+}
 
 pub enum Piece {
     Bytes(Bytes),
@@ -63,17 +95,32 @@ pub struct PieceStream {
     held: Option<(Bytes, Pin<Box<tokio::time::Sleep>>)>,
     /// Where the response's own file is positioned, if known.
     file_pos: Option<u64>,
+    pace: Pace,
 }
 
 impl PieceStream {
     pub fn new(pieces: VecDeque<Piece>, sent_counter: metrics::Counter, permit: Option<Permit>) -> Self {
-        PieceStream { pieces, buf: BytesMut::new(), sent: 0, sent_counter, permit, held: None, file_pos: None }
+        PieceStream {
+            pieces,
+            buf: BytesMut::new(),
+            sent: 0,
+            sent_counter,
+            permit,
+            held: None,
+            file_pos: None,
+            pace: Pace::new(),
+        }
     }
 
     /// The largest piece to produce at once: the read size, or less when a
     /// rate limit paces the stream (so no single piece exceeds the burst).
-    fn max_piece(&self) -> usize {
-        self.permit.as_ref().map_or(READ_SIZE, |p| (p.piece() as usize).min(READ_SIZE))
+    fn max_piece(&mut self) -> usize {
+        // A rate-limited stream uses its permit's fixed piece (fair shares
+        // between an agent's connections); others adapt to the client.
+        match &self.permit {
+            Some(p) => p.piece() as usize,
+            None => self.pace.next(),
+        }
     }
 
     pub fn total_len(&self) -> u64 {

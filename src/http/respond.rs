@@ -136,15 +136,26 @@ impl Assembly<'_> {
 }
 
 /// Build the response. `blob` must be `Some` when [`needs_body`] said so.
-pub fn build(rep: &Representation, decision: Decision, blob: Option<&Content>, mut ctx: ResponseCtx<'_>) -> HttpResponse {
+pub fn build(
+    rep: &Representation,
+    decision: Decision,
+    blob: Option<&Content>,
+    mut ctx: ResponseCtx<'_>,
+) -> HttpResponse {
     // The common case, a whole small object from memory that needs no pacing:
     // hand actix the bytes themselves (no stream, no boxing). Under a limit,
     // the bytes are reserved now; if they are due at once, the download is
     // over as far as its agent's slot is concerned.
-    let unpaced = match &mut ctx.permit {
-        None => true,
-        Some(p) => blob.is_some_and(|b| matches!(b, Content::Stored(Blob::Memory(_)))) && p.reserve_if_free(rep.len),
-    };
+    // (Only small bodies: actix copies a body into the connection's buffer in
+    // one go, and a mapped 24 MiB object must go out in paced pieces.)
+    let small = rep.len <= 64 * 1024;
+    let unpaced = small
+        && match &mut ctx.permit {
+            None => true,
+            Some(p) => {
+                blob.is_some_and(|b| matches!(b, Content::Stored(Blob::Memory(_)))) && p.reserve_if_free(rep.len)
+            }
+        };
     if let (true, Decision::Full, Some(Content::Stored(Blob::Memory(bytes)))) = (unpaced, &decision, blob) {
         let mut res = HttpResponse::Ok();
         common_headers(&mut res, rep);

@@ -20,6 +20,7 @@
 
 pub mod atomic;
 mod index;
+mod mapped;
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
@@ -81,16 +82,22 @@ impl Blob {
 pub struct MemoryCache {
     cache: moka::sync::Cache<Digest, Bytes, DigestBuildHasher>,
     max_object: u64,
+    /// Mappings of larger objects, kept so hot objects stay mapped (no
+    /// `mmap`, no page faults per request); `None` when `storage.mmap` is off.
+    maps: Option<moka::sync::Cache<Digest, Bytes, DigestBuildHasher>>,
 }
 
 impl MemoryCache {
-    /// `capacity` bytes in all; objects up to `max_object` bytes are kept.
-    pub fn new(capacity: u64, max_object: u64) -> Self {
+    /// `capacity` bytes in all; objects up to `max_object` bytes are kept;
+    /// larger ones are mapped when `mmap` is on.
+    pub fn new(capacity: u64, max_object: u64, mmap: bool) -> Self {
         let cache = moka::sync::Cache::builder()
             .max_capacity(capacity)
             .weigher(|_k: &Digest, v: &Bytes| u32::try_from(v.len()).unwrap_or(u32::MAX))
             .build_with_hasher(DigestBuildHasher::default());
-        MemoryCache { cache, max_object: max_object.min(capacity) }
+        let maps = mmap
+            .then(|| moka::sync::Cache::builder().max_capacity(4096).build_with_hasher(DigestBuildHasher::default()));
+        MemoryCache { cache, max_object: max_object.min(capacity), maps }
     }
 
     /// Open the object with digest `digest` stored at `path`, `len` bytes long.
@@ -99,6 +106,9 @@ impl MemoryCache {
     /// error rather than something to serve (a damaged repository or cache).
     pub fn load(&self, digest: &Digest, path: &Path, len: u64) -> Result<Blob, StoreError> {
         if let Some(bytes) = self.cache.get(digest) {
+            return Ok(Blob::Memory(bytes));
+        }
+        if let Some(bytes) = self.maps.as_ref().and_then(|m| m.get(digest)) {
             return Ok(Blob::Memory(bytes));
         }
         let file = File::open(path).map_err(io_err("cannot open", path))?;
@@ -116,15 +126,23 @@ impl MemoryCache {
             self.cache.insert(*digest, bytes.clone());
             return Ok(Blob::Memory(bytes));
         }
+        if let Some(maps) = &self.maps {
+            let bytes = mapped::map(&file).map_err(io_err("cannot map", path))?;
+            maps.insert(*digest, bytes.clone());
+            return Ok(Blob::Memory(bytes));
+        }
         Ok(Blob::File { file: Arc::new(file), len })
     }
 
     pub fn get(&self, digest: &Digest) -> Option<Bytes> {
-        self.cache.get(digest)
+        self.cache.get(digest).or_else(|| self.maps.as_ref()?.get(digest))
     }
 
     pub fn invalidate(&self, digest: &Digest) {
         self.cache.invalidate(digest);
+        if let Some(m) = &self.maps {
+            m.invalidate(digest);
+        }
     }
 }
 
@@ -133,6 +151,8 @@ impl MemoryCache {
 pub struct StoreOptions {
     pub memory_cache: u64,
     pub memory_object_max: u64,
+    /// Serve larger objects from read-only mappings (see `mapped`).
+    pub mmap: bool,
     /// Disk budget for complete objects; `None`: unlimited.
     pub max_size: Option<u64>,
 }
@@ -189,7 +209,7 @@ impl Store {
             }
         }
         let partial_files = fs::read_dir(&partial).map_err(io_err("cannot list", &partial))?.count() as u64;
-        let memory = MemoryCache::new(opts.memory_cache, opts.memory_object_max);
+        let memory = MemoryCache::new(opts.memory_cache, opts.memory_object_max, opts.mmap);
         let (objects_n, bytes) = index.totals();
         let store = Store(Arc::new(Inner { root: root.to_path_buf(), objects, partial, tmp, index, memory }));
         let report =
@@ -430,7 +450,7 @@ mod tests {
     use super::*;
 
     fn opts(max_size: Option<u64>) -> StoreOptions {
-        StoreOptions { memory_cache: 1 << 20, memory_object_max: 16, max_size }
+        StoreOptions { memory_cache: 1 << 20, memory_object_max: 16, max_size, mmap: false }
     }
 
     #[test]
