@@ -48,6 +48,23 @@ pub struct Config {
     pub delta: DeltaConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Record metrics and serve `/metrics`. Off, every metric call is a no-op
+    /// (and `/metrics` answers 404).
+    pub enabled: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { enabled: true }
+    }
 }
 
 /// `[limits]`: per-agent rate and concurrency policies.

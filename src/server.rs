@@ -134,7 +134,8 @@ fn open_deltas(config: &Config, store: Store, objects: Objects) -> Result<Arc<De
 
 /// Start a server for `config`.
 pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer, StartError> {
-    let metrics = telemetry::metrics_handle().map_err(StartError::Metrics)?;
+    let metrics =
+        if config.metrics.enabled { Some(telemetry::metrics_handle().map_err(StartError::Metrics)?) } else { None };
     let published = Published::new();
     let (source, control, sync, status, deltas) = match config.role() {
         Role::Origin => {
@@ -228,7 +229,14 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
     let send_buffer = config.server.send_buffer.map(|b| b.0 as usize);
     let mut server = HttpServer::new(move || App::new().app_data(state.clone()).configure(http::configure))
         .on_connect(move |conn, _ext| {
-            if let (Some(size), Some(tcp)) = (send_buffer, conn.downcast_ref::<actix_rt::net::TcpStream>())
+            let Some(tcp) = conn.downcast_ref::<actix_rt::net::TcpStream>() else { return };
+            // A response goes out in several writes (headers, then pieces);
+            // with Nagle on, the last small one waits for the client's delayed
+            // ACK, 40 ms per response.
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+            if let Some(size) = send_buffer
                 && let Err(e) = socket2::SockRef::from(tcp).set_send_buffer_size(size)
             {
                 tracing::debug!(error = %e, "cannot set SO_SNDBUF");
@@ -246,13 +254,15 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
     let server = server.run();
     let handle = server.handle();
     let task = actix_rt::spawn(server);
-    actix_rt::spawn(async move {
-        let mut tick = tokio::time::interval(telemetry::upkeep_interval());
-        loop {
-            tick.tick().await;
-            metrics.run_upkeep();
-        }
-    });
+    if let Some(metrics) = metrics {
+        actix_rt::spawn(async move {
+            let mut tick = tokio::time::interval(telemetry::upkeep_interval());
+            loop {
+                tick.tick().await;
+                metrics.run_upkeep();
+            }
+        });
+    }
     tracing::info!(role = ?config.role(), "patchrelay listening on http://{addr}");
     Ok(RunningServer { addr, published, handle, task, control })
 }

@@ -67,8 +67,13 @@ impl Conn {
                         .headers
                         .iter()
                         .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                        .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse().ok())
-                        .ok_or_else(|| bad("response without Content-Length"))?;
+                        .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse().ok());
+                    // 304 and 204 carry no body, whatever they say.
+                    let content_length = match (status, content_length) {
+                        (304 | 204, _) => 0,
+                        (_, Some(n)) => n,
+                        (_, None) => return Err(bad("response without Content-Length")),
+                    };
                     self.buf.advance(n);
                     return Ok(Head { status, content_length });
                 }

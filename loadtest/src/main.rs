@@ -3,10 +3,16 @@
 //! - `storm`: N agents ask for one URL at the same moment (the top-of-the-hour
 //!   wave, or a cache miss everyone hits at once); reports first-byte and total
 //!   time percentiles, errors, and deliveries that fail their SHA-256.
+//! - `fleet`: agents that poll the manifest, plan, download deltas or full
+//!   files with random drops and resumes, and verify every step (closed or
+//!   open loop, over several processes).
+//! - `slow`: thousands of agents reading slowly; server memory per connection.
 //!
 //! Every run is bounded in time and count and prints one JSON object.
 
+mod fleet;
 mod http;
+mod slow;
 mod storm;
 
 use clap::{Parser, Subcommand};
@@ -22,6 +28,10 @@ struct Cli {
 enum Command {
     /// N agents GET one URL at once.
     Storm(storm::Args),
+    /// Agents that poll, plan, download (with drops and resumes) and verify.
+    Fleet(fleet::Args),
+    /// Many agents on slow links: errors and server memory per connection.
+    Slow(slow::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -36,6 +46,8 @@ fn main() -> std::process::ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Command::Storm(a) => storm::run(a).await,
+            Command::Fleet(a) => fleet::run(a).await,
+            Command::Slow(a) => slow::run(a).await,
         }
     });
     match result {

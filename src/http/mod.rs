@@ -53,7 +53,8 @@ pub struct AppState {
     pub deltas: Option<Arc<DeltaService>>,
     /// Per-agent limits (absent when no policy is configured).
     pub limits: Option<Arc<Limits>>,
-    pub metrics: PrometheusHandle,
+    /// `None` when `[metrics] enabled = false`.
+    pub metrics: Option<PrometheusHandle>,
     routes: Vec<RouteMetrics>,
 }
 
@@ -64,7 +65,7 @@ impl AppState {
         manifest_max_age: std::time::Duration,
         admin_token: Option<String>,
         control: Services,
-        metrics: PrometheusHandle,
+        metrics: Option<PrometheusHandle>,
     ) -> AppState {
         let Services { sync, status, deltas, limits } = control;
         let mut salt = [0u8; 12];

@@ -476,13 +476,20 @@ async fn admin_sync(req: HttpRequest, state: web::Data<AppState>) -> HttpRespons
 }
 
 async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    let Some(handle) = &state.metrics else {
+        return finish(
+            &state,
+            Route::Metrics,
+            Err(ApiError::NotFound("metrics are off ([metrics] enabled = false)".into())),
+        );
+    };
     if let Some(t) = state.published.last_good_sync() {
         metrics::gauge!(telemetry::SINCE_GOOD_SYNC).set(unix_now().saturating_sub(t) as f64);
     }
     let res = HttpResponse::Ok()
         .insert_header((header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8")))
         .insert_header((header::CACHE_CONTROL, HeaderValue::from_static("no-store")))
-        .body(state.metrics.render());
+        .body(handle.render());
     finish(&state, Route::Metrics, Ok(res))
 }
 
