@@ -177,7 +177,7 @@ pub async fn update(args: UpdateArgs) -> Result<Report, AgentError> {
         bytes = match step.kind.as_str() {
             "delta" => {
                 let h = delta::read_header(&data).map_err(|e| AgentError::Integrity(e.to_string()))?;
-                if h.target != step_to.sha256 {
+                if !h.target.matches(&step_to.sha256) {
                     return Err(AgentError::Integrity(format!(
                         "delta {} -> {} builds the wrong version",
                         step.from, step.to

@@ -4,14 +4,23 @@
 //! file it holds before writing anything:
 //!
 //! ```text
-//! "PRD1"            magic and format version
+//! "PRD2"            magic and format version
 //! algorithm         1 byte: 1 = zstd patch-from, 2 = suffix-array diff
-//! base sha256       32 bytes
-//! target sha256     32 bytes
+//! base tag          8 bytes: the first 8 bytes of the base's SHA-256
+//! target tag        8 bytes: the first 8 bytes of the target's SHA-256
 //! base length       LEB128
 //! target length     LEB128
 //! payload           algorithm-specific
 //! ```
+//!
+//! The tags are for catching mistakes (a delta applied to the wrong file), not
+//! for trust: whoever rebuilds a file checks its full SHA-256 against the signed
+//! manifest, which a forged delta cannot pass. 64 bits make an accidental match
+//! practically impossible, and a delta of a rule list that gained three lines
+//! is a few hundred bytes, so the header's size matters (two full digests made
+//! psl deltas 1.27x the best reference tool; docs/deltas.md). Format 1
+//! ("PRD1", full digests) is still read, so deltas stored by an older relay
+//! stay usable.
 //!
 //! No single method wins everywhere (measured on real releases, docs/deltas.md):
 //! zstd's patch-from mode is best on text that changes a little (rule lists,
@@ -27,8 +36,43 @@ mod zpatch;
 
 use crate::digest::Digest;
 
-pub const MAGIC: &[u8; 4] = b"PRD1";
-const FIXED_HEADER: usize = 4 + 1 + 32 + 32;
+pub const MAGIC: &[u8; 4] = b"PRD2";
+/// Format 1: the same layout with full 32-byte digests.
+const MAGIC_V1: &[u8; 4] = b"PRD1";
+const TAG_LEN: usize = 8;
+const FIXED_HEADER: usize = 4 + 1 + TAG_LEN + TAG_LEN;
+
+/// The first bytes of a SHA-256: enough to tell files apart, not to trust them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Tag([u8; TAG_LEN]);
+
+impl Tag {
+    pub fn of(d: &Digest) -> Tag {
+        let mut t = [0u8; TAG_LEN];
+        t.copy_from_slice(&d.as_bytes()[..TAG_LEN]);
+        Tag(t)
+    }
+
+    /// Whether `d` is the file this tag names.
+    pub fn matches(&self, d: &Digest) -> bool {
+        *self == Tag::of(d)
+    }
+}
+
+impl std::fmt::Display for Tag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        f.write_str("...")
+    }
+}
+
+impl std::fmt::Debug for Tag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
 
 /// How the payload encodes the target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -65,11 +109,11 @@ pub enum DeltaError {
     #[error("delta algorithm {0} is not known to this patchrelay; upgrade it")]
     UnknownAlgorithm(u8),
     #[error("delta is for base {expected} ({expected_len} bytes), but the file is {actual} ({actual_len} bytes)")]
-    WrongBase { expected: Digest, expected_len: u64, actual: Digest, actual_len: u64 },
+    WrongBase { expected: Tag, expected_len: u64, actual: Digest, actual_len: u64 },
     #[error("delta builds a {got}-byte target; {expected} bytes were expected")]
     WrongTargetLength { expected: u64, got: u64 },
     #[error("delta result hashes to {actual}, not {expected}")]
-    WrongResult { expected: Digest, actual: Digest },
+    WrongResult { expected: Tag, actual: Digest },
     #[error("delta is corrupt: {0}")]
     Corrupt(String),
     #[error("target of {0} bytes is over the {1}-byte limit")]
@@ -82,8 +126,8 @@ pub enum DeltaError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
     pub algorithm: Algorithm,
-    pub base: Digest,
-    pub target: Digest,
+    pub base: Tag,
+    pub target: Tag,
     pub base_len: u64,
     pub target_len: u64,
     /// Where the payload starts.
@@ -139,8 +183,8 @@ fn header_bytes(alg: Algorithm, base: &[u8], target: &[u8], base_digest: Digest,
     let mut out = Vec::with_capacity(FIXED_HEADER + 20);
     out.extend_from_slice(MAGIC);
     out.push(alg.id());
-    out.extend_from_slice(base_digest.as_bytes());
-    out.extend_from_slice(target_digest.as_bytes());
+    out.extend_from_slice(&Tag::of(&base_digest).0);
+    out.extend_from_slice(&Tag::of(&target_digest).0);
     put_varint(&mut out, base.len() as u64);
     put_varint(&mut out, target.len() as u64);
     out
@@ -169,21 +213,25 @@ pub fn encode(base: &[u8], target: &[u8], opts: &EncodeOptions) -> Result<Vec<u8
     Ok(best)
 }
 
-/// Parse and check the fixed header.
+/// Parse and check the fixed header (format 2, or format 1 from older relays).
 pub fn read_header(delta: &[u8]) -> Result<Header, DeltaError> {
-    if delta.len() < FIXED_HEADER || &delta[..4] != MAGIC {
-        return Err(DeltaError::NotADelta);
-    }
-    let algorithm = Algorithm::from_id(delta[4]).ok_or(DeltaError::UnknownAlgorithm(delta[4]))?;
-    let digest = |at: usize| {
-        let mut d = [0u8; 32];
-        d.copy_from_slice(&delta[at..at + 32]);
-        Digest::from_bytes(d)
+    let digest_len = match delta.get(..4) {
+        Some(m) if m == MAGIC => TAG_LEN,
+        Some(m) if m == MAGIC_V1 => 32,
+        _ => return Err(DeltaError::NotADelta),
     };
-    let mut pos = FIXED_HEADER;
+    let id = *delta.get(4).ok_or(DeltaError::NotADelta)?;
+    let algorithm = Algorithm::from_id(id).ok_or(DeltaError::UnknownAlgorithm(id))?;
+    let tag = |at: usize| -> Result<Tag, DeltaError> {
+        let mut t = [0u8; TAG_LEN];
+        t.copy_from_slice(delta.get(at..at + TAG_LEN).ok_or(DeltaError::NotADelta)?);
+        Ok(Tag(t))
+    };
+    let (base, target) = (tag(5)?, tag(5 + digest_len)?);
+    let mut pos = 5 + 2 * digest_len;
     let base_len = get_varint(delta, &mut pos).ok_or(DeltaError::NotADelta)?;
     let target_len = get_varint(delta, &mut pos).ok_or(DeltaError::NotADelta)?;
-    Ok(Header { algorithm, base: digest(5), target: digest(37), base_len, target_len, payload_offset: pos })
+    Ok(Header { algorithm, base, target, base_len, target_len, payload_offset: pos })
 }
 
 /// Rebuild the target from `base` and `delta`. `max_target` bounds memory
@@ -204,7 +252,7 @@ pub fn apply(base: &[u8], delta: &[u8], max_target: u64) -> Result<Vec<u8>, Delt
         return Err(DeltaError::WrongTargetLength { expected: h.target_len, got: out.len() as u64 });
     }
     let actual = Digest::of(&out);
-    if actual != h.target {
+    if !h.target.matches(&actual) {
         return Err(DeltaError::WrongResult { expected: h.target, actual });
     }
     Ok(out)
@@ -213,7 +261,7 @@ pub fn apply(base: &[u8], delta: &[u8], max_target: u64) -> Result<Vec<u8>, Delt
 /// Refuse a delta made for another base.
 pub fn check_base(h: &Header, base: &[u8]) -> Result<(), DeltaError> {
     let actual = Digest::of(base);
-    if actual != h.base || base.len() as u64 != h.base_len {
+    if !h.base.matches(&actual) || base.len() as u64 != h.base_len {
         return Err(DeltaError::WrongBase {
             expected: h.base,
             expected_len: h.base_len,
@@ -246,10 +294,28 @@ mod tests {
             assert!(d.len() < b.len() / 20, "{alg:?}: {} of {}", d.len(), b.len());
             assert_eq!(apply(&a, &d, b.len() as u64).unwrap(), b);
             let h = read_header(&d).unwrap();
-            assert_eq!((h.algorithm, h.base, h.target), (alg, Digest::of(&a), Digest::of(&b)));
+            assert_eq!((h.algorithm, h.base, h.target), (alg, Tag::of(&Digest::of(&a)), Tag::of(&Digest::of(&b))));
         }
         let best = encode(&a, &b, &EncodeOptions::default()).unwrap();
         assert_eq!(apply(&a, &best, u64::MAX).unwrap(), b);
+    }
+
+    #[test]
+    fn reads_format_1() {
+        let (a, b) = (release(1), release(2));
+        let d = encode_with(Algorithm::ZstdPatch, &a, &b, 3).unwrap();
+        let h = read_header(&d).unwrap();
+        // The same delta as format 1 wrote it: full digests.
+        let mut v1 = MAGIC_V1.to_vec();
+        v1.push(Algorithm::ZstdPatch.id());
+        v1.extend_from_slice(Digest::of(&a).as_bytes());
+        v1.extend_from_slice(Digest::of(&b).as_bytes());
+        put_varint(&mut v1, a.len() as u64);
+        put_varint(&mut v1, b.len() as u64);
+        v1.extend_from_slice(&d[h.payload_offset..]);
+        assert_eq!(apply(&a, &v1, u64::MAX).unwrap(), b);
+        assert!(matches!(apply(&b, &v1, u64::MAX), Err(DeltaError::WrongBase { .. })));
+        assert_eq!(d.len() + 48, v1.len());
     }
 
     #[test]

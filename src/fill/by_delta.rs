@@ -84,7 +84,7 @@ pub async fn sync(
                 return Err(format!("upstream {}: delta {} does not hash to its plan's sha256", up.name, step.url));
             }
             let header = delta::read_header(&bytes).map_err(|e| e.to_string())?;
-            if header.target != to_entry.sha256 {
+            if !header.target.matches(&to_entry.sha256) {
                 return Err(format!(
                     "upstream {}: delta {} builds {}, the manifest says {}",
                     up.name, step.url, header.target, to_entry.sha256
