@@ -207,6 +207,10 @@ pub struct ServerConfig {
     /// Peers whose `Forwarded` / `X-Forwarded-For` are believed (reverse
     /// proxies, load balancers); from anyone else those headers are ignored.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// How much a connection buffers before asking for more of a response
+    /// (actix's write buffer threshold). Small keeps slow connections cheap;
+    /// fast ones are unaffected (their pieces grow instead).
+    pub write_buffer: ByteSize,
     /// Cap on each connection's kernel send buffer (SO_SNDBUF). With tens of
     /// thousands of slow agents, kernel socket memory runs out before the
     /// relay's; absent: the kernel's own tuning.
@@ -223,6 +227,7 @@ impl Default for ServerConfig {
             keep_alive: HumanDuration(Duration::from_secs(30)),
             manifest_max_age: HumanDuration(Duration::from_secs(60)),
             trusted_proxies: Vec::new(),
+            write_buffer: ByteSize(2 * 1024),
             send_buffer: None,
         }
     }

@@ -211,14 +211,16 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
     };
 
     let limits = Limits::new(&config.limits, &config.server.trusted_proxies).map_err(StartError::Config)?;
-    let state = web::Data::new(AppState::new(
+    let mut state = AppState::new(
         published.clone(),
         source,
         config.server.manifest_max_age.0,
         config.admin.as_ref().map(|a| a.token.0.clone()),
         Services { sync: Some(sync), status, deltas, limits },
         metrics.clone(),
-    ));
+    );
+    state.max_piece = http::body::piece_cap(config.server.send_buffer.map(|b| b.0));
+    let state = web::Data::new(state);
     let listener = TcpListener::bind(config.server.listen)
         .map_err(|source| StartError::Listen { addr: config.server.listen, source })?;
     let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.server.listen, source })?;
@@ -246,6 +248,7 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
         .backlog(config.server.backlog)
         .max_connections(config.server.max_connections_per_worker)
         .keep_alive(config.server.keep_alive.0)
+        .h1_write_buffer_size(config.server.write_buffer.0 as usize)
         .listen(listener)
         .map_err(|source| StartError::Listen { addr, source })?;
     if !opts.handle_signals {

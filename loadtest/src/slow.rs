@@ -38,13 +38,17 @@ pub struct Args {
     pub server_pids: String,
 }
 
-fn rss_kib(pids: &[u32]) -> u64 {
+/// Resident memory of the processes, in KiB: `(all, anonymous)`. The
+/// anonymous part is what connections cost; the rest is file pages (the page
+/// cache, shared with every other reader of those files, including a mapping).
+fn rss_kib(pids: &[u32]) -> (u64, u64) {
+    let field = |s: &str, name: &str| -> u64 {
+        s.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
+    };
     pids.iter()
         .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
-        .filter_map(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .sum()
+        .map(|s| (field(&s, "VmRSS:"), field(&s, "RssAnon:")))
+        .fold((0, 0), |(a, b), (x, y)| (a + x, b + y))
 }
 
 pub async fn run(a: Args) -> Result<String, String> {
@@ -113,9 +117,13 @@ pub async fn run(a: Args) -> Result<String, String> {
         "connected_at_sample": holding,
         "errors": errors,
         "bytes": bytes.load(Ordering::Relaxed),
-        "server_rss_idle_kib": idle,
-        "server_rss_busy_kib": busy,
-        "server_kib_per_connection": if holding > 0 { (busy.saturating_sub(idle)) as f64 / holding as f64 } else { 0.0 },
+        "server_rss_idle_kib": idle.0,
+        "server_rss_busy_kib": busy.0,
+        "server_anon_idle_kib": idle.1,
+        "server_anon_busy_kib": busy.1,
+        // Private memory per connection (file pages are the shared page cache).
+        "server_kib_per_connection": if holding > 0 { (busy.1.saturating_sub(idle.1)) as f64 / holding as f64 } else { 0.0 },
+        "server_rss_kib_per_connection": if holding > 0 { (busy.0.saturating_sub(idle.0)) as f64 / holding as f64 } else { 0.0 },
         "elapsed_s": started.elapsed().as_secs_f64(),
     })
     .to_string())

@@ -27,37 +27,68 @@ use crate::limits::Permit;
 
 /// The largest piece: large enough to amortise system calls for fast clients.
 pub const READ_SIZE: usize = 256 * 1024;
-/// The first piece, and the smallest: what a slow client's connection holds.
-pub const MIN_PIECE: usize = 8 * 1024;
+/// The first piece, and the smallest, unless `server.send_buffer` caps pieces.
+/// A 64 KiB range (a resuming agent's typical request) then goes in one write.
+pub const MIN_PIECE: usize = 64 * 1024;
+/// Polls closer than this mean the socket took the last piece at once.
+const QUICK: std::time::Duration = std::time::Duration::from_millis(20);
+/// Polls further apart than this mean the client reads slowly.
+const SLOW: std::time::Duration = std::time::Duration::from_millis(200);
+/// A response following a fill gives way to others after this many bytes.
+///
+/// When a verified block lands, every waiter on that object wakes at once. The
+/// ones polled first would otherwise copy the whole new block (and everything
+/// they are behind) before the next waiter sends its first byte: with 1,000
+/// waiters, the last one's first byte came seconds late. Yielding after a
+/// share puts each waiter back in the run queue behind the others, so every
+/// waiter starts early and all catch up at the same pace.
+const FILL_SHARE: usize = 64 * 1024;
 
-/// Piece size adapts to the client: actix asks for the next piece when its
-/// write buffer has drained, so the time between requests says how fast the
-/// client reads. A fast client's pieces double up to [`READ_SIZE`]; a slow
-/// one's halve down to [`MIN_PIECE`]. A connection then holds about one piece,
-/// so thousands of slow agents cost kilobytes each, not half a megabyte.
+/// Piece size adapts to the client, like TCP's slow start. actix asks for the
+/// next piece as soon as the socket took the previous one, so quick polls mean
+/// a fast client: pieces double up to the cap. A long gap means a slow client:
+/// back to the smallest. Whatever piece the socket could not take waits in
+/// actix's write buffer, so a slow connection holds about one piece.
+///
+/// The cap is [`READ_SIZE`], or an eighth of `server.send_buffer` when the
+/// operator caps socket buffers for many slow agents. Without a cap, the kernel
+/// lets each socket buffer up to `tcp_wmem`'s maximum (megabytes), and pieces
+/// of 64 KiB and up cost little beside it. With one, memory per connection is
+/// what the operator is saving, and what a slow connection holds is actix's
+/// buffers plus about one piece: 2 KiB pieces measured 12.7 KiB per slow
+/// connection, 8 KiB pieces 23.8 KiB (docs/performance.md).
 #[derive(Debug)]
 struct Pace {
     size: usize,
+    max: usize,
     last: Option<std::time::Instant>,
 }
 
 impl Pace {
-    fn new() -> Self {
-        Pace { size: MIN_PIECE, last: None }
+    fn new(max: usize) -> Self {
+        Pace { size: MIN_PIECE.min(max), max, last: None }
     }
 
     fn next(&mut self) -> usize {
         let now = std::time::Instant::now();
         if let Some(last) = self.last {
             let gap = now.duration_since(last);
-            if gap < std::time::Duration::from_millis(20) {
-                self.size = (self.size * 2).min(READ_SIZE);
-            } else if gap > std::time::Duration::from_millis(200) {
-                self.size = (self.size / 2).max(MIN_PIECE);
+            if gap < QUICK {
+                self.size = (self.size * 2).min(self.max);
+            } else if gap > SLOW {
+                self.size = MIN_PIECE.min(self.max);
             }
         }
         self.last = Some(now);
         self.size
+    }
+}
+
+/// The largest piece for connections whose send buffer is capped at `send_buffer`.
+pub fn piece_cap(send_buffer: Option<u64>) -> usize {
+    match send_buffer {
+        Some(b) => ((b / 8) as usize).clamp(2 * 1024, READ_SIZE),
+        None => READ_SIZE,
     }
 }
 
@@ -96,6 +127,8 @@ pub struct PieceStream {
     /// Where the response's own file is positioned, if known.
     file_pos: Option<u64>,
     pace: Pace,
+    /// Bytes of a filling object sent since this stream last gave way.
+    since_yield: usize,
 }
 
 impl PieceStream {
@@ -108,7 +141,8 @@ impl PieceStream {
             permit,
             held: None,
             file_pos: None,
-            pace: Pace::new(),
+            pace: Pace::new(READ_SIZE),
+            since_yield: 0,
         }
     }
 
@@ -121,6 +155,12 @@ impl PieceStream {
             Some(p) => p.piece() as usize,
             None => self.pace.next(),
         }
+    }
+
+    /// Cap piece sizes (see [`piece_cap`]).
+    pub fn with_max_piece(mut self, max: usize) -> Self {
+        self.pace = Pace::new(max.max(1));
+        self
     }
 
     pub fn total_len(&self) -> u64 {
@@ -241,7 +281,10 @@ impl PieceStream {
                     };
                     if available <= *offset {
                         match handle.poll_change(cx) {
-                            Poll::Pending => return Poll::Pending,
+                            Poll::Pending => {
+                                this.since_yield = 0;
+                                return Poll::Pending;
+                            }
                             Poll::Ready(Some(_)) => continue,
                             Poll::Ready(None) => {
                                 this.pieces.clear();
@@ -249,7 +292,13 @@ impl PieceStream {
                             }
                         }
                     }
+                    if this.since_yield >= FILL_SHARE {
+                        this.since_yield = 0;
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
                     let want = (*len).min(available - *offset).min(max as u64) as usize;
+                    this.since_yield += want;
                     let (file, at) = (handle.file().clone(), *offset);
                     match this.read_file(&file, at, want) {
                         Ok(bytes) => {

@@ -55,6 +55,8 @@ pub struct AppState {
     pub limits: Option<Arc<Limits>>,
     /// `None` when `[metrics] enabled = false`.
     pub metrics: Option<PrometheusHandle>,
+    /// The largest body piece (`body::piece_cap` of `server.send_buffer`).
+    pub max_piece: usize,
     routes: Vec<RouteMetrics>,
 }
 
@@ -85,6 +87,7 @@ impl AppState {
             deltas,
             limits,
             metrics,
+            max_piece: body::READ_SIZE,
             routes: Route::ALL.iter().map(|r| RouteMetrics::new(r.label())).collect(),
         }
     }

@@ -109,6 +109,8 @@ pub struct ResponseCtx<'a> {
     pub sent_counter: metrics::Counter,
     /// The agent's download slot and rate, when a limit policy applies.
     pub permit: Option<Permit>,
+    /// The largest body piece (see `body::piece_cap`).
+    pub max_piece: usize,
 }
 
 /// The body being assembled: its exact length always, its pieces only when
@@ -204,5 +206,8 @@ pub fn build(
         }
     };
     common_headers(&mut res, rep);
-    res.body(SizedStream::new(body.len, PieceStream::new(body.pieces, ctx.sent_counter, ctx.permit)))
+    res.body(SizedStream::new(
+        body.len,
+        PieceStream::new(body.pieces, ctx.sent_counter, ctx.permit).with_max_piece(ctx.max_piece),
+    ))
 }

@@ -95,7 +95,12 @@ async fn serve(
     } else {
         None
     };
-    let ctx = ResponseCtx { boundary: &state.boundary, sent_counter: state.route(route).bytes.clone(), permit };
+    let ctx = ResponseCtx {
+        boundary: &state.boundary,
+        sent_counter: state.route(route).bytes.clone(),
+        permit,
+        max_piece: state.max_piece,
+    };
     Ok(respond::build(&rep, decision, blob.as_ref(), ctx))
 }
 
