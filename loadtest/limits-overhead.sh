@@ -1,14 +1,24 @@
 #!/usr/bin/env bash
-# What limits cost when they never bind: the same relay and workload with no
-# policy, and with a policy far above the traffic (every agent id distinct, so
-# every request goes through identity, policy match, agent state and pacing).
-# Alternates ROUNDS times; prints medians and the ratio.
+# What metrics and limits cost when limits never bind. Three relays on the
+# same files, same workload, alternating ROUNDS times:
+#   off      [metrics] enabled = false, no limits
+#   metrics  metrics on (the default), no limits
+#   on       metrics on, and a policy and total cap far above the traffic
+#            (every request carries an agent id drawn from AGENT_IDS, so
+#            requests go through identity, policy match, agent state, buckets
+#            and pacing)
+# Prints medians and the ratios against "off".
+#
+#   loadtest/limits-overhead.sh                       # 100,000 agent ids: the worst case
+#   AGENT_IDS=256 WORKLOADS=small loadtest/limits-overhead.sh   # one agent per connection
 #
 #   loadtest/limits-overhead.sh            # needs wrk, nginx, curl, a release build
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-8}
 ROUNDS=${ROUNDS:-5}
+AGENT_IDS=${AGENT_IDS:-100000}
+WORKLOADS=${WORKLOADS:-small,large}
 BIN=${BIN:-target/release/patchrelay}
 for t in wrk curl "$BIN"; do command -v "$t" >/dev/null 2>&1 || { echo "missing: $t" >&2; exit 2; }; done
 
@@ -38,27 +48,30 @@ start_relay() { # name extra; sets $port (not a $(...): the server would hold it
   for i in $(seq 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
   curl -sf -o /dev/null "http://127.0.0.1:$port/v1/objects/$small"; curl -sf -o /dev/null "http://127.0.0.1:$port/v1/objects/$large"
 }
-start_relay off ""; off=$port
+start_relay off $'[metrics]\nenabled = false\n'; off=$port
+start_relay metrics ""; met=$port
 start_relay on $'[limits]\nidentity = "header"\ntotal_rate = "100GiB/s"\n[[limits.policy]]\nname = "fleet"\nrate = "50GiB/s"\nmax_concurrent = 1000\n'; on=$port
 
-# Every request a new agent id, so per-agent state is created and looked up.
-cat > "$work/ids.lua" <<'LUA'
-local n = 0
+# Every request an agent id, so per-agent state is created and looked up.
+cat > "$work/ids.lua" <<LUA
 request = function()
-  n = n + 1
-  return wrk.format(nil, nil, { ["X-Agent-Id"] = "agent-" .. math.random(1, 100000) })
+  return wrk.format(nil, nil, { ["X-Agent-Id"] = "agent-" .. math.random(1, $AGENT_IDS) })
 end
 LUA
 run() { wrk -t2 -c"$2" -d"${DURATION}s" -s "$work/ids.lua" "$1" 2>&1 | awk '/Requests\/sec/ {r=$2} /Transfer\/sec/ {v=$2; u=v; gsub(/[0-9.]/,"",u); sub(/[A-Za-z]+$/,"",v); m=(u=="GB")?1024:(u=="MB")?1:(u=="KB")?1/1024:1/1048576; t=v*m} END {print r, t}'; }
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2}'; }
-printf '\n%-32s %12s %12s %8s\n' "workload (median of $ROUNDS)" "limits off" "limits on" "on/off"
-for w in "4KiB object, 256 conns, req/s|/v1/objects/$small|256|1" "24MiB object, 16 conns, MB/s|/v1/objects/$large|16|2"; do
-  IFS='|' read -r label path conns field <<<"$w"
-  : > "$work/a"; : > "$work/b"
+ratio() { awk -v x="$1" -v y="$2" 'BEGIN{printf "%.3f", x/y}'; }
+echo; echo "agent ids drawn from $AGENT_IDS"
+printf '%-32s %10s %10s %10s %9s %9s\n' "workload (median of $ROUNDS)" off metrics "metrics+limits" "met/off" "all/off"
+for w in "small|4KiB object, 256 conns, req/s|/v1/objects/$small|256|1" "large|24MiB object, 16 conns, MB/s|/v1/objects/$large|16|2"; do
+  IFS='|' read -r name label path conns field <<<"$w"
+  case ",$WORKLOADS," in *",$name,"*) ;; *) continue;; esac
+  : > "$work/a"; : > "$work/b"; : > "$work/c"
   for r in $(seq "$ROUNDS"); do
     run "http://127.0.0.1:$off$path" "$conns" | awk -v f="$field" '{print $f}' >> "$work/a"
-    run "http://127.0.0.1:$on$path" "$conns" | awk -v f="$field" '{print $f}' >> "$work/b"
+    run "http://127.0.0.1:$met$path" "$conns" | awk -v f="$field" '{print $f}' >> "$work/b"
+    run "http://127.0.0.1:$on$path" "$conns" | awk -v f="$field" '{print $f}' >> "$work/c"
   done
-  a=$(median < "$work/a"); b=$(median < "$work/b")
-  printf '%-32s %12s %12s %8s\n' "$label" "$a" "$b" "$(awk -v x="$b" -v y="$a" 'BEGIN{printf "%.3f", x/y}')"
+  a=$(median < "$work/a"); b=$(median < "$work/b"); c=$(median < "$work/c")
+  printf '%-32s %10s %10s %10s %9s %9s\n' "$label" "$a" "$b" "$c" "$(ratio "$b" "$a")" "$(ratio "$c" "$a")"
 done
