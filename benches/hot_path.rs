@@ -38,8 +38,9 @@ fn synthetic_manifest(components: usize, versions: usize) -> Vec<u8> {
         let vs: Vec<_> = (0..versions)
             .map(|v| {
                 let d = Digest::of(format!("{c}-{v}").as_bytes());
+                let chunks = Digest::of(format!("chunks-{c}-{v}").as_bytes());
                 serde_json::json!({"version": format!("{}", 100 + v), "sha256": d, "size": 4096,
-                    "file_name": "p.bin", "chunk_size": 1048576, "chunks_sha256": d})
+                    "file_name": "p.bin", "chunk_size": 1048576, "chunks_sha256": chunks})
             })
             .collect();
         comps.insert(
