@@ -21,9 +21,10 @@
 //!   `max_concurrent`, or outside the policy's `window`, the answer is 429 with
 //!   a `Retry-After` spread at random, so a refused wave does not come back in
 //!   step.
-//! - **State** for an agent lives in a sharded table whose idle entries expire
-//!   after `idle_ttl` (see `agents`), so 100,000 distinct agents cost a
-//!   bounded, measured amount of memory (see the README) and idle ones nothing.
+//! - **State** for an agent lives in a sharded table whose idle entries are
+//!   forgotten after `idle_ttl` by a sweep that runs as lookups go by (see
+//!   `agents`), so 100,000 distinct agents cost a bounded, measured amount of
+//!   memory (docs/performance.md).
 //!
 //! No policy configured: nothing here runs, and serving pays nothing for it.
 
@@ -245,10 +246,12 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
+        // The idle clock starts when a download ends; touched before the
+        // slot is released, so a sweep never sees a just-finished agent with
+        // the time it was admitted (its bucket would be forgotten early).
+        self.agent.touch(self.limits.now_ns());
         if self.agent.active.fetch_sub(1, Ordering::Relaxed) == 1 {
             self.limits.active_agents.decrement(1.0);
-            // The idle clock starts when the last download ends.
-            self.agent.touch(self.limits.now_ns());
         }
     }
 }

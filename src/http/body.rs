@@ -82,6 +82,12 @@ impl Pace {
         self.last = Some(now);
         self.size
     }
+
+    /// The stream returned Pending for its own reasons (no data yet, or
+    /// giving way): the gap to the next poll says nothing about the client.
+    fn forget(&mut self) {
+        self.last = None;
+    }
 }
 
 /// The largest piece for connections whose send buffer is capped at `send_buffer`.
@@ -152,7 +158,9 @@ impl PieceStream {
         // A rate-limited stream uses its permit's fixed piece (fair shares
         // between an agent's connections); others adapt to the client.
         match &self.permit {
-            Some(p) => p.piece() as usize,
+            // Under the same cap as unlimited streams: a rate-limited fleet
+            // is exactly the many slow agents `send_buffer` is set for.
+            Some(p) => (p.piece() as usize).min(self.pace.max),
             None => self.pace.next(),
         }
     }
@@ -283,6 +291,7 @@ impl PieceStream {
                         match handle.poll_change(cx) {
                             Poll::Pending => {
                                 this.since_yield = 0;
+                                this.pace.forget();
                                 return Poll::Pending;
                             }
                             Poll::Ready(Some(_)) => continue,
@@ -294,6 +303,7 @@ impl PieceStream {
                     }
                     if this.since_yield >= FILL_SHARE {
                         this.since_yield = 0;
+                        this.pace.forget();
                         cx.waker().wake_by_ref();
                         return Poll::Pending;
                     }

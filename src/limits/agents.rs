@@ -75,8 +75,11 @@ impl<K: Hash + Eq, V: Clone + Expiring> AgentTable<K, V> {
                 v
             }
         };
-        drop(shard);
+        // Under the lock: a sweep must never see the old time for an entry
+        // that is being handed out (it would drop it, and the agent's next
+        // request would get a fresh bucket and concurrency count).
         v.touch(now);
+        drop(shard);
         v
     }
 
