@@ -196,7 +196,10 @@ pub struct Permit {
 impl Permit {
     /// Reserve `n` bytes on every bucket that applies; how long to wait.
     pub fn reserve(&mut self, n: u64) -> Duration {
-        let now = Instant::now();
+        self.reserve_at(n, Instant::now())
+    }
+
+    fn reserve_at(&mut self, n: u64, now: Instant) -> Duration {
         let mut wait = self.agent.bucket.reserve(n, now);
         if let Some(total) = &self.limits.total {
             let t = total.reserve(n, now);
@@ -222,7 +225,7 @@ impl Permit {
             && (self.critical || self.limits.total.as_ref().is_none_or(|t| t.would_wait(n, now).is_zero()));
         // Between the look and the reservation another stream may reserve too;
         // at worst one small body goes a little early.
-        free && self.reserve(n).is_zero()
+        free && self.reserve_at(n, now).is_zero()
     }
 
     /// The largest piece to send between waits.
@@ -262,8 +265,10 @@ pub struct Limits {
     /// Keyed by a 64-bit keyed hash of the id, not the id: a lookup then
     /// touches no string (one cache miss fewer among 100,000 agents) and an
     /// agent costs no allocation for its name. Two ids would have to collide
-    /// in 64 bits of SipHash under a secret key to share a bucket.
-    ids: AgentTable<u64, Arc<AgentState>>,
+    /// in 64 bits of SipHash under a secret key to share a bucket. The key is
+    /// already uniformly random, so the table hashes it no further (the
+    /// digest maps' pass-through hasher); no client can aim at a shard.
+    ids: AgentTable<u64, Arc<AgentState>, crate::digest::DigestBuildHasher>,
     id_hasher: std::hash::RandomState,
     ips: AgentTable<IpAddr, Arc<AgentState>>,
     total: Option<Bucket>,

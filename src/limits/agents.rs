@@ -31,16 +31,19 @@ pub trait Expiring {
     fn busy(&self) -> bool;
 }
 
-pub struct AgentTable<K, V> {
-    shards: Box<[Mutex<HashMap<K, V>>]>,
-    hasher: RandomState,
+/// `S` hashes keys once per lookup, for the shard and the shard's map alike:
+/// a keyed hash for keys a client chooses (addresses), or none at all for keys
+/// that already are one (agent ids, stored as their keyed 64-bit hash).
+pub struct AgentTable<K, V, S = RandomState> {
+    shards: Box<[Mutex<HashMap<K, V, S>>]>,
+    hasher: S,
     lookups: AtomicUsize,
     ttl_ns: u64,
 }
 
-impl<K: Hash + Eq, V: Clone + Expiring> AgentTable<K, V> {
+impl<K: Hash + Eq, V: Clone + Expiring, S: BuildHasher + Clone + Default> AgentTable<K, V, S> {
     pub fn new(ttl: std::time::Duration) -> Self {
-        let hasher = RandomState::new();
+        let hasher = S::default();
         AgentTable {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::with_hasher(hasher.clone()))).collect(),
             hasher,
@@ -49,7 +52,7 @@ impl<K: Hash + Eq, V: Clone + Expiring> AgentTable<K, V> {
         }
     }
 
-    fn shard(&self, i: usize) -> MutexGuard<'_, HashMap<K, V>> {
+    fn shard(&self, i: usize) -> MutexGuard<'_, HashMap<K, V, S>> {
         // Nothing panics while a shard is locked, so a poisoned lock still
         // guards a consistent map.
         self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
@@ -65,7 +68,9 @@ impl<K: Hash + Eq, V: Clone + Expiring> AgentTable<K, V> {
         if n.is_multiple_of(SWEEP_EVERY) {
             self.sweep((n / SWEEP_EVERY) % SHARDS, now);
         }
-        let i = (self.hasher.hash_one(key) as usize) % SHARDS;
+        // Middle bits: the shard's map uses the low bits for its bucket and the
+        // top 7 for its control bytes, so those must still vary within a shard.
+        let i = ((self.hasher.hash_one(key) >> 32) as usize) % SHARDS;
         let mut shard = self.shard(i);
         let v = match shard.get(key) {
             Some(v) => v.clone(),
