@@ -112,14 +112,17 @@ import json, sys
 name, j, up = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
 fb, tt = j["first_byte_ms"], j["total_ms"]
 bad = sum(j["errors"].values())
-print(f'{name:<34} {up:>9} {fb["p50"]:>10.0f} {fb["p99"]:>10.0f} {tt["min"]:>10.0f} {tt["p50"]:>10.0f} {tt["max"]:>10.0f} {j["ok"]:>6} {bad:>6} {j["corrupt"]:>7}')
+rd = j["first_read_ms"]
+print(f'{name:<34} {up:>9} {fb["p50"]:>10.0f} {fb["p99"]:>10.0f} {rd["p50"]:>10.0f} {tt["min"]:>10.0f} {tt["p50"]:>10.0f} {tt["max"]:>10.0f} {j["ok"]:>6} {bad:>6} {j["corrupt"]:>7}')
 PY
 }
 echo
 echo "$AGENTS agents, one uncached ${SIZE_MIB} MiB object, upstream throttled to $((rate / 1024)) KiB/s per connection (fill ~${FILL_SECONDS}s)"
-printf '%-34s %9s %10s %10s %10s %10s %10s %6s %6s %7s\n' "" "upstream" "first-byte" "first-byte" "done min" "done p50" "done max" "ok" "errors" "corrupt"
-printf '%-34s %9s %10s %10s %10s %10s %10s %6s %6s %7s\n' "" "requests" "p50 ms" "p99 ms" "ms" "ms" "ms" "" "" ""
+printf '%-34s %9s %10s %10s %10s %10s %10s %10s %6s %6s %7s\n' "" "upstream" "first-byte" "first-byte" "read" "done min" "done p50" "done max" "ok" "errors" "corrupt"
+printf '%-34s %9s %10s %10s %10s %10s %10s %10s %6s %6s %7s\n' "" "requests" "p50 ms" "p99 ms" "p50 ms" "ms" "ms" "ms" "" "" ""
 row "patchrelay" "$r" "$r_up"
 row "nginx proxy_cache, cache_lock on" "$n" "$n_up"
-echo "(done min ~ the fill time: no agent can finish before the object has arrived)"
+echo "(first-byte: when the first body byte reached each agent's socket, by the kernel's receive stamp;"
+echo " read: when the load generator, sharing these cores with the servers, got round to reading it."
+echo " done min ~ the fill time: no agent can finish before the object has arrived)"
 echo "machine: $(nproc) cores, $(uname -r), nginx $($NGINX -v 2>&1 | cut -d/ -f2)"

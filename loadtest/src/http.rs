@@ -8,8 +8,14 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 
-use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::io::IoSliceMut;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut, BytesMut};
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg, setsockopt, sockopt};
+use nix::sys::time::TimeSpec;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpSocket, TcpStream};
 
 pub struct Conn {
@@ -42,6 +48,60 @@ impl Conn {
         let stream = sock.connect(target).await?;
         stream.set_nodelay(true)?;
         Ok(Conn { stream, buf: BytesMut::with_capacity(4096), host: target.to_string() })
+    }
+
+    /// Read the body in pieces of up to `n` bytes (4 KiB unless set): fewer
+    /// reads for agents that take whole files, a small buffer for slow ones.
+    pub fn read_buffer(&mut self, n: usize) {
+        self.buf.reserve(n);
+    }
+
+    /// Ask the kernel to stamp received data with its arrival time, for
+    /// [`Conn::first_body_arrival`].
+    pub fn stamp_arrivals(&self) -> io::Result<()> {
+        setsockopt(&self.stream, sockopt::ReceiveTimestampns, &true).map_err(io::Error::from)
+    }
+
+    /// When the first body byte reached this socket, by the kernel's receive
+    /// timestamp (wall clock), or `None` if it was already read with the head.
+    ///
+    /// The time this process reads a byte is the time the server sent it plus
+    /// however long this process took to get round to that agent; with a
+    /// thousand agents sharing two cores, the second part dominates. The arrival
+    /// stamp leaves it out, as a real agent on its own machine would.
+    pub async fn first_body_arrival(&mut self) -> io::Result<Option<SystemTime>> {
+        if !self.buf.is_empty() {
+            return Ok(None);
+        }
+        let fd = self.stream.as_raw_fd();
+        loop {
+            self.stream.readable().await?;
+            let got = self.stream.try_io(Interest::READABLE, || {
+                // One byte, so the stamp is that of the first segment.
+                let mut byte = [0u8; 1];
+                let mut space = nix::cmsg_space!(TimeSpec);
+                let mut iov = [IoSliceMut::new(&mut byte)];
+                let msg = recvmsg::<()>(fd, &mut iov, Some(&mut space), MsgFlags::empty()).map_err(io::Error::from)?;
+                let mut stamp = None;
+                for c in msg.cmsgs().map_err(io::Error::from)? {
+                    if let ControlMessageOwned::ScmTimestampns(t) = c {
+                        stamp = Some(UNIX_EPOCH + Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32));
+                    }
+                }
+                Ok((msg.bytes, byte[0], stamp))
+            });
+            match got {
+                Ok((0, _, _)) => {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed before the body"));
+                }
+                Ok((_, byte, stamp)) => {
+                    self.buf.put_u8(byte);
+                    return Ok(stamp);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Send `GET path` with extra header lines (each "Name: value").
@@ -105,6 +165,11 @@ impl Conn {
             sink(&self.buf[..take]);
             self.buf.advance(take);
             got += take as u64;
+            // One piece per turn. Simulated agents share this process's CPU, as real
+            // ones do not: an agent whose socket is full would otherwise hash
+            // megabytes before the others read their first byte, and first-byte
+            // figures would measure this client's scheduling, not the server.
+            tokio::task::yield_now().await;
         }
         Ok(got)
     }

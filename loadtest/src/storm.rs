@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use hdrhistogram::Histogram;
 use serde_json::json;
@@ -34,7 +34,11 @@ pub struct Args {
 }
 
 struct Outcome {
+    head: Option<Duration>,
+    /// When the first body byte reached the agent's socket (kernel stamp).
     first_byte: Duration,
+    /// When this process read it.
+    first_read: Duration,
     total: Duration,
     result: Result<bool, String>,
 }
@@ -53,30 +57,41 @@ pub async fn run(a: Args) -> Result<String, String> {
             // Connect first, then all ask at the same instant.
             let conn = Conn::connect(target, Some(source), None).await;
             barrier.wait().await;
-            let t0 = Instant::now();
-            let mut first = None;
+            let (t0, wall0) = (Instant::now(), SystemTime::now());
+            let (mut head_at, mut arrived, mut read_at) = (None, None, None);
             let result = async {
                 let mut conn = conn.map_err(|e| format!("connect: {e}"))?;
+                conn.read_buffer(64 << 10);
+                conn.stamp_arrivals().map_err(|e| format!("connect: SO_TIMESTAMPNS: {e}"))?;
                 let head = conn.get(&path, &[]).await.map_err(|e| format!("request: {e}"))?;
+                head_at = Some(t0.elapsed());
                 if head.status != 200 {
                     return Err(format!("status {}", head.status));
                 }
+                if head.content_length > 0 {
+                    let stamp = conn.first_body_arrival().await.map_err(|e| format!("body: {e}"))?;
+                    read_at = Some(t0.elapsed());
+                    // A stamp before the request was sent is a clock step: use the read time.
+                    arrived = stamp.and_then(|s| s.duration_since(wall0).ok()).or(read_at);
+                }
                 let mut h = Sha256::new();
-                conn.read_body(head.content_length, None, |b| {
-                    if first.is_none() {
-                        first = Some(t0.elapsed());
-                    }
-                    h.update(b);
-                })
-                .await
-                .map_err(|e| format!("body: {e}"))?;
+                conn.read_body(head.content_length, None, |b| h.update(b)).await.map_err(|e| format!("body: {e}"))?;
                 Ok(want.as_ref().is_none_or(|w| hex::encode(h.finalize()) == **w))
             }
             .await;
-            Outcome { first_byte: first.unwrap_or_else(|| t0.elapsed()), total: t0.elapsed(), result }
+            let total = t0.elapsed();
+            Outcome {
+                head: head_at,
+                first_byte: arrived.unwrap_or(total),
+                first_read: read_at.unwrap_or(total),
+                total,
+                result,
+            }
         }));
     }
     let mut first = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
+    let mut head = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
+    let mut read = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
     let mut total = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
     let (mut ok, mut corrupt) = (0u64, 0u64);
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
@@ -91,6 +106,10 @@ pub async fn run(a: Args) -> Result<String, String> {
                     Err(e) => *errors.entry(e.split(':').next().unwrap_or("error").to_string()).or_default() += 1,
                 }
                 let _ = first.record(o.first_byte.as_micros() as u64);
+                let _ = read.record(o.first_read.as_micros() as u64);
+                if let Some(h) = o.head {
+                    let _ = head.record(h.as_micros() as u64);
+                }
                 let _ = total.record(o.total.as_micros() as u64);
             }
             Ok(Err(e)) => *errors.entry(format!("task: {e}")).or_default() += 1,
@@ -104,7 +123,14 @@ pub async fn run(a: Args) -> Result<String, String> {
         "ok": ok,
         "corrupt": corrupt,
         "errors": errors,
-        "first_byte_ms": { "p50": ms(&first, 0.5), "p99": ms(&first, 0.99), "max": ms(&first, 1.0) },
+        // Response head, then first body byte: a relay can answer the head at once
+        // and the body only once the first verified block has arrived.
+        "head_ms": { "p50": ms(&head, 0.5), "p99": ms(&head, 0.99), "max": ms(&head, 1.0) },
+        "first_byte_ms": {
+            "min": first.min() as f64 / 1000.0, "p10": ms(&first, 0.1), "p50": ms(&first, 0.5),
+            "p90": ms(&first, 0.9), "p99": ms(&first, 0.99), "max": ms(&first, 1.0)
+        },
+        "first_read_ms": { "p50": ms(&read, 0.5), "p99": ms(&read, 0.99), "max": ms(&read, 1.0) },
         "total_ms": { "p50": ms(&total, 0.5), "p99": ms(&total, 0.99), "min": total.min() as f64 / 1000.0, "max": ms(&total, 1.0) },
         "elapsed_s": started.elapsed().as_secs_f64(),
     })
