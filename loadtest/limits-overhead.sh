@@ -7,7 +7,9 @@
 #            (every request carries an agent id drawn from AGENT_IDS, so
 #            requests go through identity, policy match, agent state, buckets
 #            and pacing)
-# Prints medians and the ratios against "off".
+# Prints medians and the ratios against "off", for throughput and for the
+# server's CPU time per request (steadier than throughput on shared cores:
+# it does not move with how the load generator is scheduled).
 #
 #   loadtest/limits-overhead.sh                       # 100,000 agent ids: the worst case
 #   AGENT_IDS=256 WORKLOADS=small loadtest/limits-overhead.sh   # one agent per connection
@@ -48,9 +50,9 @@ start_relay() { # name extra; sets $port (not a $(...): the server would hold it
   for i in $(seq 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
   curl -sf -o /dev/null "http://127.0.0.1:$port/v1/objects/$small"; curl -sf -o /dev/null "http://127.0.0.1:$port/v1/objects/$large"
 }
-start_relay off $'[metrics]\nenabled = false\n'; off=$port
-start_relay metrics ""; met=$port
-start_relay on $'[limits]\nidentity = "header"\ntotal_rate = "100GiB/s"\n[[limits.policy]]\nname = "fleet"\nrate = "50GiB/s"\nmax_concurrent = 1000\n'; on=$port
+start_relay off $'[metrics]\nenabled = false\n'; off=$port; offpid=${pids[-1]}
+start_relay metrics ""; met=$port; metpid=${pids[-1]}
+start_relay on $'[limits]\nidentity = "header"\ntotal_rate = "100GiB/s"\n[[limits.policy]]\nname = "fleet"\nrate = "50GiB/s"\nmax_concurrent = 1000\n'; on=$port; onpid=${pids[-1]}
 
 # Every request an agent id, so per-agent state is created and looked up.
 cat > "$work/ids.lua" <<LUA
@@ -59,19 +61,37 @@ request = function()
 end
 LUA
 run() { wrk -t2 -c"$2" -d"${DURATION}s" -s "$work/ids.lua" "$1" 2>&1 | awk '/Requests\/sec/ {r=$2} /Transfer\/sec/ {v=$2; u=v; gsub(/[0-9.]/,"",u); sub(/[A-Za-z]+$/,"",v); m=(u=="GB")?1024:(u=="MB")?1:(u=="KB")?1/1024:1/1048576; t=v*m} END {print r, t}'; }
+# The server's CPU time (user + system, in clock ticks) so far.
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# One run against one relay: appends its figure to $work/<cfg> and its CPU
+# microseconds per request to $work/<cfg>.cpu.
+measure() { # cfg port pid path conns field
+  local t0 t1 out
+  t0=$(ticks "$3"); out=$(run "http://127.0.0.1:$2$4" "$5"); t1=$(ticks "$3")
+  echo "$out" | awk -v f="$6" '{print $f}' >> "$work/$1"
+  echo "$out" | awk -v d="$DURATION" -v t=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" '{printf "%.2f\n", t / hz * 1e6 / ($1 * d)}' >> "$work/$1.cpu"
+}
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2}'; }
 ratio() { awk -v x="$1" -v y="$2" 'BEGIN{printf "%.3f", x/y}'; }
 echo; echo "agent ids drawn from $AGENT_IDS"
 printf '%-32s %10s %10s %10s %9s %9s\n' "workload (median of $ROUNDS)" off metrics "metrics+limits" "met/off" "all/off"
+cpu_rows=()
 for w in "small|4KiB object, 256 conns, req/s|/v1/objects/$small|256|1" "large|24MiB object, 16 conns, MB/s|/v1/objects/$large|16|2"; do
   IFS='|' read -r name label path conns field <<<"$w"
   case ",$WORKLOADS," in *",$name,"*) ;; *) continue;; esac
-  : > "$work/a"; : > "$work/b"; : > "$work/c"
+  : > "$work/a"; : > "$work/b"; : > "$work/c"; : > "$work/a.cpu"; : > "$work/b.cpu"; : > "$work/c.cpu"
   for r in $(seq "$ROUNDS"); do
-    run "http://127.0.0.1:$off$path" "$conns" | awk -v f="$field" '{print $f}' >> "$work/a"
-    run "http://127.0.0.1:$met$path" "$conns" | awk -v f="$field" '{print $f}' >> "$work/b"
-    run "http://127.0.0.1:$on$path" "$conns" | awk -v f="$field" '{print $f}' >> "$work/c"
+    # The order rotates round by round, so a drift in the machine does not
+    # always fall on the same configuration.
+    order=("a $off $offpid" "b $met $metpid" "c $on $onpid")
+    for i in 0 1 2; do
+      read -r cfg p pid <<<"${order[$(( (i + r) % 3 ))]}"
+      measure "$cfg" "$p" "$pid" "$path" "$conns" "$field"
+    done
   done
   a=$(median < "$work/a"); b=$(median < "$work/b"); c=$(median < "$work/c")
   printf '%-32s %10s %10s %10s %9s %9s\n' "$label" "$a" "$b" "$c" "$(ratio "$b" "$a")" "$(ratio "$c" "$a")"
+  a=$(median < "$work/a.cpu"); b=$(median < "$work/b.cpu"); c=$(median < "$work/c.cpu")
+  cpu_rows+=("$(printf '%-32s %10s %10s %10s %9s %9s' "$name: server CPU us/request" "$a" "$b" "$c" "$(ratio "$b" "$a")" "$(ratio "$c" "$a")")")
 done
+printf '%s\n' "${cpu_rows[@]}"

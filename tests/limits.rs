@@ -125,6 +125,18 @@ async fn concurrency_caps_answer_429_with_a_spread_retry_after() {
     }
     retry.dedup();
     assert!(retry.len() > 1, "Retry-After is not spread: {retry:?}");
+    // ws-17's two downloads are in progress: the gauge, counted when scraped,
+    // says so. (Relays of other tests in this process share the recorder and
+    // set the gauge when they are scraped too, hence a few tries.)
+    let mut active = 0.0;
+    for _ in 0..20 {
+        active = metric(&relay.url(), "patchrelay_limit_active_agents", &[]).await;
+        if active >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(active >= 1.0, "active agents gauge: {active}");
     // Another agent, and agents of another policy, are not affected.
     assert_eq!(c.get(&url).header("X-Agent-Id", "ws-18").send().await.unwrap().status(), 200);
     assert_eq!(c.get(&url).header("X-Agent-Id", "server-1").send().await.unwrap().status(), 200);

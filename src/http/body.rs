@@ -129,7 +129,7 @@ pub struct PieceStream {
     pieces: VecDeque<Piece>,
     buf: BytesMut,
     sent: u64,
-    sent_counter: metrics::Counter,
+    sent_counter: &'static metrics::Counter,
     /// Rate limits, when a policy applies: each piece is reserved on the
     /// agent's bucket (and the total one) and held back until it is due. The
     /// permit also holds the agent's concurrency slot until the stream ends.
@@ -144,7 +144,7 @@ pub struct PieceStream {
 }
 
 impl PieceStream {
-    pub fn new(pieces: VecDeque<Piece>, sent_counter: metrics::Counter, permit: Option<Permit>) -> Self {
+    pub fn new(pieces: VecDeque<Piece>, sent_counter: &'static metrics::Counter, permit: Option<Permit>) -> Self {
         PieceStream {
             pieces,
             buf: BytesMut::new(),
@@ -368,6 +368,8 @@ impl Drop for PieceStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    static NOOP: metrics::Counter = metrics::Counter::noop();
     use futures_util::{FutureExt, StreamExt};
     use std::io::Write;
 
@@ -383,7 +385,7 @@ mod tests {
             Piece::File { file, offset: 0, len: 0 },
             Piece::Bytes(Bytes::from_static(b"tail")),
         ]);
-        let mut s = PieceStream::new(pieces, metrics::Counter::noop(), None);
+        let mut s = PieceStream::new(pieces, &NOOP, None);
         assert_eq!(s.total_len(), (READ_SIZE + 108) as u64);
         // The stream never waits, so polling once per item is enough.
         let mut got = Vec::new();

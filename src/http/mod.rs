@@ -35,7 +35,7 @@ pub struct Services {
     pub sync: Option<Recipient<SyncNow>>,
     pub status: Option<Arc<StatusSource>>,
     pub deltas: Option<Arc<DeltaService>>,
-    pub limits: Option<Arc<Limits>>,
+    pub limits: Option<&'static Limits>,
 }
 
 /// Everything a request handler may use. Shared by all workers.
@@ -52,12 +52,15 @@ pub struct AppState {
     /// Deltas and plans (absent when off).
     pub deltas: Option<Arc<DeltaService>>,
     /// Per-agent limits (absent when no policy is configured).
-    pub limits: Option<Arc<Limits>>,
+    pub limits: Option<&'static Limits>,
     /// `None` when `[metrics] enabled = false`.
     pub metrics: Option<PrometheusHandle>,
     /// The largest body piece (`body::piece_cap` of `server.send_buffer`).
     pub max_piece: usize,
-    routes: Vec<RouteMetrics>,
+    /// Leaked (one small table per server start): a response then holds a
+    /// plain reference to its byte counter, not a clone whose reference count
+    /// every response on every worker would bump and drop.
+    routes: &'static [RouteMetrics],
 }
 
 impl AppState {
@@ -88,11 +91,11 @@ impl AppState {
             limits,
             metrics,
             max_piece: body::READ_SIZE,
-            routes: Route::ALL.iter().map(|r| RouteMetrics::new(r.label())).collect(),
+            routes: Vec::leak(Route::ALL.iter().map(|r| RouteMetrics::new(r.label())).collect()),
         }
     }
 
-    fn route(&self, route: Route) -> &RouteMetrics {
+    fn route(&self, route: Route) -> &'static RouteMetrics {
         &self.routes[route as usize]
     }
 }

@@ -106,7 +106,7 @@ pub struct ResponseCtx<'a> {
     /// The multipart boundary (random per process).
     pub boundary: &'a str,
     /// Where to count body bytes sent.
-    pub sent_counter: metrics::Counter,
+    pub sent_counter: &'static metrics::Counter,
     /// The agent's download slot and rate, when a limit policy applies.
     pub permit: Option<Permit>,
     /// The largest body piece (see `body::piece_cap`).

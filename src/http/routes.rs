@@ -97,7 +97,7 @@ async fn serve(
     };
     let ctx = ResponseCtx {
         boundary: &state.boundary,
-        sent_counter: state.route(route).bytes.clone(),
+        sent_counter: &state.route(route).bytes,
         permit,
         max_piece: state.max_piece,
     };
@@ -490,6 +490,9 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     };
     if let Some(t) = state.published.last_good_sync() {
         metrics::gauge!(telemetry::SINCE_GOOD_SYNC).set(unix_now().saturating_sub(t) as f64);
+    }
+    if let Some(limits) = state.limits {
+        limits.publish_gauges();
     }
     let res = HttpResponse::Ok()
         .insert_header((header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8")))

@@ -11,6 +11,7 @@
 //! bounded by the agents seen within `idle_ttl` plus one sweep round.
 
 use std::borrow::Borrow;
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, RandomState};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,6 +22,13 @@ const SHARDS: usize = 64;
 /// `SHARDS * SWEEP_EVERY` lookups. A sweep walks a shard (a cache miss per
 /// entry, about 100 µs for 1,500 entries), so it must be rare per lookup.
 const SWEEP_EVERY: usize = 4096;
+
+thread_local! {
+    /// Lookups made on this thread, for all tables. Counted per thread: a
+    /// shared counter would be one more cache line that every worker writes on
+    /// every request. Each table is still swept in proportion to its lookups.
+    static LOOKUPS: Cell<usize> = const { Cell::new(0) };
+}
 
 /// What the table needs to know of an entry to expire it.
 pub trait Expiring {
@@ -37,7 +45,8 @@ pub trait Expiring {
 pub struct AgentTable<K, V, S = RandomState> {
     shards: Box<[Mutex<HashMap<K, V, S>>]>,
     hasher: S,
-    lookups: AtomicUsize,
+    /// The next shard to sweep (written once per sweep, not per lookup).
+    next_sweep: AtomicUsize,
     ttl_ns: u64,
 }
 
@@ -47,7 +56,7 @@ impl<K: Hash + Eq, V: Clone + Expiring, S: BuildHasher + Clone + Default> AgentT
         AgentTable {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::with_hasher(hasher.clone()))).collect(),
             hasher,
-            lookups: AtomicUsize::new(0),
+            next_sweep: AtomicUsize::new(0),
             ttl_ns: u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX),
         }
     }
@@ -64,9 +73,13 @@ impl<K: Hash + Eq, V: Clone + Expiring, S: BuildHasher + Clone + Default> AgentT
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let n = self.lookups.fetch_add(1, Ordering::Relaxed);
+        let n = LOOKUPS.with(|c| {
+            let n = c.get();
+            c.set(n.wrapping_add(1));
+            n
+        });
         if n.is_multiple_of(SWEEP_EVERY) {
-            self.sweep((n / SWEEP_EVERY) % SHARDS, now);
+            self.sweep(self.next_sweep.fetch_add(1, Ordering::Relaxed) % SHARDS, now);
         }
         // Middle bits: the shard's map uses the low bits for its bucket and the
         // top 7 for its control bytes, so those must still vary within a shard.
@@ -96,6 +109,11 @@ impl<K: Hash + Eq, V: Clone + Expiring, S: BuildHasher + Clone + Default> AgentT
     /// Entries held now (for the memory measurement).
     pub fn count(&self) -> usize {
         (0..SHARDS).map(|i| self.shard(i).len()).sum()
+    }
+
+    /// Entries for which `f` holds (one shard locked at a time).
+    pub fn count_where(&self, f: impl Fn(&V) -> bool) -> usize {
+        (0..SHARDS).map(|i| self.shard(i).values().filter(|v| f(v)).count()).sum()
     }
 }
 
