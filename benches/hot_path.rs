@@ -16,8 +16,6 @@ use patchrelay::http::range::{RangeOutcome, resolve};
 use patchrelay::limits::Bucket;
 use patchrelay::repo::catalog::Catalog;
 use patchrelay::repo::manifest::Manifest;
-
-static NOOP: metrics::Counter = metrics::Counter::noop();
 use patchrelay::store::{Store, StoreOptions};
 
 fn ranges(c: &mut Criterion) {
@@ -95,7 +93,8 @@ fn range_slicing(c: &mut Criterion) {
                 panic!("ranges expected");
             };
             let pieces = ranges.iter().map(|r| Piece::Bytes(object.slice(r.start as usize..=r.end as usize))).collect();
-            let mut stream = PieceStream::new(pieces, &NOOP, None);
+            let mut stream =
+                PieceStream::new(pieces, patchrelay::telemetry::tally("bench_body_bytes_total", &[]), None);
             let mut sent = 0;
             while let std::task::Poll::Ready(Some(Ok(piece))) = std::pin::Pin::new(&mut stream).poll_next(&mut cx) {
                 sent += piece.len();

@@ -101,7 +101,7 @@ pub struct Policy {
     pub burst: u64,
     pub max_concurrent: u32,
     window: Option<Window>,
-    pub egress: metrics::Counter,
+    pub egress: &'static telemetry::Tally,
     pub throttled_bytes: metrics::Counter,
     pub wait: metrics::Histogram,
 }
@@ -208,7 +208,7 @@ impl Permit {
             }
         }
         let policy = self.policy();
-        policy.egress.increment(n);
+        policy.egress.add(n);
         if !wait.is_zero() {
             policy.throttled_bytes.increment(n);
             policy.wait.record(wait.as_secs_f64());
@@ -472,7 +472,7 @@ fn compile(p: &PolicyConfig) -> Result<Arc<Policy>, String> {
     let rate = p.rate.map_or(u64::MAX / 4, |r| r.0);
     let name = p.name.clone();
     Ok(Arc::new(Policy {
-        egress: metrics::counter!(telemetry::LIMIT_EGRESS, "policy" => name.clone()),
+        egress: telemetry::tally(telemetry::LIMIT_EGRESS, &[("policy", &name)]),
         throttled_bytes: metrics::counter!(telemetry::LIMIT_THROTTLED_BYTES, "policy" => name.clone()),
         wait: metrics::histogram!(telemetry::LIMIT_WAIT, "policy" => name.clone()),
         name,

@@ -116,19 +116,19 @@ fn checked(blob: Blob, target: &Target) -> Result<Blob, SourceError> {
 }
 
 /// Hit and miss counters, resolved once (a label lookup per request is not free).
-fn cache_counter(name: &'static str, target: &Target) -> &'static metrics::Counter {
+fn cache_counter(name: &'static str, target: &Target) -> &'static telemetry::Tally {
     use std::sync::OnceLock;
-    static COUNTERS: OnceLock<[metrics::Counter; 4]> = OnceLock::new();
+    static COUNTERS: OnceLock<[&'static telemetry::Tally; 4]> = OnceLock::new();
     let c = COUNTERS.get_or_init(|| {
         [
-            metrics::counter!(telemetry::CACHE_HITS, "kind" => "object"),
-            metrics::counter!(telemetry::CACHE_HITS, "kind" => "chunks"),
-            metrics::counter!(telemetry::CACHE_MISSES, "kind" => "object"),
-            metrics::counter!(telemetry::CACHE_MISSES, "kind" => "chunks"),
+            telemetry::tally(telemetry::CACHE_HITS, &[("kind", "object")]),
+            telemetry::tally(telemetry::CACHE_HITS, &[("kind", "chunks")]),
+            telemetry::tally(telemetry::CACHE_MISSES, &[("kind", "object")]),
+            telemetry::tally(telemetry::CACHE_MISSES, &[("kind", "chunks")]),
         ]
     });
     let miss = usize::from(name == telemetry::CACHE_MISSES) * 2;
-    &c[miss + usize::from(target.kind_label() == "chunks")]
+    c[miss + usize::from(target.kind_label() == "chunks")]
 }
 
 pub enum Source {
@@ -149,10 +149,10 @@ impl Source {
             }
             Source::Relay { store, filler } => {
                 if let Some(blob) = store.get(&target.digest)? {
-                    cache_counter(telemetry::CACHE_HITS, target).increment(1);
+                    cache_counter(telemetry::CACHE_HITS, target).add(1);
                     return Ok(Content::Stored(checked(blob, target)?));
                 }
-                cache_counter(telemetry::CACHE_MISSES, target).increment(1);
+                cache_counter(telemetry::CACHE_MISSES, target).add(1);
                 match filler.attach(target.fill_request())? {
                     Opened::Stored(blob) => Ok(Content::Stored(checked(blob, target)?)),
                     Opened::Filling(mut handle) => {

@@ -9,6 +9,9 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
+mod tally;
+pub use tally::{Tally, publish as publish_tallies, tally};
+
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 

@@ -102,6 +102,22 @@ async fn agents_get_their_rate_and_share_it_across_connections() {
         assert!(within(*r, MIB / 3.0, 0.25), "uneven share: {:.3} MiB/s", r / MIB);
     }
     assert!(metric(&relay.url(), "patchrelay_limit_throttled_bytes_total", &[("policy", "fleet")]).await > 0.0);
+    // The per-thread tallies reach /metrics. Five agents took about 1 MiB/s
+    // each for 8 s: counted as egress as it is reserved, and as response bytes
+    // when each response ends (the server notices the hang-ups shortly).
+    let egress = metric(&relay.url(), "patchrelay_limit_egress_bytes_total", &[("policy", "fleet")]).await;
+    assert!(egress >= 5.0 * 6.0 * MIB, "egress {egress}");
+    let mut sent = 0.0;
+    for _ in 0..50 {
+        sent = metric(&relay.url(), "patchrelay_http_response_body_bytes_total", &[("route", "latest")]).await;
+        if sent >= 5.0 * 6.0 * MIB {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(sent >= 5.0 * 6.0 * MIB, "response bytes {sent}");
+    let ok = metric(&relay.url(), "patchrelay_http_requests_total", &[("route", "latest"), ("status", "200")]).await;
+    assert!(ok >= 7.0, "requests {ok}");
 }
 
 #[actix_web::test]

@@ -24,6 +24,7 @@ use futures_util::Stream;
 
 use crate::fill::FillHandle;
 use crate::limits::Permit;
+use crate::telemetry::Tally;
 
 /// The largest piece: large enough to amortise system calls for fast clients.
 pub const READ_SIZE: usize = 256 * 1024;
@@ -62,7 +63,8 @@ const FIRST_FILL_SHARE: usize = 16 * 1024;
 /// of 64 KiB and up cost little beside it. With one, memory per connection is
 /// what the operator is saving, and what a slow connection holds is actix's
 /// buffers plus about one piece: 2 KiB pieces measured 12.7 KiB per slow
-/// connection, 8 KiB pieces 23.8 KiB (docs/performance.md).
+/// connection, 8 KiB pieces 23.8 KiB, and 2 KiB pieces with the patched
+/// actix-http buffers (vendor/README.md) 7.3 KiB (docs/performance.md).
 #[derive(Debug)]
 struct Pace {
     size: usize,
@@ -129,7 +131,7 @@ pub struct PieceStream {
     pieces: VecDeque<Piece>,
     buf: BytesMut,
     sent: u64,
-    sent_counter: &'static metrics::Counter,
+    sent_counter: &'static Tally,
     /// Rate limits, when a policy applies: each piece is reserved on the
     /// agent's bucket (and the total one) and held back until it is due. The
     /// permit also holds the agent's concurrency slot until the stream ends.
@@ -144,7 +146,7 @@ pub struct PieceStream {
 }
 
 impl PieceStream {
-    pub fn new(pieces: VecDeque<Piece>, sent_counter: &'static metrics::Counter, permit: Option<Permit>) -> Self {
+    pub fn new(pieces: VecDeque<Piece>, sent_counter: &'static Tally, permit: Option<Permit>) -> Self {
         PieceStream {
             pieces,
             buf: BytesMut::new(),
@@ -361,7 +363,7 @@ impl PieceStream {
 
 impl Drop for PieceStream {
     fn drop(&mut self) {
-        self.sent_counter.increment(self.sent);
+        self.sent_counter.add(self.sent);
     }
 }
 
@@ -369,7 +371,9 @@ impl Drop for PieceStream {
 mod tests {
     use super::*;
 
-    static NOOP: metrics::Counter = metrics::Counter::noop();
+    fn noop() -> &'static Tally {
+        crate::telemetry::tally("patchrelay_test_body_bytes_total", &[])
+    }
     use futures_util::{FutureExt, StreamExt};
     use std::io::Write;
 
@@ -385,7 +389,7 @@ mod tests {
             Piece::File { file, offset: 0, len: 0 },
             Piece::Bytes(Bytes::from_static(b"tail")),
         ]);
-        let mut s = PieceStream::new(pieces, &NOOP, None);
+        let mut s = PieceStream::new(pieces, noop(), None);
         assert_eq!(s.total_len(), (READ_SIZE + 108) as u64);
         // The stream never waits, so polling once per item is enough.
         let mut got = Vec::new();

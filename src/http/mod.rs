@@ -26,7 +26,7 @@ use crate::actors::status::StatusSource;
 use crate::limits::Limits;
 use crate::source::Source;
 use crate::state::Published;
-use crate::telemetry;
+use crate::telemetry::{self, Tally};
 
 pub use routes::configure;
 
@@ -57,10 +57,7 @@ pub struct AppState {
     pub metrics: Option<PrometheusHandle>,
     /// The largest body piece (`body::piece_cap` of `server.send_buffer`).
     pub max_piece: usize,
-    /// Leaked (one small table per server start): a response then holds a
-    /// plain reference to its byte counter, not a clone whose reference count
-    /// every response on every worker would bump and drop.
-    routes: &'static [RouteMetrics],
+    routes: Vec<RouteMetrics>,
 }
 
 impl AppState {
@@ -91,11 +88,11 @@ impl AppState {
             limits,
             metrics,
             max_piece: body::READ_SIZE,
-            routes: Vec::leak(Route::ALL.iter().map(|r| RouteMetrics::new(r.label())).collect()),
+            routes: Route::ALL.iter().map(|r| RouteMetrics::new(r.label())).collect(),
         }
     }
 
-    fn route(&self, route: Route) -> &'static RouteMetrics {
+    fn route(&self, route: Route) -> &RouteMetrics {
         &self.routes[route as usize]
     }
 }
@@ -157,12 +154,14 @@ impl Route {
     }
 }
 
-/// Metric handles for one route, resolved at start so that counting a request
-/// costs an atomic add, not a label lookup.
+/// Tallies for one route, resolved at start so that counting a request costs
+/// an add to this worker's cell, not a label lookup (`telemetry::tally`).
+/// A response holds a plain `&'static` to its byte tally, not a counter
+/// handle whose reference count every response would bump and drop.
 struct RouteMetrics {
     route: &'static str,
-    bytes: metrics::Counter,
-    by_status: Vec<(u16, metrics::Counter)>,
+    bytes: &'static Tally,
+    by_status: Vec<(u16, &'static Tally)>,
 }
 
 /// Statuses patchrelay answers with; others are counted through a slower path.
@@ -172,15 +171,15 @@ impl RouteMetrics {
     fn new(route: &'static str) -> Self {
         let by_status = COMMON_STATUSES
             .iter()
-            .map(|&s| (s, metrics::counter!(telemetry::HTTP_REQUESTS, "route" => route, "status" => s.to_string())))
+            .map(|&s| (s, telemetry::tally(telemetry::HTTP_REQUESTS, &[("route", route), ("status", &s.to_string())])))
             .collect();
-        RouteMetrics { route, bytes: metrics::counter!(telemetry::HTTP_RESPONSE_BYTES, "route" => route), by_status }
+        RouteMetrics { route, bytes: telemetry::tally(telemetry::HTTP_RESPONSE_BYTES, &[("route", route)]), by_status }
     }
 
     fn count(&self, status: StatusCode) {
         let code = status.as_u16();
         match self.by_status.iter().find(|(s, _)| *s == code) {
-            Some((_, c)) => c.increment(1),
+            Some((_, c)) => c.add(1),
             None => metrics::counter!(telemetry::HTTP_REQUESTS, "route" => self.route, "status" => code.to_string())
                 .increment(1),
         }

@@ -106,7 +106,7 @@ pub struct ResponseCtx<'a> {
     /// The multipart boundary (random per process).
     pub boundary: &'a str,
     /// Where to count body bytes sent.
-    pub sent_counter: &'static metrics::Counter,
+    pub sent_counter: &'static crate::telemetry::Tally,
     /// The agent's download slot and rate, when a limit policy applies.
     pub permit: Option<Permit>,
     /// The largest body piece (see `body::piece_cap`).
@@ -162,7 +162,7 @@ pub fn build(
         let mut res = HttpResponse::Ok();
         common_headers(&mut res, rep);
         res.insert_header((header::CONTENT_TYPE, rep.content_type.clone()));
-        ctx.sent_counter.increment(bytes.len() as u64);
+        ctx.sent_counter.add(bytes.len() as u64);
         return res.body(bytes.clone());
     }
     let mut body = Assembly { blob, pieces: VecDeque::new(), len: 0 };

@@ -97,7 +97,7 @@ async fn serve(
     };
     let ctx = ResponseCtx {
         boundary: &state.boundary,
-        sent_counter: &state.route(route).bytes,
+        sent_counter: state.route(route).bytes,
         permit,
         max_piece: state.max_piece,
     };
@@ -494,6 +494,7 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     if let Some(limits) = state.limits {
         limits.publish_gauges();
     }
+    telemetry::publish_tallies();
     let res = HttpResponse::Ok()
         .insert_header((header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8")))
         .insert_header((header::CACHE_CONTROL, HeaderValue::from_static("no-store")))
