@@ -5,7 +5,10 @@
 //! work out which version the file is (by its SHA-256), ask for the cheapest
 //! plan, download each step with resume, rebuild, check the result against the
 //! signed digest, and replace the file atomically. Every failure leaves the
-//! old file untouched.
+//! old file untouched. A delta chain that fails verification (a damaged or
+//! wrong delta, from a faulty or hostile server) is not the end: the agent
+//! falls back to the full file once, verified the same way, as an agent in the
+//! field must rather than stay behind.
 //!
 //! Exit codes (see [`AgentError::exit_code`]): 0 the file is the latest; 3 the
 //! server's manifest cannot be trusted or does not have the component; 4 the
@@ -78,6 +81,9 @@ pub struct Report {
     pub steps: Vec<String>,
     pub downloaded_bytes: u64,
     pub full_bytes: u64,
+    /// Why the delta chain was abandoned for the full file, if it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -85,7 +91,7 @@ struct Plan {
     steps: Vec<PlanStep>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 struct PlanStep {
     kind: String,
     from: String,
@@ -139,12 +145,21 @@ pub async fn update(args: UpdateArgs) -> Result<Report, AgentError> {
         steps: Vec::new(),
         downloaded_bytes: 0,
         full_bytes,
+        fallback: None,
     };
     if current_sha == Some(target_sha) {
         return Ok(report);
     }
 
     // 3. The plan: cheapest from where we are, or the full file.
+    let full = vec![PlanStep {
+        kind: "full".into(),
+        from: from.clone().unwrap_or_default(),
+        to: to.clone(),
+        url: format!("/v1/components/{}/versions/{to}", args.component),
+        size: full_bytes,
+        sha256: target_sha,
+    }];
     let steps = match &from {
         Some(f) => {
             let path = format!("v1/components/{}/chain?from={f}&to={to}", args.component);
@@ -153,48 +168,27 @@ pub async fn update(args: UpdateArgs) -> Result<Report, AgentError> {
                 .map_err(|e| AgentError::Network(format!("unreadable plan: {e}")))?
                 .steps
         }
-        None => vec![PlanStep {
-            kind: "full".into(),
-            from: String::new(),
-            to: to.clone(),
-            url: format!("/v1/components/{}/versions/{to}", args.component),
-            size: full_bytes,
-            sha256: target_sha,
-        }],
+        None => full.clone(),
     };
 
-    // 4. Download each step (resumable), rebuild, verify.
+    // 4. Download each step (resumable), rebuild, verify. If a chain with
+    // deltas fails verification, once more with the full file.
     let work = download_dir(&args.file);
     fs::create_dir_all(&work).map_err(|e| local(&work, e))?;
-    let mut bytes = current.unwrap_or_default();
-    for step in &steps {
-        let (step_to, _) = catalog
-            .version(&args.component, &step.to)
-            .ok_or_else(|| AgentError::Trust(format!("the plan goes through unknown version {:?}", step.to)))?;
-        let part = work.join(step.sha256.to_hex());
-        report.downloaded_bytes += fetch(&server, &step.url, &part, step.size, &step.sha256).await?;
-        let data = fs::read(&part).map_err(|e| local(&part, e))?;
-        bytes = match step.kind.as_str() {
-            "delta" => {
-                let h = delta::read_header(&data).map_err(|e| AgentError::Integrity(e.to_string()))?;
-                if !h.target.matches(&step_to.sha256) {
-                    return Err(AgentError::Integrity(format!(
-                        "delta {} -> {} builds the wrong version",
-                        step.from, step.to
-                    )));
-                }
-                // Refused before anything is written if it is not for our file.
-                let limit = catalog.object(&step_to.sha256).map(|o| o.size).unwrap_or(0);
-                delta::apply(&bytes, &data, limit)
-                    .map_err(|e| AgentError::Integrity(format!("delta {} -> {}: {e}", step.from, step.to)))?
-            }
-            _ => data,
-        };
-        if Digest::of(&bytes) != step_to.sha256 {
-            return Err(AgentError::Integrity(format!("the rebuilt {} does not match the manifest", step.to)));
+    let current = current.unwrap_or_default();
+    let job = Job { server: &server, catalog: &catalog, component: &args.component, work: &work };
+    let bytes = match job.run(&steps, current.clone(), &mut report).await {
+        Err(AgentError::Integrity(why)) if steps.iter().any(|s| s.kind != "full") => {
+            tracing::warn!(component = %args.component, reason = %why, "delta chain failed verification; downloading the full file");
+            // Parts of the failed chain could be resumed into by nothing useful.
+            let _ = fs::remove_dir_all(&work);
+            fs::create_dir_all(&work).map_err(|e| local(&work, e))?;
+            report.steps.clear();
+            report.fallback = Some(why);
+            job.run(&full, current, &mut report).await?
         }
-        report.steps.push(format!("{} {}->{} ({} bytes)", step.kind, step.from, step.to, step.size));
-    }
+        other => other?,
+    };
     if Digest::of(&bytes) != target_sha {
         return Err(AgentError::Integrity("the plan did not end at the target version".into()));
     }
@@ -207,6 +201,51 @@ pub async fn update(args: UpdateArgs) -> Result<Report, AgentError> {
     let _ = fs::remove_dir_all(&work);
     report.result = "updated";
     Ok(report)
+}
+
+/// What downloading and applying a plan needs.
+struct Job<'a> {
+    server: &'a Arc<Upstream>,
+    catalog: &'a repo::catalog::Catalog,
+    component: &'a str,
+    work: &'a Path,
+}
+
+impl Job<'_> {
+    /// Download each step (resumable) and rebuild from `bytes`; every step's
+    /// result is checked against the signed manifest before the next.
+    async fn run(&self, steps: &[PlanStep], mut bytes: Vec<u8>, report: &mut Report) -> Result<Vec<u8>, AgentError> {
+        for step in steps {
+            let (step_to, _) = self
+                .catalog
+                .version(self.component, &step.to)
+                .ok_or_else(|| AgentError::Trust(format!("the plan goes through unknown version {:?}", step.to)))?;
+            let part = self.work.join(step.sha256.to_hex());
+            report.downloaded_bytes += fetch(self.server, &step.url, &part, step.size, &step.sha256).await?;
+            let data = fs::read(&part).map_err(|e| local(&part, e))?;
+            bytes = match step.kind.as_str() {
+                "delta" => {
+                    let h = delta::read_header(&data).map_err(|e| AgentError::Integrity(e.to_string()))?;
+                    if !h.target.matches(&step_to.sha256) {
+                        return Err(AgentError::Integrity(format!(
+                            "delta {} -> {} builds the wrong version",
+                            step.from, step.to
+                        )));
+                    }
+                    // Refused before anything is written if it is not for our file.
+                    let limit = self.catalog.object(&step_to.sha256).map(|o| o.size).unwrap_or(0);
+                    delta::apply(&bytes, &data, limit)
+                        .map_err(|e| AgentError::Integrity(format!("delta {} -> {}: {e}", step.from, step.to)))?
+                }
+                _ => data,
+            };
+            if Digest::of(&bytes) != step_to.sha256 {
+                return Err(AgentError::Integrity(format!("the rebuilt {} does not match the manifest", step.to)));
+            }
+            report.steps.push(format!("{} {}->{} ({} bytes)", step.kind, step.from, step.to, step.size));
+        }
+        Ok(bytes)
+    }
 }
 
 fn client(url: UpstreamUrl) -> Result<Arc<Upstream>, AgentError> {

@@ -1,8 +1,9 @@
 //! Incremental updates end to end: the reference agent (the real binary) at
 //! every older version reaches the latest through origin <- relay <- relay,
 //! deltas that are tampered with or made for another base are refused before
-//! the file is touched, an interrupted delta download resumes, and relays sync
-//! new versions from each other by delta.
+//! the file is touched (the agent then takes the full file, and if that is bad
+//! too, leaves its file as it was), an interrupted delta download resumes, and
+//! relays sync new versions from each other by delta.
 
 mod common;
 
@@ -146,7 +147,7 @@ async fn agents_at_every_older_version_reach_the_latest_through_two_relays() {
 }
 
 #[actix_web::test]
-async fn tampered_and_wrong_base_deltas_never_touch_the_file() {
+async fn bad_deltas_fall_back_to_the_full_file_and_bad_files_never_touch_it() {
     let repo = TestRepo::bare();
     for v in 1..=3 {
         repo.add_version("blob", &v.to_string(), &blob(v));
@@ -177,26 +178,48 @@ async fn tampered_and_wrong_base_deltas_never_touch_the_file() {
     let mut tampered = delta_2_3.to_vec();
     let at = tampered.len() - 100;
     tampered[at] ^= 0x40;
-    for (case, bytes) in [("wrong base", delta_2_3.to_vec()), ("tampered", tampered)] {
-        evil.files.put("v1/components/blob/chain", plan_for(&bytes));
-        evil.files.put("v1/components/blob/deltas/1/3", bytes);
-        let file = dirs.path().join(format!("{}.bin", case.replace(' ', "-")));
-        std::fs::write(&file, blob(1)).unwrap();
-        let before = std::fs::metadata(&file).unwrap().modified().unwrap();
-        let run = agent(&evil.url, "blob", &file, &repo.public).await;
-        assert_eq!(run.code, 5, "{case}: {}", run.stderr);
-        assert_eq!(std::fs::read(&file).unwrap(), blob(1), "{case}: file changed");
-        assert_eq!(std::fs::metadata(&file).unwrap().modified().unwrap(), before);
+    // The server also has the full file, as every server does.
+    evil.files.put("v1/components/blob/versions/3", blob(3));
+    let no_temp_files = |case: &str| {
         let leftovers: Vec<_> = std::fs::read_dir(dirs.path())
             .unwrap()
             .flatten()
             .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
             .collect();
         assert!(leftovers.is_empty(), "{case}: temp files left");
+    };
+    for (case, bytes) in [("wrong base", delta_2_3.to_vec()), ("tampered", tampered.clone())] {
+        evil.files.put("v1/components/blob/chain", plan_for(&bytes));
+        evil.files.put("v1/components/blob/deltas/1/3", bytes);
+        let file = dirs.path().join(format!("{}.bin", case.replace(' ', "-")));
+        std::fs::write(&file, blob(1)).unwrap();
+        // The delta is refused before it is applied, and the agent gets the
+        // full file instead, checked against the manifest all the same.
+        let run = agent(&evil.url, "blob", &file, &repo.public).await;
+        assert_eq!(run.code, 0, "{case}: {}", run.stderr);
+        assert_eq!(std::fs::read(&file).unwrap(), blob(3), "{case}");
+        let why = run.report["fallback"].as_str().unwrap_or_default().to_string();
+        assert!(!why.is_empty(), "{case}: no fallback reported: {}", run.report);
         if case == "wrong base" {
-            assert!(run.stderr.contains("delta is for base"), "{}", run.stderr);
+            assert!(why.contains("delta is for base"), "{why}");
         }
+        let steps = run.report["steps"].as_array().unwrap();
+        assert!(steps.len() == 1 && steps[0].as_str().unwrap().starts_with("full 1->3"), "{steps:?}");
+        no_temp_files(case);
     }
+
+    // The full file is damaged too: nothing verifies, exit 5, the file is untouched.
+    let mut bad_full = blob(3);
+    bad_full[1000] ^= 0x01;
+    evil.files.put("v1/components/blob/versions/3", bad_full);
+    let file = dirs.path().join("all-bad.bin");
+    std::fs::write(&file, blob(1)).unwrap();
+    let before = std::fs::metadata(&file).unwrap().modified().unwrap();
+    let run = agent(&evil.url, "blob", &file, &repo.public).await;
+    assert_eq!(run.code, 5, "{}", run.stderr);
+    assert_eq!(std::fs::read(&file).unwrap(), blob(1), "file changed");
+    assert_eq!(std::fs::metadata(&file).unwrap().modified().unwrap(), before);
+    no_temp_files("all bad");
 
     // A forged manifest: exit 3, file untouched.
     let forged = String::from_utf8(repo.manifest_bytes()).unwrap().replacen("\"serial\": 1", "\"serial\": 2", 1);
