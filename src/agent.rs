@@ -51,6 +51,19 @@ pub enum AgentError {
 }
 
 impl AgentError {
+    /// The same failure, saying that it came after a failed delta chain, so
+    /// the first cause is not lost when the full download fails too.
+    fn after(self, chain: &str) -> AgentError {
+        let ctx = |m: String| format!("{m} (after the update chain failed verification: {chain})");
+        match self {
+            AgentError::Usage(m) => AgentError::Usage(ctx(m)),
+            AgentError::Trust(m) => AgentError::Trust(ctx(m)),
+            AgentError::Network(m) => AgentError::Network(ctx(m)),
+            AgentError::Integrity(m) => AgentError::Integrity(ctx(m)),
+            AgentError::Local(m) => AgentError::Local(ctx(m)),
+        }
+    }
+
     pub fn exit_code(&self) -> u8 {
         match self {
             AgentError::Usage(_) | AgentError::Local(_) => 1,
@@ -177,21 +190,21 @@ pub async fn update(args: UpdateArgs) -> Result<Report, AgentError> {
     fs::create_dir_all(&work).map_err(|e| local(&work, e))?;
     let current = current.unwrap_or_default();
     let job = Job { server: &server, catalog: &catalog, component: &args.component, work: &work };
-    let bytes = match job.run(&steps, current.clone(), &mut report).await {
-        Err(AgentError::Integrity(why)) if steps.iter().any(|s| s.kind != "full") => {
-            tracing::warn!(component = %args.component, reason = %why, "delta chain failed verification; downloading the full file");
-            // Parts of the failed chain could be resumed into by nothing useful.
-            let _ = fs::remove_dir_all(&work);
-            fs::create_dir_all(&work).map_err(|e| local(&work, e))?;
+    let only_full = steps.len() == 1 && steps[0].kind == "full";
+    let bytes = match job.run_to(&steps, current.clone(), &target_sha, &mut report).await {
+        Err(AgentError::Integrity(why)) if !only_full => {
+            tracing::warn!(component = %args.component, reason = %why, "update chain failed verification; downloading the full file");
+            // The failed chain's parts are of no further use; a part of the full
+            // file left by an earlier run is, so it stays and is resumed.
+            for step in &steps {
+                let _ = fs::remove_file(work.join(step.sha256.to_hex()));
+            }
             report.steps.clear();
-            report.fallback = Some(why);
-            job.run(&full, current, &mut report).await?
+            report.fallback = Some(why.clone());
+            job.run_to(&full, current, &target_sha, &mut report).await.map_err(|e| e.after(&why))?
         }
         other => other?,
     };
-    if Digest::of(&bytes) != target_sha {
-        return Err(AgentError::Integrity("the plan did not end at the target version".into()));
-    }
 
     // 5. Replace the file atomically.
     let dir = args.file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -212,6 +225,22 @@ struct Job<'a> {
 }
 
 impl Job<'_> {
+    /// [`Job::run`], and the result must be the target: a plan that stops short
+    /// (a faulty server's) fails verification like a bad step.
+    async fn run_to(
+        &self,
+        steps: &[PlanStep],
+        bytes: Vec<u8>,
+        target: &Digest,
+        report: &mut Report,
+    ) -> Result<Vec<u8>, AgentError> {
+        let bytes = self.run(steps, bytes, report).await?;
+        if Digest::of(&bytes) != *target {
+            return Err(AgentError::Integrity("the plan did not end at the target version".into()));
+        }
+        Ok(bytes)
+    }
+
     /// Download each step (resumable) and rebuild from `bytes`; every step's
     /// result is checked against the signed manifest before the next.
     async fn run(&self, steps: &[PlanStep], mut bytes: Vec<u8>, report: &mut Report) -> Result<Vec<u8>, AgentError> {

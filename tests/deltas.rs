@@ -208,6 +208,21 @@ async fn bad_deltas_fall_back_to_the_full_file_and_bad_files_never_touch_it() {
         no_temp_files(case);
     }
 
+    // A plan that stops short of the target (every step fine, none reaching it):
+    // the same fallback.
+    evil.files.put(
+        "v1/components/blob/chain",
+        serde_json::json!({"component": "blob", "from": "1", "to": "3", "total_bytes": 0,
+                           "full_bytes": blob(3).len(), "steps": []})
+        .to_string(),
+    );
+    let file = dirs.path().join("short-plan.bin");
+    std::fs::write(&file, blob(1)).unwrap();
+    let run = agent(&evil.url, "blob", &file, &repo.public).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(std::fs::read(&file).unwrap(), blob(3));
+    assert!(run.report["fallback"].as_str().unwrap_or_default().contains("did not end"), "{}", run.report);
+
     // The full file is damaged too: nothing verifies, exit 5, the file is untouched.
     let mut bad_full = blob(3);
     bad_full[1000] ^= 0x01;
@@ -217,6 +232,7 @@ async fn bad_deltas_fall_back_to_the_full_file_and_bad_files_never_touch_it() {
     let before = std::fs::metadata(&file).unwrap().modified().unwrap();
     let run = agent(&evil.url, "blob", &file, &repo.public).await;
     assert_eq!(run.code, 5, "{}", run.stderr);
+    assert!(run.stderr.contains("after the update chain failed verification"), "{}", run.stderr);
     assert_eq!(std::fs::read(&file).unwrap(), blob(1), "file changed");
     assert_eq!(std::fs::metadata(&file).unwrap().modified().unwrap(), before);
     no_temp_files("all bad");

@@ -1252,8 +1252,9 @@ where
 
             // grow buffer if necessary.
             let remaining = this.read_buf.capacity() - this.read_buf.len();
-            // patchrelay: grow by the larger of the initial size and what is buffered (so a
-            // large head takes a few reads, not one per KiB), at most HW_BUFFER_SIZE at a time.
+            // patchrelay: ask for the larger of the initial size and what is buffered (so a
+            // large head takes a few reads, not one per KiB), but no more than HW_BUFFER_SIZE;
+            // BytesMut may round a reallocation up. MAX_BUFFER_SIZE above still bounds it.
             if remaining < READ_BUFFER_LOW {
                 this.read_buf.reserve(
                     this.read_buf
