@@ -191,7 +191,7 @@ pub async fn update(args: UpdateArgs) -> Result<Report, AgentError> {
     let current = current.unwrap_or_default();
     let job = Job { server: &server, catalog: &catalog, component: &args.component, work: &work };
     let only_full = steps.len() == 1 && steps[0].kind == "full";
-    let bytes = match job.run_to(&steps, current.clone(), &target_sha, &mut report).await {
+    let bytes = match job.run_to(&steps, &current, &target_sha, &mut report).await {
         Err(AgentError::Integrity(why)) if !only_full => {
             tracing::warn!(component = %args.component, reason = %why, "update chain failed verification; downloading the full file");
             // The failed chain's parts are of no further use; a part of the full
@@ -201,7 +201,7 @@ pub async fn update(args: UpdateArgs) -> Result<Report, AgentError> {
             }
             report.steps.clear();
             report.fallback = Some(why.clone());
-            job.run_to(&full, current, &target_sha, &mut report).await.map_err(|e| e.after(&why))?
+            job.run_to(&full, &current, &target_sha, &mut report).await.map_err(|e| e.after(&why))?
         }
         other => other?,
     };
@@ -230,20 +230,22 @@ impl Job<'_> {
     async fn run_to(
         &self,
         steps: &[PlanStep],
-        bytes: Vec<u8>,
+        base: &[u8],
         target: &Digest,
         report: &mut Report,
     ) -> Result<Vec<u8>, AgentError> {
-        let bytes = self.run(steps, bytes, report).await?;
+        let bytes = self.run(steps, base, report).await?;
         if Digest::of(&bytes) != *target {
             return Err(AgentError::Integrity("the plan did not end at the target version".into()));
         }
         Ok(bytes)
     }
 
-    /// Download each step (resumable) and rebuild from `bytes`; every step's
-    /// result is checked against the signed manifest before the next.
-    async fn run(&self, steps: &[PlanStep], mut bytes: Vec<u8>, report: &mut Report) -> Result<Vec<u8>, AgentError> {
+    /// Download each step (resumable) and rebuild from `base`, which is only
+    /// read (a fallback starts from it again); every step's result is checked
+    /// against the signed manifest before the next.
+    async fn run(&self, steps: &[PlanStep], base: &[u8], report: &mut Report) -> Result<Vec<u8>, AgentError> {
+        let mut built: Option<Vec<u8>> = None;
         for step in steps {
             let (step_to, _) = self
                 .catalog
@@ -252,7 +254,7 @@ impl Job<'_> {
             let part = self.work.join(step.sha256.to_hex());
             report.downloaded_bytes += fetch(self.server, &step.url, &part, step.size, &step.sha256).await?;
             let data = fs::read(&part).map_err(|e| local(&part, e))?;
-            bytes = match step.kind.as_str() {
+            let bytes = match step.kind.as_str() {
                 "delta" => {
                     let h = delta::read_header(&data).map_err(|e| AgentError::Integrity(e.to_string()))?;
                     if !h.target.matches(&step_to.sha256) {
@@ -263,7 +265,7 @@ impl Job<'_> {
                     }
                     // Refused before anything is written if it is not for our file.
                     let limit = self.catalog.object(&step_to.sha256).map(|o| o.size).unwrap_or(0);
-                    delta::apply(&bytes, &data, limit)
+                    delta::apply(built.as_deref().unwrap_or(base), &data, limit)
                         .map_err(|e| AgentError::Integrity(format!("delta {} -> {}: {e}", step.from, step.to)))?
                 }
                 _ => data,
@@ -272,8 +274,9 @@ impl Job<'_> {
                 return Err(AgentError::Integrity(format!("the rebuilt {} does not match the manifest", step.to)));
             }
             report.steps.push(format!("{} {}->{} ({} bytes)", step.kind, step.from, step.to, step.size));
+            built = Some(bytes);
         }
-        Ok(bytes)
+        Ok(built.unwrap_or_else(|| base.to_vec()))
     }
 }
 

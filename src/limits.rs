@@ -239,9 +239,7 @@ impl Permit {
         let b = self.limits.total.as_ref().map_or(b, |t| b.min(t.burst()));
         b.clamp(4096, 256 * 1024)
     }
-}
 
-impl Permit {
     fn policy(&self) -> &Policy {
         &self.limits.policies[self.policy]
     }
@@ -259,7 +257,7 @@ impl Drop for Permit {
 
 /// Everything the limits need at request time.
 pub struct Limits {
-    policies: Vec<Arc<Policy>>,
+    policies: Vec<Policy>,
     /// Keyed by a 64-bit keyed hash of the id, not the id: a lookup then
     /// touches no string (one cache miss fewer among 100,000 agents) and an
     /// agent costs no allocation for its name. Two ids would have to collide
@@ -347,7 +345,7 @@ impl Limits {
 
     fn policy_for(&self, who: &Who<'_>, ip: IpAddr) -> Option<(usize, &Policy)> {
         let mut ip_text = None;
-        self.policies.iter().map(|p| &**p).enumerate().find(|(_, p)| {
+        self.policies.iter().enumerate().find(|(_, p)| {
             let agents_ok = p.agents.is_empty()
                 || match who {
                     Who::Id(id) => p.agents.iter().any(|g| g.is_match(id)),
@@ -453,7 +451,7 @@ fn jitter(max: u64) -> u64 {
     if max == 0 { 0 } else { u64::from_le_bytes(b) % max }
 }
 
-fn compile(p: &PolicyConfig) -> Result<Arc<Policy>, String> {
+fn compile(p: &PolicyConfig) -> Result<Policy, String> {
     let agents = p
         .agents
         .iter()
@@ -471,7 +469,7 @@ fn compile(p: &PolicyConfig) -> Result<Arc<Policy>, String> {
         .map_err(|e| format!("policy {:?}: window {e}", p.name))?;
     let rate = p.rate.map_or(u64::MAX / 4, |r| r.0);
     let name = p.name.clone();
-    Ok(Arc::new(Policy {
+    Ok(Policy {
         egress: telemetry::tally(telemetry::LIMIT_EGRESS, &[("policy", &name)]),
         throttled_bytes: metrics::counter!(telemetry::LIMIT_THROTTLED_BYTES, "policy" => name.clone()),
         wait: metrics::histogram!(telemetry::LIMIT_WAIT, "policy" => name.clone()),
@@ -483,7 +481,7 @@ fn compile(p: &PolicyConfig) -> Result<Arc<Policy>, String> {
         burst: p.burst.map_or((rate / 4).max(64 * 1024), |b| b.0),
         max_concurrent: p.max_concurrent.unwrap_or(0),
         window,
-    }))
+    })
 }
 
 /// The client's address. `Forwarded: for=` and `X-Forwarded-For` are read

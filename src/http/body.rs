@@ -52,7 +52,7 @@ const FILL_SHARE: usize = 64 * 1024;
 /// 0.33-0.41 s in five runs. A 4 KiB first piece was worse (0.51 s), and so was
 /// holding the whole first turn to 16 KiB (0.35 and 0.54 s): more turns cost
 /// more than they save.
-const FIRST_FILL_SHARE: usize = 16 * 1024;
+const FIRST_FILL_PIECE: usize = 16 * 1024;
 
 /// Piece size adapts to the client, like TCP's slow start. actix asks for the
 /// next piece as soon as the socket took the previous one, so quick polls mean
@@ -312,7 +312,7 @@ impl PieceStream {
                             }
                         }
                     }
-                    let share = if this.sent == 0 { FIRST_FILL_SHARE } else { FILL_SHARE };
+                    let share = if this.sent == 0 { FIRST_FILL_PIECE } else { FILL_SHARE };
                     if this.since_yield >= share {
                         this.since_yield = 0;
                         this.pace.forget();

@@ -108,7 +108,7 @@ impl<K: Hash + Eq, V: Clone + Expiring, S: BuildHasher + Clone + Default> AgentT
 
     /// Entries held now (for the memory measurement).
     pub fn count(&self) -> usize {
-        (0..SHARDS).map(|i| self.shard(i).len()).sum()
+        self.count_where(|_| true)
     }
 
     /// Entries for which `f` holds (one shard locked at a time).
