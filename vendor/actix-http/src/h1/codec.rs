@@ -1,7 +1,7 @@
 use std::{fmt, io};
 
 use bitflags::bitflags;
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use http::{Method, Version};
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -143,6 +143,13 @@ impl Decoder for Codec {
         } else {
             Ok(None)
         }
+    }
+}
+
+impl Codec {
+    /// patchrelay: see [`encoder::TransferEncoding::take_unframed`].
+    pub(crate) fn take_unframed(&mut self, msg: &Bytes) -> Option<Bytes> {
+        self.encoder.take_unframed(msg)
     }
 }
 

@@ -6,7 +6,7 @@ use std::{
     slice::from_raw_parts_mut,
 };
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::{
     body::BodySize,
@@ -359,6 +359,11 @@ impl<T: MessageType> MessageEncoder<T> {
         self.te.encode_eof(buf)
     }
 
+    /// patchrelay: see [`TransferEncoding::take_unframed`].
+    pub fn take_unframed(&mut self, msg: &Bytes) -> Option<Bytes> {
+        self.te.take_unframed(msg)
+    }
+
     /// Encode message.
     pub fn encode(
         &mut self,
@@ -486,6 +491,23 @@ impl TransferEncoding {
                 } else {
                     Ok(true)
                 }
+            }
+        }
+    }
+
+    /// patchrelay: the part of `msg` this encoding sends as it is, with the encoder's state
+    /// advanced as if it had been encoded, so the dispatcher can write it to the socket without
+    /// copying it into the write buffer. `None` for chunked framing, whose size line and CRLF
+    /// must surround the data: the caller encodes as usual then.
+    pub fn take_unframed(&mut self, msg: &Bytes) -> Option<Bytes> {
+        match self.kind {
+            TransferEncodingKind::Eof => Some(msg.clone()),
+            TransferEncodingKind::Chunked(_) => None,
+            TransferEncodingKind::Length(ref mut remaining) => {
+                // Same cut as `encode`: never more than Content-Length promised.
+                let len = cmp::min(*remaining, msg.len() as u64);
+                *remaining -= len;
+                Some(msg.slice(..len as usize))
             }
         }
     }
