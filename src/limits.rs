@@ -31,8 +31,7 @@
 mod agents;
 
 use std::net::IpAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
@@ -41,38 +40,59 @@ use self::agents::{AgentTable, Expiring};
 use crate::config::{LimitsConfig, PolicyConfig};
 use crate::telemetry;
 
-/// A token bucket of bytes, by reservation.
+/// GCRA arithmetic for one rate, shared by the process-wide bucket (an atomic)
+/// and the per-agent ones (plain numbers under their shard's lock).
+///
+/// A bucket is the time (in ns since the limits' epoch) at which it is "empty
+/// but even": the theoretical arrival time. Reserving `n` bytes pushes it by
+/// `n / rate`; it may run ahead of now by at most `burst / rate` before a
+/// reservation has to wait.
+#[derive(Debug, Clone, Copy)]
+pub struct Rate {
+    ns_per_byte: f64,
+    slack_ns: u64,
+    burst: u64,
+}
+
+impl Rate {
+    pub fn new(rate: u64, burst: u64) -> Rate {
+        let (rate, burst) = (rate.max(1), burst.max(1));
+        let ns_per_byte = 1e9 / rate as f64;
+        Rate { ns_per_byte, slack_ns: (burst as f64 * ns_per_byte) as u64, burst }
+    }
+
+    /// Where a bucket standing at `tat` stands after reserving `n` bytes, and
+    /// how long the reservation waits.
+    fn take(&self, tat: u64, n: u64, now_ns: u64) -> (u64, Duration) {
+        let next = tat.max(now_ns).saturating_add((n as f64 * self.ns_per_byte) as u64);
+        (next, Duration::from_nanos(next.saturating_sub(now_ns).saturating_sub(self.slack_ns)))
+    }
+
+    pub fn burst(&self) -> u64 {
+        self.burst
+    }
+}
+
+/// A token bucket of bytes shared by threads, by reservation.
 pub struct Bucket {
-    /// Bytes per second.
-    rate: f64,
-    /// Bytes that may go at once.
-    burst: f64,
-    /// The time (in ns since `epoch`) at which the bucket is "empty but even":
-    /// the theoretical arrival time of GCRA. Reserving `n` bytes pushes it by
-    /// `n / rate`; it may run ahead of now by at most `burst / rate`.
+    rate: Rate,
     tat_ns: AtomicU64,
     epoch: Instant,
 }
 
 impl Bucket {
     pub fn new(rate: u64, burst: u64, epoch: Instant) -> Bucket {
-        Bucket { rate: rate.max(1) as f64, burst: burst.max(1) as f64, tat_ns: AtomicU64::new(0), epoch }
+        Bucket { rate: Rate::new(rate, burst), tat_ns: AtomicU64::new(0), epoch }
     }
 
     /// Reserve `n` bytes; returns how long to wait before sending them.
     pub fn reserve(&self, n: u64, now: Instant) -> Duration {
-        let now_ns = now.saturating_duration_since(self.epoch).as_nanos() as u64;
-        let cost = (n as f64 / self.rate * 1e9) as u64;
-        let slack = (self.burst / self.rate * 1e9) as u64;
+        let now_ns = since(self.epoch, now);
         let mut cur = self.tat_ns.load(Ordering::Relaxed);
         loop {
-            let start = cur.max(now_ns);
-            let next = start + cost;
+            let (next, wait) = self.rate.take(cur, n, now_ns);
             match self.tat_ns.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
-                Ok(_) => {
-                    // Allowed to run up to `slack` ahead of now without waiting.
-                    return Duration::from_nanos(next.saturating_sub(now_ns).saturating_sub(slack));
-                }
+                Ok(_) => return wait,
                 Err(actual) => cur = actual,
             }
         }
@@ -80,16 +100,17 @@ impl Bucket {
 
     /// How long `reserve(n)` would wait, without reserving.
     pub fn would_wait(&self, n: u64, now: Instant) -> Duration {
-        let now_ns = now.saturating_duration_since(self.epoch).as_nanos() as u64;
-        let cost = (n as f64 / self.rate * 1e9) as u64;
-        let slack = (self.burst / self.rate * 1e9) as u64;
-        let next = self.tat_ns.load(Ordering::Relaxed).max(now_ns) + cost;
-        Duration::from_nanos(next.saturating_sub(now_ns).saturating_sub(slack))
+        self.rate.take(self.tat_ns.load(Ordering::Relaxed), n, since(self.epoch, now)).1
     }
 
     pub fn burst(&self) -> u64 {
-        self.burst as u64
+        self.rate.burst()
     }
+}
+
+/// Nanoseconds from `epoch` to `now` (0 before it).
+fn since(epoch: Instant, now: Instant) -> u64 {
+    u64::try_from(now.saturating_duration_since(epoch).as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// One policy, compiled.
@@ -98,7 +119,8 @@ pub struct Policy {
     agents: Vec<globset::GlobMatcher>,
     cidrs: Vec<IpNet>,
     pub rate: u64,
-    pub burst: u64,
+    /// Each agent's bucket under this policy.
+    agent_rate: Rate,
     pub max_concurrent: u32,
     window: Option<Window>,
     pub egress: &'static telemetry::Tally,
@@ -146,23 +168,27 @@ impl Window {
     }
 }
 
-/// Per-agent state, shared by the agent's connections.
-pub struct AgentState {
-    pub bucket: Bucket,
-    active: AtomicU32,
+/// Per-agent state, shared by the agent's connections. Lives inside the
+/// agents' table and changes only under its shard's lock (see `agents`).
+#[derive(Default)]
+struct AgentState {
+    /// The agent's token bucket (see [`Rate`]).
+    tat_ns: u64,
+    /// Downloads in progress.
+    active: u32,
     /// Nanoseconds since the limits' epoch when the agent was last seen.
-    last_seen: AtomicU64,
+    last_seen: u64,
 }
 
-impl Expiring for Arc<AgentState> {
+impl Expiring for AgentState {
     fn last_seen(&self) -> u64 {
-        self.last_seen.load(Ordering::Relaxed)
+        self.last_seen
     }
-    fn touch(&self, now: u64) {
-        self.last_seen.store(now, Ordering::Relaxed);
+    fn touch(&mut self, now: u64) {
+        self.last_seen = now;
     }
     fn busy(&self) -> bool {
-        self.active.load(Ordering::Relaxed) > 0
+        self.active > 0
     }
 }
 
@@ -184,7 +210,9 @@ pub struct Refusal {
 
 /// A download in progress: holds its agent's concurrency slot until dropped.
 pub struct Permit {
-    pub agent: Arc<AgentState>,
+    /// The agent's key in the limits' table; its entry stays while this
+    /// permit is counted in it.
+    agent: u64,
     /// Index into the limits' policies (no reference count to bump and drop
     /// on a counter shared by every download).
     policy: usize,
@@ -196,11 +224,44 @@ pub struct Permit {
 impl Permit {
     /// Reserve `n` bytes on every bucket that applies; how long to wait.
     pub fn reserve(&mut self, n: u64) -> Duration {
-        self.reserve_at(n, Instant::now())
+        let now = Instant::now();
+        let rate = self.policy().agent_rate;
+        let now_ns = since(self.limits.epoch, now);
+        let wait = self.limits.agents.with(self.agent, |a| {
+            let (next, wait) = rate.take(a.tat_ns, n, now_ns);
+            a.tat_ns = next;
+            wait
+        });
+        self.count(n, now, wait.unwrap_or_default())
     }
 
-    fn reserve_at(&mut self, n: u64, now: Instant) -> Duration {
-        let mut wait = self.agent.bucket.reserve(n, now);
+    /// For a small body: reserve all of it if it may go at once (true), else
+    /// reserve nothing (false, and the body is paced piece by piece).
+    pub fn reserve_if_free(&mut self, n: u64) -> bool {
+        let now = Instant::now();
+        if n > self.piece()
+            || !(self.critical || self.limits.total.as_ref().is_none_or(|t| t.would_wait(n, now).is_zero()))
+        {
+            return false;
+        }
+        let rate = self.policy().agent_rate;
+        let now_ns = since(self.limits.epoch, now);
+        let free = self.limits.agents.with(self.agent, |a| {
+            let (next, wait) = rate.take(a.tat_ns, n, now_ns);
+            // Look and reserve under one lock: the agent's other connections
+            // cannot slip in between.
+            if wait.is_zero() {
+                a.tat_ns = next;
+            }
+            wait.is_zero()
+        });
+        // The total bucket is looked at before and reserved after: at worst
+        // one small body goes a little early when the total cap binds.
+        free == Some(true) && self.count(n, now, Duration::ZERO).is_zero()
+    }
+
+    /// The total bucket and the counters, once the agent's bucket is reserved.
+    fn count(&self, n: u64, now: Instant, mut wait: Duration) -> Duration {
         if let Some(total) = &self.limits.total {
             let t = total.reserve(n, now);
             if !self.critical {
@@ -216,18 +277,6 @@ impl Permit {
         wait
     }
 
-    /// For a small body: reserve all of it if it may go at once (true), else
-    /// reserve nothing (false, and the body is paced piece by piece).
-    pub fn reserve_if_free(&mut self, n: u64) -> bool {
-        let now = Instant::now();
-        let free = n <= self.piece()
-            && self.agent.bucket.would_wait(n, now).is_zero()
-            && (self.critical || self.limits.total.as_ref().is_none_or(|t| t.would_wait(n, now).is_zero()));
-        // Between the look and the reservation another stream may reserve too;
-        // at worst one small body goes a little early.
-        free && self.reserve_at(n, now).is_zero()
-    }
-
     /// The largest piece to send between waits.
     ///
     /// The same for every connection of an agent (reservations are served in
@@ -235,7 +284,8 @@ impl Permit {
     /// and about a quarter second of the rate: a slow agent's connection holds
     /// a few kilobytes, not a large buffer.
     pub fn piece(&self) -> u64 {
-        let b = self.agent.bucket.burst().min(self.policy().rate / 4);
+        let policy = self.policy();
+        let b = policy.agent_rate.burst().min(policy.rate / 4);
         let b = self.limits.total.as_ref().map_or(b, |t| b.min(t.burst()));
         b.clamp(4096, 256 * 1024)
     }
@@ -247,26 +297,28 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        // The idle clock starts when a download ends; touched before the
-        // slot is released, so a sweep never sees a just-finished agent with
-        // the time it was admitted (its bucket would be forgotten early).
-        self.agent.touch(self.limits.now_ns());
-        self.agent.active.fetch_sub(1, Ordering::Relaxed);
+        // The idle clock starts when a download ends: touched as the slot is
+        // released, so a sweep never sees a just-finished agent with the time
+        // it was admitted (its bucket would be forgotten early).
+        let now = self.limits.now_ns();
+        self.limits.agents.with(self.agent, |a| {
+            a.touch(now);
+            a.active = a.active.saturating_sub(1);
+        });
     }
 }
 
 /// Everything the limits need at request time.
 pub struct Limits {
     policies: Vec<Policy>,
-    /// Keyed by a 64-bit keyed hash of the id, not the id: a lookup then
-    /// touches no string (one cache miss fewer among 100,000 agents) and an
-    /// agent costs no allocation for its name. Two ids would have to collide
-    /// in 64 bits of SipHash under a secret key to share a bucket. The key is
-    /// already uniformly random, so the table hashes it no further (the
-    /// digest maps' pass-through hasher); no client can aim at a shard.
-    ids: AgentTable<u64, Arc<AgentState>, crate::digest::DigestBuildHasher>,
-    id_hasher: std::hash::RandomState,
-    ips: AgentTable<IpAddr, Arc<AgentState>>,
+    /// Keyed by a 64-bit keyed hash of who the agent is (its id, or its
+    /// address when it sends none), not the id itself: a lookup then touches
+    /// no string (one cache miss fewer among 100,000 agents) and an agent
+    /// costs no allocation for its name. Two agents would have to collide in
+    /// 64 bits of SipHash under a secret key to share a bucket, and no client
+    /// can aim at a shard.
+    agents: AgentTable<AgentState>,
+    keys: std::hash::RandomState,
     total: Option<Bucket>,
     identity: Identity,
     agent_header: actix_web::http::header::HeaderName,
@@ -307,15 +359,13 @@ impl Limits {
             jiff::tz::TimeZone::get(&cfg.timezone).map_err(|e| format!("limits.timezone {:?}: {e}", cfg.timezone))?
         };
         let policies = cfg.policy.iter().map(compile).collect::<Result<Vec<_>, _>>()?;
-        let ids = AgentTable::new(cfg.idle_ttl.0);
-        let ips = AgentTable::new(cfg.idle_ttl.0);
+        let agents = AgentTable::new(cfg.idle_ttl.0);
         let epoch = Instant::now();
         let total = cfg.total_rate.map(|r| Bucket::new(r.0, cfg.total_burst.map_or(r.0, |b| b.0), epoch));
         Ok(Some(Box::leak(Box::new(Limits {
             policies,
-            ids,
-            id_hasher: std::hash::RandomState::new(),
-            ips,
+            agents,
+            keys: std::hash::RandomState::new(),
             total,
             identity,
             agent_header,
@@ -358,22 +408,14 @@ impl Limits {
         })
     }
 
-    /// The agent's state, created on first sight.
-    fn state(&self, who: &Who<'_>, policy: &Policy) -> Arc<AgentState> {
-        let now = self.now_ns();
-        let new = || {
-            Arc::new(AgentState {
-                bucket: Bucket::new(policy.rate, policy.burst, self.epoch),
-                active: AtomicU32::new(0),
-                last_seen: AtomicU64::new(now),
-            })
-        };
+    /// The agent's key in the table. An id and an address never share one
+    /// (the tag), so an agent that sends an id is not limited with whoever
+    /// else is behind its address.
+    fn key(&self, who: &Who<'_>) -> u64 {
+        use std::hash::BuildHasher;
         match who {
-            Who::Id(id) => {
-                let key = std::hash::BuildHasher::hash_one(&self.id_hasher, id);
-                self.ids.get_or_insert_with(&key, now, || (key, new()))
-            }
-            Who::Ip(ip) => self.ips.get_or_insert_with(ip, now, || (*ip, new())),
+            Who::Id(id) => self.keys.hash_one((0u8, id)),
+            Who::Ip(ip) => self.keys.hash_one((1u8, ip)),
         }
     }
 
@@ -402,10 +444,15 @@ impl Limits {
                 ));
             }
         }
-        let agent = self.state(&who, policy);
-        let prev = agent.active.fetch_add(1, Ordering::Relaxed);
-        if policy.max_concurrent > 0 && prev >= policy.max_concurrent {
-            agent.active.fetch_sub(1, Ordering::Relaxed);
+        let agent = self.key(&who);
+        let admitted = self.agents.update(agent, self.now_ns(), AgentState::default, |a| {
+            let free = policy.max_concurrent == 0 || a.active < policy.max_concurrent;
+            if free {
+                a.active += 1;
+            }
+            free
+        });
+        if !admitted {
             return Err(self.refuse(
                 policy,
                 "concurrency",
@@ -417,7 +464,7 @@ impl Limits {
     }
 
     fn now_ns(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+        since(self.epoch, Instant::now())
     }
 
     fn refuse(&self, policy: &Policy, reason: &'static str, secs: u64, message: String) -> Refusal {
@@ -430,13 +477,13 @@ impl Limits {
     /// about a millisecond for 100,000 agents) keeps two updates of one shared
     /// gauge off every download.
     pub fn publish_gauges(&self) {
-        let busy = self.ids.count_where(|a| a.busy()) + self.ips.count_where(|a| a.busy());
+        let busy = self.agents.count_where(|a| a.busy());
         self.active_agents.set(busy as f64);
     }
 
     /// Agents with state right now (for the memory measurement).
     pub fn tracked_agents(&self) -> u64 {
-        (self.ids.count() + self.ips.count()) as u64
+        self.agents.count() as u64
     }
 }
 
@@ -468,6 +515,8 @@ fn compile(p: &PolicyConfig) -> Result<Policy, String> {
         .transpose()
         .map_err(|e| format!("policy {:?}: window {e}", p.name))?;
     let rate = p.rate.map_or(u64::MAX / 4, |r| r.0);
+    // Default burst: a quarter second of traffic, at least 64 KiB.
+    let burst = p.burst.map_or((rate / 4).max(64 * 1024), |b| b.0);
     let name = p.name.clone();
     Ok(Policy {
         egress: telemetry::tally(telemetry::LIMIT_EGRESS, &[("policy", &name)]),
@@ -477,8 +526,7 @@ fn compile(p: &PolicyConfig) -> Result<Policy, String> {
         agents,
         cidrs: p.cidrs.clone(),
         rate,
-        // Default burst: a quarter second of traffic, at least 64 KiB.
-        burst: p.burst.map_or((rate / 4).max(64 * 1024), |b| b.0),
+        agent_rate: Rate::new(rate, burst),
         max_concurrent: p.max_concurrent.unwrap_or(0),
         window,
     })
