@@ -9,20 +9,20 @@
 //! [`SWEEP_EVERY`] lookups drops the idle entries that have no download in
 //! progress.
 //!
-//! Entries live inside the map, not behind an `Arc`, and are only ever read or
-//! changed under their shard's lock. With 100,000 agents a lookup misses the
-//! CPU cache at every pointer it follows, and each miss was about a third of
-//! the lookup (perf): inline, a lookup is the map's control bytes and the
-//! entry, two misses instead of three, and no allocation per agent. A download
-//! keeps its agent's key, not a pointer; the entry cannot go while the download
-//! is counted in it, because a sweep keeps busy entries.
+//! Entries live inside the table, not behind an `Arc`, and are only ever read
+//! or changed under their shard's lock. With 100,000 agents a lookup misses
+//! the CPU cache at every line it touches, and each miss was about a third of
+//! the lookup's cost (perf). A std `HashMap` with the entry behind an `Arc`
+//! touched three lines: control bytes, bucket, entry. Here a shard is open
+//! addressing over 32-byte slots that hold the key beside the entry, so a
+//! lookup touches one line, and no agent costs an allocation of its own. A
+//! download keeps its agent's key, not a pointer; the entry cannot go while
+//! the download is counted in it, because a sweep keeps busy entries.
+//! (The product's core under load, and small: why it is not a crate.)
 
 use std::cell::Cell;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
-
-use crate::digest::DigestBuildHasher;
 
 const SHARDS: usize = 64;
 /// Lookups between sweeps of one shard: every shard is swept once per
@@ -46,13 +46,106 @@ pub trait Expiring {
     fn busy(&self) -> bool;
 }
 
+/// A key and its entry, never across two cache lines.
+#[repr(C, align(32))]
+#[derive(Default)]
+struct Slot<V> {
+    /// 0: the slot is free.
+    key: u64,
+    value: V,
+}
+
+/// One shard's entries: linear probing from the key's low bits, at most half
+/// full, so a lookup usually reads one slot and rarely a second.
+struct Slots<V> {
+    slots: Box<[Slot<V>]>,
+    len: usize,
+}
+
+/// Fewest slots a shard allocates once it holds anything.
+const MIN_SLOTS: usize = 16;
+
+impl<V: Default> Slots<V> {
+    fn new() -> Self {
+        Slots { slots: Box::new([]), len: 0 }
+    }
+
+    /// Where `key` is, or the free slot where it would go.
+    fn probe(&self, key: u64) -> Result<usize, usize> {
+        let mask = self.slots.len() - 1;
+        let mut i = key as usize & mask;
+        loop {
+            match self.slots[i].key {
+                k if k == key => return Ok(i),
+                0 => return Err(i),
+                _ => i = (i + 1) & mask,
+            }
+        }
+    }
+
+    fn get_mut(&mut self, key: u64) -> Option<&mut V> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let i = self.probe(key).ok()?;
+        Some(&mut self.slots[i].value)
+    }
+
+    fn get_or_insert_with(&mut self, key: u64, make: impl FnOnce() -> V) -> &mut V {
+        if (self.len + 1) * 2 > self.slots.len() {
+            self.rebuild((self.slots.len() * 2).max(MIN_SLOTS), |_| true);
+        }
+        let i = match self.probe(key) {
+            Ok(i) => i,
+            Err(i) => {
+                self.slots[i] = Slot { key, value: make() };
+                self.len += 1;
+                i
+            }
+        };
+        &mut self.slots[i].value
+    }
+
+    /// Keep the entries for which `keep` holds, in `cap` slots (a power of
+    /// two, more than twice the entries kept).
+    fn rebuild(&mut self, cap: usize, mut keep: impl FnMut(&V) -> bool) {
+        let old = std::mem::replace(&mut self.slots, (0..cap).map(|_| Slot::default()).collect());
+        self.len = 0;
+        for slot in old.into_vec().into_iter().filter(|s| s.key != 0 && keep(&s.value)) {
+            if let Err(i) = self.probe(slot.key) {
+                self.slots[i] = slot;
+                self.len += 1;
+            }
+        }
+    }
+
+    /// Drop the entries for which `keep` fails, and give back the memory of
+    /// a shard that is now mostly empty.
+    fn retain(&mut self, keep: impl Fn(&V) -> bool) {
+        let live = self.values().filter(|v| keep(v)).count();
+        if live == self.len {
+            return;
+        }
+        let cap = if live == 0 { 0 } else { (live * 4).next_power_of_two().max(MIN_SLOTS).min(self.slots.len()) };
+        if cap == 0 {
+            *self = Slots::new();
+        } else {
+            self.rebuild(cap, keep);
+        }
+    }
+
+    fn values(&self) -> impl Iterator<Item = &V> {
+        self.slots.iter().filter(|s| s.key != 0).map(|s| &s.value)
+    }
+}
+
 /// One shard on a cache line of its own: the two workers lock different shards
 /// at once, and a lock word shared with a neighbour would bounce between them.
 #[repr(align(64))]
-struct Shard<V>(Mutex<HashMap<u64, V, DigestBuildHasher>>);
+struct Shard<V>(Mutex<Slots<V>>);
 
 /// Keys are already uniformly random 64-bit values (a keyed hash of who the
-/// agent is), so the maps hash them no further.
+/// agent is), so the table hashes them no further.
 pub struct AgentTable<V> {
     shards: Box<[Shard<V>]>,
     /// The next shard to sweep (written once per sweep, not per lookup).
@@ -60,22 +153,22 @@ pub struct AgentTable<V> {
     ttl_ns: u64,
 }
 
-impl<V: Expiring> AgentTable<V> {
+impl<V: Expiring + Default> AgentTable<V> {
     pub fn new(ttl: std::time::Duration) -> Self {
         AgentTable {
-            shards: (0..SHARDS).map(|_| Shard(Mutex::new(HashMap::default()))).collect(),
+            shards: (0..SHARDS).map(|_| Shard(Mutex::new(Slots::new()))).collect(),
             next_sweep: AtomicUsize::new(0),
             ttl_ns: u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX),
         }
     }
 
-    fn shard(&self, key: u64) -> MutexGuard<'_, HashMap<u64, V, DigestBuildHasher>> {
-        // Middle bits: the shard's map uses the low bits for its bucket and the
-        // top 7 for its control bytes, so those must still vary within a shard.
+    fn shard(&self, key: u64) -> MutexGuard<'_, Slots<V>> {
+        // High bits: the shard probes from the low ones, so those must still
+        // vary within a shard.
         self.lock(((key >> 32) as usize) % SHARDS)
     }
 
-    fn lock(&self, i: usize) -> MutexGuard<'_, HashMap<u64, V, DigestBuildHasher>> {
+    fn lock(&self, i: usize) -> MutexGuard<'_, Slots<V>> {
         // Nothing panics while a shard is locked, so a poisoned lock still
         // guards a consistent map.
         self.shards[i].0.lock().unwrap_or_else(|e| e.into_inner())
@@ -84,6 +177,7 @@ impl<V: Expiring> AgentTable<V> {
     /// Runs `f` on the entry for `key`, made by `make` on first sight, and
     /// marks it seen `now`.
     pub fn update<R>(&self, key: u64, now: u64, make: impl FnOnce() -> V, f: impl FnOnce(&mut V) -> R) -> R {
+        let key = nonzero(key);
         let n = LOOKUPS.with(|c| {
             let n = c.get();
             c.set(n.wrapping_add(1));
@@ -93,7 +187,7 @@ impl<V: Expiring> AgentTable<V> {
             self.sweep(self.next_sweep.fetch_add(1, Ordering::Relaxed) % SHARDS, now);
         }
         let mut shard = self.shard(key);
-        let entry = shard.entry(key).or_insert_with(make);
+        let entry = shard.get_or_insert_with(key, make);
         // Under the lock: a sweep must never see the old time for an entry
         // that is being handed out (it would drop it, and the agent's next
         // request would get a fresh bucket and concurrency count).
@@ -103,12 +197,13 @@ impl<V: Expiring> AgentTable<V> {
 
     /// Runs `f` on the entry for `key`, if there is one.
     pub fn with<R>(&self, key: u64, f: impl FnOnce(&mut V) -> R) -> Option<R> {
-        self.shard(key).get_mut(&key).map(f)
+        let key = nonzero(key);
+        self.shard(key).get_mut(key).map(f)
     }
 
     fn sweep(&self, i: usize, now: u64) {
         let ttl = self.ttl_ns;
-        self.lock(i).retain(|_, v| v.busy() || now.saturating_sub(v.last_seen()) < ttl);
+        self.lock(i).retain(|v| v.busy() || now.saturating_sub(v.last_seen()) < ttl);
     }
 
     /// Entries held now (for the memory measurement).
@@ -120,6 +215,12 @@ impl<V: Expiring> AgentTable<V> {
     pub fn count_where(&self, f: impl Fn(&V) -> bool) -> usize {
         (0..SHARDS).map(|i| self.lock(i).values().filter(|v| f(v)).count()).sum()
     }
+}
+
+/// 0 marks a free slot, so key 0 is stored as 1 (two agents share a bucket
+/// only if their keyed 64-bit hashes are 0 and 1).
+fn nonzero(key: u64) -> u64 {
+    key.max(1)
 }
 
 #[cfg(test)]
@@ -148,6 +249,37 @@ mod tests {
     /// Keys as the limits make them: spread over all 64 bits.
     fn key(i: u64) -> u64 {
         i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1
+    }
+
+    /// The slots against a std map, through growth, probing runs that wrap
+    /// around the end, and sweeps that shrink them.
+    #[test]
+    fn slots_agree_with_a_map() {
+        let mut slots: Slots<u32> = Slots::new();
+        let mut model = std::collections::HashMap::new();
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        for round in 0..20_000u32 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Few distinct low bits: long probing runs, many of them wrapping.
+            let k = nonzero((x & 0xff) << 56 | (x & 0x7) | ((x >> 40) & 0xf) << 3);
+            *slots.get_or_insert_with(k, || 0) += 1;
+            *model.entry(k).or_insert(0u32) += 1;
+            if round % 5000 == 4999 {
+                slots.retain(|v| v % 2 == 0);
+                model.retain(|_, v| *v % 2 == 0);
+            }
+            assert_eq!(slots.len, model.len());
+            assert!(slots.len * 2 <= slots.slots.len().max(1));
+        }
+        for (k, v) in &model {
+            assert_eq!(slots.get_mut(*k).copied(), Some(*v));
+        }
+        assert_eq!(slots.values().count(), model.len());
+        slots.retain(|_| false);
+        assert!(slots.slots.is_empty(), "an empty shard holds no memory");
+        assert_eq!(slots.get_mut(1), None);
     }
 
     #[test]
