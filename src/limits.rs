@@ -48,14 +48,14 @@ use crate::telemetry;
 /// `n / rate`; it may run ahead of now by at most `burst / rate` before a
 /// reservation has to wait.
 #[derive(Debug, Clone, Copy)]
-pub struct Rate {
+struct Rate {
     ns_per_byte: f64,
     slack_ns: u64,
     burst: u64,
 }
 
 impl Rate {
-    pub fn new(rate: u64, burst: u64) -> Rate {
+    fn new(rate: u64, burst: u64) -> Rate {
         let (rate, burst) = (rate.max(1), burst.max(1));
         let ns_per_byte = 1e9 / rate as f64;
         Rate { ns_per_byte, slack_ns: (burst as f64 * ns_per_byte) as u64, burst }
@@ -68,7 +68,7 @@ impl Rate {
         (next, Duration::from_nanos(next.saturating_sub(now_ns).saturating_sub(self.slack_ns)))
     }
 
-    pub fn burst(&self) -> u64 {
+    fn burst(&self) -> u64 {
         self.burst
     }
 }
@@ -231,14 +231,8 @@ impl Permit {
     /// Reserve `n` bytes on every bucket that applies; how long to wait.
     pub fn reserve(&mut self, n: u64) -> Duration {
         let now = Instant::now();
-        let rate = self.policy().agent_rate;
-        let now_ns = since(self.limits.epoch, now);
-        let wait = self.limits.agents.with(self.agent, |a| {
-            let (next, wait) = rate.take(a.tat_ns, n, now_ns);
-            a.tat_ns = next;
-            wait
-        });
-        self.count(n, now, wait.unwrap_or_default())
+        let wait = self.reserve_agent(n, now, false).unwrap_or_default();
+        self.count(n, now, wait)
     }
 
     /// For a small body: reserve all of it if it may go at once (true), else
@@ -254,21 +248,28 @@ impl Permit {
         {
             return false;
         }
-        let rate = self.policy().agent_rate;
-        let now_ns = since(self.limits.epoch, now);
-        let free = self.limits.agents.with(self.agent, |a| {
-            let (next, wait) = rate.take(a.tat_ns, n, now_ns);
-            // Look and reserve under one lock: the agent's other connections
-            // cannot slip in between.
-            if wait.is_zero() {
-                a.tat_ns = next;
-            }
-            wait.is_zero()
-        });
+        let free = self.reserve_agent(n, now, true).is_some();
         // The total bucket is looked at before and reserved after: at worst
         // one small body goes a little early when the total cap binds.
-        self.at_once = free == Some(true) && self.count(n, now, Duration::ZERO).is_zero();
+        self.at_once = free && self.count(n, now, Duration::ZERO).is_zero();
         self.at_once
+    }
+
+    /// Reserve `n` bytes on the agent's bucket; the wait. With `only_if_free`,
+    /// reserve only if there is no wait (`None` otherwise): looked at and
+    /// reserved under one lock, so the agent's other connections cannot slip
+    /// in between.
+    fn reserve_agent(&self, n: u64, now: Instant, only_if_free: bool) -> Option<Duration> {
+        let rate = self.policy().agent_rate;
+        let now_ns = since(self.limits.epoch, now);
+        self.limits.agents.with(self.agent, |a| {
+            let (next, wait) = rate.take(a.tat_ns, n, now_ns);
+            if only_if_free && !wait.is_zero() {
+                return None;
+            }
+            a.tat_ns = next;
+            Some(wait)
+        })?
     }
 
     /// The total bucket and the counters, once the agent's bucket is reserved.

@@ -373,12 +373,12 @@ impl Drop for PieceStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::{FutureExt, StreamExt};
+    use std::io::Write;
 
     fn noop() -> &'static Tally {
         crate::telemetry::tally("patchrelay_test_body_bytes_total", &[])
     }
-    use futures_util::{FutureExt, StreamExt};
-    use std::io::Write;
 
     #[test]
     fn streams_bytes_and_file_spans() {

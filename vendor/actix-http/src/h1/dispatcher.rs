@@ -740,11 +740,9 @@ where
                         match body.as_mut().poll_next(cx) {
                             Poll::Ready(Some(Ok(item))) => {
                                 // patchrelay: large pieces go straight to the socket.
-                                let io = match item.len() >= WRITE_THROUGH_MIN {
-                                    true => this.io.as_mut(),
-                                    false => None,
-                                };
-                                if let Some(io) = io {
+                                if let (true, Some(io)) =
+                                    (item.len() >= WRITE_THROUGH_MIN, this.io.as_mut())
+                                {
                                     if let Some(data) = this.codec.take_unframed(&item) {
                                         write_through(io, cx, this.write_buf, data)?;
                                         continue;
