@@ -1,32 +1,55 @@
 #!/usr/bin/env bash
-# What metrics and limits cost when limits never bind. Three relays on the
-# same files, same workload, alternating ROUNDS times:
+# What metrics and limits cost when limits never bind, relay against relay on
+# the same files and the same workload:
 #   off      [metrics] enabled = false, no limits
 #   metrics  metrics on (the default), no limits
 #   on       metrics on, and a policy and total cap far above the traffic
 #            (every request carries an agent id drawn from AGENT_IDS, so
 #            requests go through identity, policy match, agent state, buckets
 #            and pacing)
-# Prints medians and the ratios against "off", for throughput and for the
-# server's CPU time per request (steadier than throughput on shared cores:
-# it does not move with how the load generator is scheduled).
+#   off2     a second "off": the control, whose ratio to "off" is the noise of
+#            the method itself
 #
-#   loadtest/limits-overhead.sh                       # 100,000 agent ids: the worst case
+# How it measures on a noisy 2-core VM, where one relay measured alone gave
+# 87,000 and 119,000 req/s in two 3 s runs a few seconds apart, with nothing
+# else running: run the two relays being compared AT THE SAME TIME, each with
+# one worker, both pinned to the same core (CPU 0), each loaded by its own wrk
+# pinned to the other core (CPU 1), with enough connections to keep it always
+# busy. The scheduler shares CPU 0 evenly between the two busy relays, and
+# whatever the host does to that core's speed it does to both. Each relay's
+# CPU time comes from /proc/<pid>/task/*/schedstat (nanoseconds), so the
+# figure is the ratio of CPU time per request, which does not depend on the
+# shares being exactly even; the throughput ratio is printed beside it.
+#
+# Every pair starts both its relays afresh (a process's own luck, such as where
+# its memory lands, is drawn again each time instead of biasing every round the
+# same way, and neither has served more than the other), warms them up
+# together, and measures them. A round measures the pairs off|off2,
+# off|metrics and off|on, in an order that rotates, and alternates which of a
+# pair starts first. The figures are the medians of the rounds' ratios, with
+# quartiles.
+#
+#   loadtest/limits-overhead.sh                                 # 100,000 agent ids, the worst case (~8 min)
 #   AGENT_IDS=256 WORKLOADS=small loadtest/limits-overhead.sh   # one agent per connection
+#   ROUNDS=15 DURATION=6 WORKLOADS=small loadtest/limits-overhead.sh
 #
-#   loadtest/limits-overhead.sh            # needs wrk, nginx, curl, a release build
+# Needs: wrk, curl, python3, taskset, 2 or more CPUs, a release build
+# (cargo build --release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-8}
-ROUNDS=${ROUNDS:-5}
+ROUNDS=${ROUNDS:-7}
 AGENT_IDS=${AGENT_IDS:-100000}
 WORKLOADS=${WORKLOADS:-small,large}
+# Which relays to measure against "off" (off2 is the control).
+PAIRS=${PAIRS:-off2,metrics,on}
 BIN=${BIN:-target/release/patchrelay}
-for t in wrk curl "$BIN"; do command -v "$t" >/dev/null 2>&1 || { echo "missing: $t" >&2; exit 2; }; done
+for t in wrk curl python3 taskset "$BIN"; do command -v "$t" >/dev/null 2>&1 || { echo "missing: $t" >&2; exit 2; }; done
+[ "$(nproc)" -ge 2 ] || { echo "needs 2 CPUs: relays on one, load on the other" >&2; exit 2; }
 
 work=$(mktemp -d /tmp/patchrelay-limits.XXXXXX)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; [ -n "${KEEP:-}" ] && echo "kept $work" || rm -rf "$work"; }
 trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
@@ -39,20 +62,25 @@ small=$(sha256sum "$work/in/small/1/small.bin" | cut -d' ' -f1)
 large=$(sha256sum "$work/in/large/1/large.bin" | cut -d' ' -f1)
 oport=$(free_port)
 printf '[server]\nlisten = "127.0.0.1:%s"\n[origin]\nrepository = "%s"\n[log]\nlevel = "warn"\n' "$oport" "$work/repo" > "$work/origin.toml"
-"$BIN" serve --config "$work/origin.toml" >/dev/null 2>&1 & pids+=($!)
+taskset -c 1 "$BIN" serve --config "$work/origin.toml" >/dev/null 2>&1 & pids+=($!)
 
-port=""
-start_relay() { # name extra; sets $port (not a $(...): the server would hold its pipe open)
-  port=$(free_port)
-  printf '[server]\nlisten = "127.0.0.1:%s"\n[storage]\ndir = "%s"\n[[upstream]]\nurl = "http://127.0.0.1:%s"\n[trust]\npublic_key = "%s"\n[log]\nlevel = "warn"\n%s\n' \
-    "$port" "$work/$1" "$oport" "$pub" "$2" > "$work/$1.toml"
-  "$BIN" serve --config "$work/$1.toml" >/dev/null 2>&1 & pids+=($!)
-  for i in $(seq 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
-  curl -sf -o /dev/null "http://127.0.0.1:$port/v1/objects/$small"; curl -sf -o /dev/null "http://127.0.0.1:$port/v1/objects/$large"
-}
-start_relay off $'[metrics]\nenabled = false\n'; off=$port; offpid=${pids[-1]}
-start_relay metrics ""; met=$port; metpid=${pids[-1]}
-start_relay on $'[limits]\nidentity = "header"\ntotal_rate = "100GiB/s"\n[[limits.policy]]\nname = "fleet"\nrate = "50GiB/s"\nmax_concurrent = 1000\n'; on=$port; onpid=${pids[-1]}
+declare -A extra=(
+  [off]=$'[metrics]\nenabled = false\n'
+  [off2]=$'[metrics]\nenabled = false\n'
+  [metrics]=""
+  [on]=$'[limits]\nidentity = "header"\ntotal_rate = "100GiB/s"\n[[limits.policy]]\nname = "fleet"\nrate = "50GiB/s"\nmax_concurrent = 1000\n'
+)
+# Each relay's files are named by number, not by configuration: paths of
+# different lengths alone (storage dir "off" against "off2") measured 1.5%
+# apart, round after round, between two relays otherwise identical.
+declare -A port pid dir
+n=0
+for cfg in off off2 metrics on; do
+  dir[$cfg]="$work/relay$n"; n=$((n + 1))
+  port[$cfg]=$(free_port)
+  printf '[server]\nlisten = "127.0.0.1:%s"\nworkers = 1\n[storage]\ndir = "%s"\n[[upstream]]\nurl = "http://127.0.0.1:%s"\n[trust]\npublic_key = "%s"\n[log]\nlevel = "warn"\n%s\n' \
+    "${port[$cfg]}" "${dir[$cfg]}" "$oport" "$pub" "${extra[$cfg]}" > "${dir[$cfg]}.toml"
+done
 
 # Every request an agent id, so per-agent state is created and looked up.
 cat > "$work/ids.lua" <<LUA
@@ -60,38 +88,72 @@ request = function()
   return wrk.format(nil, nil, { ["X-Agent-Id"] = "agent-" .. math.random(1, $AGENT_IDS) })
 end
 LUA
-run() { wrk -t2 -c"$2" -d"${DURATION}s" -s "$work/ids.lua" "$1" 2>&1 | awk '/Requests\/sec/ {r=$2} /Transfer\/sec/ {v=$2; u=v; gsub(/[0-9.]/,"",u); sub(/[A-Za-z]+$/,"",v); m=(u=="GB")?1024:(u=="MB")?1:(u=="KB")?1/1024:1/1048576; t=v*m} END {print r, t}'; }
-# The server's CPU time (user + system, in clock ticks) so far.
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-# One run against one relay: appends its figure to $work/<cfg> and its CPU
-# microseconds per request to $work/<cfg>.cpu.
-measure() { # cfg port pid path conns field
-  local t0 t1 out
-  t0=$(ticks "$3"); out=$(run "http://127.0.0.1:$2$4" "$5"); t1=$(ticks "$3")
-  echo "$out" | awk -v f="$6" '{print $f}' >> "$work/$1"
-  echo "$out" | awk -v d="$DURATION" -v t=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" '{printf "%.2f\n", t / hz * 1e6 / ($1 * d)}' >> "$work/$1.cpu"
+load() { taskset -c 1 wrk -t1 -c"$2" -d"$3" -s "$work/ids.lua" "$1" 2>&1; }
+
+# Each start also gets an environment of a random size: the environment sits
+# at the top of the stack, so its size moves where everything on the stack
+# lands, and a lucky or unlucky layout is drawn afresh each time.
+start() { # cfg
+  PATCHRELAY_LAYOUT_PAD=$(head -c $((RANDOM % 4096)) /dev/zero | tr '\0' x) taskset -c 0 "$BIN" serve --config "${dir[$1]}.toml" >>"${dir[$1]}.log" 2>&1 & pid[$1]=$!; pids+=($!)
+  for _ in $(seq 100); do curl -sf "http://127.0.0.1:${port[$1]}/readyz" >/dev/null && break; sleep 0.1; done
+  curl -sf -o /dev/null "http://127.0.0.1:${port[$1]}/v1/objects/$small"
+  curl -sf -o /dev/null "http://127.0.0.1:${port[$1]}/v1/objects/$large"
 }
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2}'; }
-ratio() { awk -v x="$1" -v y="$2" 'BEGIN{printf "%.3f", x/y}'; }
-echo; echo "agent ids drawn from $AGENT_IDS"
-printf '%-32s %10s %10s %10s %9s %9s\n' "workload (median of $ROUNDS)" off metrics "metrics+limits" "met/off" "all/off"
-cpu_rows=()
-for w in "small|4KiB object, 256 conns, req/s|/v1/objects/$small|256|1" "large|24MiB object, 16 conns, MB/s|/v1/objects/$large|16|2"; do
-  IFS='|' read -r name label path conns field <<<"$w"
+stop() { kill "${pid[$1]}" 2>/dev/null || true; wait "${pid[$1]}" 2>/dev/null || true; }
+# CPU time of all the relay's threads so far, in nanoseconds.
+cpu_ns() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{t += $1} END {printf "%.0f\n", t}'; }
+# Requests completed, and bytes read, from wrk's summary.
+served() { awk '/requests in/ {r=$1} /Transfer\/sec/ {v=$2; u=v; gsub(/[0-9.]/,"",u); sub(/[A-Za-z]+$/,"",v); m=(u=="GB")?1024:(u=="MB")?1:(u=="KB")?1/1024:1/1048576; t=v*m} END {print r, t}' "$1"; }
+
+# Load relays a and b at once; prints "throughput_b/throughput_a cpu_per_request_b/cpu_per_request_a
+# figure_a figure_b cpu_a cpu_b" (figure: req/s, or MB/s for large objects;
+# cpu: microseconds per request). Which of the two loads starts first swaps
+# with `first` (a or b): the control showed the first one gets ~2% more.
+pair() { # a b path conns field first
+  local a=$1 b=$2 a0 b0 a1 b1 x y
+  if [ "$6" = a ]; then x=$a; y=$b; else x=$b; y=$a; fi
+  # Warm-up at the same load (the agents' table grown, buffers made).
+  load "http://127.0.0.1:${port[$x]}$3" "$4" 2s >/dev/null & load "http://127.0.0.1:${port[$y]}$3" "$4" 2s >/dev/null; wait
+  a0=$(cpu_ns "${pid[$a]}"); b0=$(cpu_ns "${pid[$b]}")
+  load "http://127.0.0.1:${port[$x]}$3" "$4" "${DURATION}s" > "${dir[$x]}.wrk" &
+  load "http://127.0.0.1:${port[$y]}$3" "$4" "${DURATION}s" > "${dir[$y]}.wrk"; wait
+  a1=$(cpu_ns "${pid[$a]}"); b1=$(cpu_ns "${pid[$b]}")
+  read -r ra ma <<<"$(served "${dir[$a]}.wrk")"; read -r rb mb <<<"$(served "${dir[$b]}.wrk")"
+  awk -v ra="$ra" -v rb="$rb" -v ma="$ma" -v mb="$mb" -v ca=$((a1 - a0)) -v cb=$((b1 - b0)) -v f="$5" -v d="$DURATION" \
+    'BEGIN {fa = (f == 1) ? ra / d : ma; fb = (f == 1) ? rb / d : mb;
+            printf "%.4f %.4f %.0f %.0f %.3f %.3f\n", fb / fa, (cb / rb) / (ca / ra), fa, fb, ca / ra / 1000, cb / rb / 1000}'
+}
+summary() { sort -g | awk '{a[NR]=$1} function q(p,  i){i=1+(NR-1)*p; return a[int(i)]+(i-int(i))*(a[int(i)+1]-a[int(i)])} END {printf "%.3f (%.3f-%.3f)", q(0.5), q(0.25), q(0.75)}'; }
+
+echo "agent ids drawn from $AGENT_IDS; $ROUNDS rounds of ${DURATION}s; relays with 1 worker each, both of a pair on CPU 0 at once, wrk on CPU 1"
+for w in "small|4KiB object, 256 conns per relay|req/s|/v1/objects/$small|256|1" "large|24MiB object, 16 conns per relay|MB/s|/v1/objects/$large|16|2"; do
+  IFS='|' read -r name label unit path conns field <<<"$w"
   case ",$WORKLOADS," in *",$name,"*) ;; *) continue;; esac
-  : > "$work/a"; : > "$work/b"; : > "$work/c"; : > "$work/a.cpu"; : > "$work/b.cpu"; : > "$work/c.cpu"
+  echo; echo "$label ($unit, CPU us per request)"
+  IFS=, read -r -a pairs <<<"$PAIRS"
+  for b in "${pairs[@]}"; do : > "$work/$name.$b"; done
   for r in $(seq "$ROUNDS"); do
-    # The order rotates round by round, so a drift in the machine does not
-    # always fall on the same configuration.
-    order=("a $off $offpid" "b $met $metpid" "c $on $onpid")
-    for i in 0 1 2; do
-      read -r cfg p pid <<<"${order[$(( (i + r) % 3 ))]}"
-      measure "$cfg" "$p" "$pid" "$path" "$conns" "$field"
+    line="  round $r:"
+    # The pairs' order rotates round by round, and which of a pair starts
+    # (and is loaded) first alternates.
+    IFS=, read -r -a pairs <<<"$PAIRS"
+    first=$( [ $((r % 2)) -eq 0 ] && echo a || echo b)
+    for i in "${!pairs[@]}"; do
+      b=${pairs[$(( (i + r) % ${#pairs[@]} ))]}
+      # Both relays of a pair start afresh, so neither has served more than
+      # the other before it is measured.
+      if [ "$first" = a ]; then start off; start "$b"; else start "$b"; start off; fi
+      out=$(pair off "$b" "$path" "$conns" "$field" "$first")
+      stop off; stop "$b"
+      echo "$out" >> "$work/$name.$b"
+      read -r tr cr fa fb ua ub <<<"$out"
+      line+=$(printf '  %s/off %s (%s vs %s; cpu %s vs %s)' "$b" "$cr" "$fb" "$fa" "$ub" "$ua")
     done
+    echo "$line"
   done
-  a=$(median < "$work/a"); b=$(median < "$work/b"); c=$(median < "$work/c")
-  printf '%-32s %10s %10s %10s %9s %9s\n' "$label" "$a" "$b" "$c" "$(ratio "$b" "$a")" "$(ratio "$c" "$a")"
-  a=$(median < "$work/a.cpu"); b=$(median < "$work/b.cpu"); c=$(median < "$work/c.cpu")
-  cpu_rows+=("$(printf '%-32s %10s %10s %10s %9s %9s' "$name: server CPU us/request" "$a" "$b" "$c" "$(ratio "$b" "$a")" "$(ratio "$c" "$a")")")
+  echo "  medians of $ROUNDS rounds (quartiles):"
+  for b in "${pairs[@]}"; do
+    printf '    %-8s/off  throughput %s   CPU per request %s\n' "$b" \
+      "$(cut -d' ' -f1 "$work/$name.$b" | summary)" "$(cut -d' ' -f2 "$work/$name.$b" | summary)"
+  done
 done
-printf '%s\n' "${cpu_rows[@]}"

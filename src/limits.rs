@@ -199,6 +199,16 @@ enum Who<'a> {
     Ip(IpAddr),
 }
 
+/// Who is asking, worked out once, as the request arrives: the client's
+/// address and the agent's key in the table. Asking for it early also starts
+/// fetching the agent's state into the CPU cache while the request is routed
+/// (see `agents`), so admitting the download later does not wait on memory.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    ip: IpAddr,
+    key: u64,
+}
+
 /// Why a download may not start now.
 #[derive(Debug, Clone)]
 pub struct Refusal {
@@ -221,22 +231,27 @@ pub struct Permit {
     limits: &'static Limits,
     /// When the agent was admitted (and its entry touched).
     admitted_at: Instant,
-    /// The whole body was reserved at admission time and went at once: the
-    /// download ended when it started, so its end needs no clock reading
-    /// (each is a few tenths of a percent of a small request's CPU).
-    at_once: bool,
+    /// The whole body went at once and the slot was given back then
+    /// ([`Permit::reserve_if_free`]): the download ended as it started, and
+    /// admission touched the entry, so dropping the permit does nothing.
+    released: bool,
 }
 
 impl Permit {
     /// Reserve `n` bytes on every bucket that applies; how long to wait.
     pub fn reserve(&mut self, n: u64) -> Duration {
         let now = Instant::now();
-        let wait = self.reserve_agent(n, now, false).unwrap_or_default();
+        let wait = self.reserve_agent(n, now);
         self.count(n, now, wait)
     }
 
     /// For a small body: reserve all of it if it may go at once (true), else
     /// reserve nothing (false, and the body is paced piece by piece).
+    ///
+    /// A body that goes at once ends its download as it starts, so the agent's
+    /// slot is given back in the same step: looked at, reserved and released
+    /// under one lock (the agent's other connections cannot slip in between,
+    /// and the permit's drop has nothing left to do).
     ///
     /// Asked right after admission, so the admission time stands for now. If
     /// something came between, the buckets look fuller than they are and the
@@ -248,28 +263,42 @@ impl Permit {
         {
             return false;
         }
-        let free = self.reserve_agent(n, now, true).is_some();
-        // The total bucket is looked at before and reserved after: at worst
-        // one small body goes a little early when the total cap binds.
-        self.at_once = free && self.count(n, now, Duration::ZERO).is_zero();
-        self.at_once
-    }
-
-    /// Reserve `n` bytes on the agent's bucket; the wait. With `only_if_free`,
-    /// reserve only if there is no wait (`None` otherwise): looked at and
-    /// reserved under one lock, so the agent's other connections cannot slip
-    /// in between.
-    fn reserve_agent(&self, n: u64, now: Instant, only_if_free: bool) -> Option<Duration> {
         let rate = self.policy().agent_rate;
         let now_ns = since(self.limits.epoch, now);
-        self.limits.agents.with(self.agent, |a| {
+        let free = self.limits.agents.with(self.agent, |a| {
             let (next, wait) = rate.take(a.tat_ns, n, now_ns);
-            if only_if_free && !wait.is_zero() {
-                return None;
+            if !wait.is_zero() {
+                return false;
             }
             a.tat_ns = next;
-            Some(wait)
-        })?
+            a.active = a.active.saturating_sub(1);
+            true
+        });
+        self.released = free == Some(true);
+        if self.released {
+            // The total bucket is looked at before and reserved after: at worst
+            // one small body goes a little early when the total cap binds (and
+            // it is not counted as throttled: it did not wait).
+            if let Some(total) = &self.limits.total {
+                total.reserve(n, now);
+            }
+            self.policy().egress.add(n);
+        }
+        self.released
+    }
+
+    /// Reserve `n` bytes on the agent's bucket; the wait.
+    fn reserve_agent(&self, n: u64, now: Instant) -> Duration {
+        let rate = self.policy().agent_rate;
+        let now_ns = since(self.limits.epoch, now);
+        self.limits
+            .agents
+            .with(self.agent, |a| {
+                let (next, wait) = rate.take(a.tat_ns, n, now_ns);
+                a.tat_ns = next;
+                wait
+            })
+            .unwrap_or_default()
     }
 
     /// The total bucket and the counters, once the agent's bucket is reserved.
@@ -309,15 +338,15 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
+        if self.released {
+            return;
+        }
         // The idle clock starts when a download ends: touched as the slot is
         // released, so a sweep never sees a just-finished agent with the time
-        // it was admitted (its bucket would be forgotten early). A body that
-        // went at once ended when it was admitted, and admission touched it.
-        let now = (!self.at_once).then(|| self.limits.now_ns());
+        // it was admitted (its bucket would be forgotten early).
+        let now = self.limits.now_ns();
         self.limits.agents.with(self.agent, |a| {
-            if let Some(now) = now {
-                a.touch(now);
-            }
+            a.touch(now);
             a.active = a.active.saturating_sub(1);
         });
     }
@@ -408,12 +437,15 @@ impl Limits {
         Who::Ip(ip)
     }
 
-    fn policy_for(&self, who: &Who<'_>, ip: IpAddr) -> Option<(usize, &Policy)> {
+    /// The first policy that matches. Who the agent is is read again only if
+    /// a policy names agents (the key already stands for it otherwise).
+    fn policy_for(&self, ip: IpAddr, headers: &actix_web::http::header::HeaderMap) -> Option<(usize, &Policy)> {
         let mut ip_text = None;
+        let mut who = None;
         self.policies.iter().enumerate().find(|(_, p)| {
             let agents_ok = p.agents.is_empty()
-                || match who {
-                    Who::Id(id) => p.agents.iter().any(|g| g.is_match(id)),
+                || match who.get_or_insert_with(|| self.who(ip, headers)) {
+                    Who::Id(id) => p.agents.iter().any(|g| g.is_match(*id)),
                     Who::Ip(ip) => {
                         let text: &String = ip_text.get_or_insert_with(|| ip.to_string());
                         p.agents.iter().any(|g| g.is_match(text.as_str()))
@@ -434,16 +466,24 @@ impl Limits {
         }
     }
 
-    /// Admit a download, or say why not and when to come back.
+    /// Who is asking (see [`Caller`]); call it as soon as the request is in.
+    pub fn caller(&self, peer: IpAddr, headers: &actix_web::http::header::HeaderMap) -> Caller {
+        let ip = self.client_ip(peer, headers);
+        let key = self.key(&self.who(ip, headers));
+        self.agents.prefetch(key);
+        Caller { ip, key }
+    }
+
+    /// Admit a download by `caller` (worked out from these `headers`), or say
+    /// why not and when to come back.
     pub fn admit(
         &'static self,
-        peer: IpAddr,
+        caller: Caller,
         headers: &actix_web::http::header::HeaderMap,
         critical: bool,
     ) -> Result<Option<Permit>, Refusal> {
-        let ip = self.client_ip(peer, headers);
-        let who = self.who(ip, headers);
-        let Some((index, policy)) = self.policy_for(&who, ip) else { return Ok(None) };
+        let Caller { ip, key: agent } = caller;
+        let Some((index, policy)) = self.policy_for(ip, headers) else { return Ok(None) };
         if let Some(w) = policy.window {
             let now = jiff::Timestamp::now().to_zoned(self.tz.clone());
             let minute = now.hour() as u32 * 60 + now.minute() as u32;
@@ -459,7 +499,6 @@ impl Limits {
                 ));
             }
         }
-        let agent = self.key(&who);
         let now = Instant::now();
         let admitted = self.agents.update(agent, since(self.epoch, now), AgentState::default, |a| {
             let free = policy.max_concurrent == 0 || a.active < policy.max_concurrent;
@@ -476,7 +515,7 @@ impl Limits {
                 format!("{} downloads at once is the limit for policy {:?}", policy.max_concurrent, policy.name),
             ));
         }
-        Ok(Some(Permit { agent, policy: index, critical, limits: self, admitted_at: now, at_once: false }))
+        Ok(Some(Permit { agent, policy: index, critical, limits: self, admitted_at: now, released: false }))
     }
 
     fn now_ns(&self) -> u64 {

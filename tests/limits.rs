@@ -1,7 +1,8 @@
 //! Per-agent limits over real HTTP on loopback: rates held within 10% over 8 s,
 //! an agent's connections sharing its rate, concurrency caps answered 429 with
-//! Retry-After, forwarded addresses believed only from trusted proxies, closed
-//! windows, and a total cap shared evenly.
+//! Retry-After, small downloads giving their slot back as they go, forwarded
+//! addresses believed only from trusted proxies, closed windows, and a total
+//! cap shared evenly.
 
 mod common;
 
@@ -21,6 +22,7 @@ async fn relay_with(
 ) -> (TestRepo, patchrelay::server::RunningServer, patchrelay::server::RunningServer, tempfile::TempDir) {
     let repo = TestRepo::bare();
     repo.add_version("big", "1", &noise(5, 48 << 20));
+    repo.add_version("small", "1", &noise(6, 4096));
     repo.publish();
     let origin = start_origin(&repo).await;
     let storage = tempfile::tempdir().unwrap();
@@ -176,6 +178,52 @@ async fn concurrency_caps_answer_429_with_a_spread_retry_after() {
         metric(&relay.url(), "patchrelay_limit_refusals_total", &[("policy", "ws"), ("reason", "concurrency")]).await
             >= 5.0
     );
+}
+
+/// A small body that may go at once takes, reserves and gives back its
+/// agent's slot in one step; it must still respect the slot while something
+/// else holds it, and a ranged or paced small body must hold it until done.
+#[actix_web::test]
+async fn small_downloads_give_their_slot_back_as_they_go() {
+    let limits =
+        "[limits]\nidentity = \"header\"\n[[limits.policy]]\nname = \"one\"\nrate = \"1MiB/s\"\nmax_concurrent = 1\n";
+    let (repo, _origin, relay, _s) = relay_with(limits, "").await;
+    let want = noise(6, 4096);
+    let small = format!("{}/v1/objects/{}", relay.url(), repo.sha("small", "1"));
+    let big = format!("{}/v1/components/big/latest", relay.url());
+    let c = client();
+    // One agent, one slot, many small downloads one after another: each one
+    // is over as it is sent, so none is refused.
+    for i in 0..50 {
+        let r = c.get(&small).header("X-Agent-Id", "a").send().await.unwrap();
+        assert_eq!(r.status(), 200, "download {i}");
+        assert_eq!(r.bytes().await.unwrap().as_ref(), &want[..], "download {i}");
+    }
+    // A range of it goes through the paced path, and frees the slot when done.
+    let r = c.get(&small).header("X-Agent-Id", "a").header("Range", "bytes=100-199").send().await.unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &want[100..200]);
+    // While a large download holds the agent's only slot, a small one waits
+    // its turn like any other (429), and gets it once the large one is over.
+    let held = c.get(&big).header("X-Agent-Id", "a").send().await.unwrap();
+    assert_eq!(held.status(), 200);
+    let r = c.get(&small).header("X-Agent-Id", "a").send().await.unwrap();
+    assert_eq!(r.status(), 429, "a small download slipped past a held slot");
+    assert_eq!(c.get(&small).header("X-Agent-Id", "b").send().await.unwrap().status(), 200, "another agent");
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = c.get(&small).header("X-Agent-Id", "a").send().await.unwrap();
+        if r.status() == 200 {
+            assert_eq!(r.bytes().await.unwrap().as_ref(), &want[..]);
+            break;
+        }
+        assert!(Instant::now() < deadline, "slot not freed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Every small body that went was counted as egress.
+    let egress = metric(&relay.url(), "patchrelay_limit_egress_bytes_total", &[("policy", "one")]).await;
+    assert!(egress >= 52.0 * 4096.0, "egress {egress}");
 }
 
 #[actix_web::test]

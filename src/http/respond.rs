@@ -150,15 +150,9 @@ pub fn build(
     // over as far as its agent's slot is concerned.
     // (Only small bodies: actix copies a body into the connection's buffer in
     // one go, and a mapped 24 MiB object must go out in paced pieces.)
-    let small = rep.len <= 64 * 1024;
-    let unpaced = small
-        && match &mut ctx.permit {
-            None => true,
-            Some(p) => {
-                blob.is_some_and(|b| matches!(b, Content::Stored(Blob::Memory(_)))) && p.reserve_if_free(rep.len)
-            }
-        };
-    if let (true, Decision::Full, Some(Content::Stored(Blob::Memory(bytes)))) = (unpaced, &decision, blob) {
+    if let (true, Decision::Full, Some(Content::Stored(Blob::Memory(bytes)))) = (rep.len <= 64 * 1024, &decision, blob)
+        && ctx.permit.as_mut().is_none_or(|p| p.reserve_if_free(rep.len))
+    {
         let mut res = HttpResponse::Ok();
         common_headers(&mut res, rep);
         res.insert_header((header::CONTENT_TYPE, rep.content_type.clone()));

@@ -14,6 +14,7 @@ use super::{AppState, Route};
 use crate::actors::SyncNow;
 use crate::delta::plan;
 use crate::digest::Digest;
+use crate::limits::Caller;
 use crate::repo::catalog::{Catalog, ObjectInfo};
 use crate::source::{Content, Target};
 use crate::state::unix_now;
@@ -58,10 +59,21 @@ enum Bytesource {
     Delta(Digest),
 }
 
+/// Who is asking, when limits apply. Worked out as the request comes in, so
+/// the agent's state is on its way into the CPU cache while the request is
+/// routed (`limits::Caller`).
+fn caller(req: &HttpRequest, state: &AppState) -> Option<Caller> {
+    state.limits.map(|limits| limits.caller(peer_ip(req), req.headers()))
+}
+
+fn peer_ip(req: &HttpRequest) -> std::net::IpAddr {
+    req.peer_addr().map(|a| a.ip()).unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]))
+}
+
 async fn serve(
     req: &HttpRequest,
     state: &AppState,
-    route: Route,
+    (route, caller): (Route, Option<Caller>),
     rep: Representation,
     src: Bytesource,
 ) -> Result<HttpResponse, ApiError> {
@@ -69,10 +81,10 @@ async fn serve(
     let needs_body = respond::needs_body(req, &decision);
     // Downloads (not the manifest or a plan) count against the agent's limits;
     // refused ones are turned away before anything is opened or fetched.
-    let permit = match (&state.limits, needs_body, route) {
+    let permit = match (state.limits, needs_body, route) {
         (Some(limits), true, Route::Object | Route::Version | Route::Latest | Route::Delta) => {
-            let peer = req.peer_addr().map(|a| a.ip()).unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
-            limits.admit(peer, req.headers(), rep.critical).map_err(ApiError::Limited)?
+            let caller = caller.unwrap_or_else(|| limits.caller(peer_ip(req), req.headers()));
+            limits.admit(caller, req.headers(), rep.critical).map_err(ApiError::Limited)?
         }
         _ => None,
     };
@@ -150,7 +162,7 @@ async fn manifest(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse 
             critical: false,
             immutable: false,
         };
-        serve(&req, &state, Route::Manifest, rep, Bytesource::Memory(cat.manifest_bytes.clone())).await
+        serve(&req, &state, (Route::Manifest, None), rep, Bytesource::Memory(cat.manifest_bytes.clone())).await
     };
     finish(&state, Route::Manifest, result.await)
 }
@@ -170,7 +182,7 @@ async fn signature(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse
             critical: false,
             immutable: false,
         };
-        serve(&req, &state, Route::Signature, rep, Bytesource::Memory(cat.signature.clone())).await
+        serve(&req, &state, (Route::Signature, None), rep, Bytesource::Memory(cat.signature.clone())).await
     };
     finish(&state, Route::Signature, result.await)
 }
@@ -183,6 +195,8 @@ fn parse_digest(s: &str) -> Result<Digest, ApiError> {
 
 /// Route `/v1/...` paths with variable segments (see `configure`).
 async fn dispatch(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    // First, before the work below, so that work hides the agent's lookup.
+    let caller = caller(&req, &state);
     // The decoded path (actix decodes percent-escapes that are not delimiters).
     let path = req.match_info().as_str().to_owned();
     let mut segs = [""; 7];
@@ -201,14 +215,18 @@ async fn dispatch(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse 
     let bytes_ok = method == actix_web::http::Method::GET || method == actix_web::http::Method::HEAD;
     let s = |s: &str| s.to_string();
     let (route, allowed) = match (n, &segs[..n.min(segs.len())]) {
-        (2, ["objects", sha]) if bytes_ok => return object(req, s(sha), state).await,
+        (2, ["objects", sha]) if bytes_ok => return object(req, s(sha), state, caller).await,
         (2, ["chunks", sha]) if bytes_ok => return chunks(req, s(sha), state).await,
-        (4, ["components", name, "versions", v]) if bytes_ok => return version(req, s(name), s(v), state).await,
-        (3, ["components", name, "latest"]) if bytes_ok => return latest(req, s(name), state).await,
+        (4, ["components", name, "versions", v]) if bytes_ok => {
+            return version(req, s(name), s(v), state, caller).await;
+        }
+        (3, ["components", name, "latest"]) if bytes_ok => return latest(req, s(name), state, caller).await,
         (3, ["components", name, "chain"]) if method == actix_web::http::Method::GET => {
             return chain(req, s(name), state).await;
         }
-        (5, ["components", name, "deltas", f, t]) if bytes_ok => return delta(req, s(name), s(f), s(t), state).await,
+        (5, ["components", name, "deltas", f, t]) if bytes_ok => {
+            return delta(req, s(name), (s(f), s(t)), state, caller).await;
+        }
         (2, ["objects", _]) => (Route::Object, "GET, HEAD"),
         (2, ["chunks", _]) => (Route::Chunks, "GET, HEAD"),
         (4, ["components", _, "versions", _]) => (Route::Version, "GET, HEAD"),
@@ -224,7 +242,7 @@ async fn dispatch(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse 
     finish(&state, route, Ok(res))
 }
 
-async fn object(req: HttpRequest, path: String, state: web::Data<AppState>) -> HttpResponse {
+async fn object(req: HttpRequest, path: String, state: web::Data<AppState>, caller: Option<Caller>) -> HttpResponse {
     let result = async {
         let digest = parse_digest(&path)?;
         let cat = catalog(&state)?;
@@ -232,7 +250,7 @@ async fn object(req: HttpRequest, path: String, state: web::Data<AppState>) -> H
             .object(&digest)
             .ok_or_else(|| ApiError::NotFound(format!("object {digest} is not in manifest serial {}", cat.serial())))?;
         let (rep, src) = payload(obj, None, None);
-        serve(&req, &state, Route::Object, rep, src).await
+        serve(&req, &state, (Route::Object, caller), rep, src).await
     };
     finish(&state, Route::Object, result.await)
 }
@@ -257,7 +275,7 @@ async fn chunks(req: HttpRequest, path: String, state: web::Data<AppState>) -> H
             critical: false,
             immutable: true,
         };
-        serve(&req, &state, Route::Chunks, rep, Bytesource::Target(Target::chunk_list(obj))).await
+        serve(&req, &state, (Route::Chunks, None), rep, Bytesource::Target(Target::chunk_list(obj))).await
     };
     finish(&state, Route::Chunks, result.await)
 }
@@ -267,7 +285,13 @@ fn unknown_component(cat: &Catalog, name: &str) -> ApiError {
     ApiError::NotFound(format!("no component {:?} in the manifest", name.chars().take(128).collect::<String>()))
 }
 
-async fn version(req: HttpRequest, name: String, ver: String, state: web::Data<AppState>) -> HttpResponse {
+async fn version(
+    req: HttpRequest,
+    name: String,
+    ver: String,
+    state: web::Data<AppState>,
+    caller: Option<Caller>,
+) -> HttpResponse {
     let result = async {
         let cat = catalog(&state)?;
         if cat.component(&name).is_none() {
@@ -280,18 +304,18 @@ async fn version(req: HttpRequest, name: String, ver: String, state: web::Data<A
             ))
         })?;
         let (rep, src) = payload(obj, None, Some(entry.version.to_string()));
-        serve(&req, &state, Route::Version, rep, src).await
+        serve(&req, &state, (Route::Version, caller), rep, src).await
     };
     finish(&state, Route::Version, result.await)
 }
 
-async fn latest(req: HttpRequest, path: String, state: web::Data<AppState>) -> HttpResponse {
+async fn latest(req: HttpRequest, path: String, state: web::Data<AppState>, caller: Option<Caller>) -> HttpResponse {
     let result = async {
         let cat = catalog(&state)?;
         let (entry, obj) = cat.latest(&path).ok_or_else(|| unknown_component(&cat, &path))?;
         // `latest` moves: cache it only as long as the manifest.
         let (rep, src) = payload(obj, Some(state.short_cache.clone()), Some(entry.version.to_string()));
-        serve(&req, &state, Route::Latest, rep, src).await
+        serve(&req, &state, (Route::Latest, caller), rep, src).await
     };
     finish(&state, Route::Latest, result.await)
 }
@@ -397,7 +421,13 @@ fn truncate(s: &str) -> String {
 
 /// `GET /v1/components/{name}/deltas/{from}/{to}`: the delta bytes, computed
 /// now if they do not exist yet (sharing a build already running).
-async fn delta(req: HttpRequest, name: String, from: String, to: String, state: web::Data<AppState>) -> HttpResponse {
+async fn delta(
+    req: HttpRequest,
+    name: String,
+    (from, to): (String, String),
+    state: web::Data<AppState>,
+    caller: Option<Caller>,
+) -> HttpResponse {
     let result = async {
         let cat = catalog(&state)?;
         if cat.component(&name).is_none() {
@@ -429,7 +459,7 @@ async fn delta(req: HttpRequest, name: String, from: String, to: String, state: 
             critical: target.critical,
             immutable: false,
         };
-        serve(&req, &state, Route::Delta, rep, Bytesource::Delta(info.sha256)).await
+        serve(&req, &state, (Route::Delta, caller), rep, Bytesource::Delta(info.sha256)).await
     };
     finish(&state, Route::Delta, result.await)
 }
