@@ -40,6 +40,8 @@ cd "$(dirname "$0")/.."
 DURATION=${DURATION:-8}
 ROUNDS=${ROUNDS:-7}
 AGENT_IDS=${AGENT_IDS:-100000}
+# Seconds of warm-up per pair: long enough to ask as every agent once.
+WARMUP=${WARMUP:-$(( AGENT_IDS / 25000 + 2 ))}
 WORKLOADS=${WORKLOADS:-small,large}
 # Which relays to measure against "off" (off2 is the control).
 PAIRS=${PAIRS:-off2,metrics,on}
@@ -79,22 +81,37 @@ for cfg in off off2 metrics on; do
   dir[$cfg]="$work/relay$n"; n=$((n + 1))
   port[$cfg]=$(free_port)
   printf '[server]\nlisten = "127.0.0.1:%s"\nworkers = 1\n[storage]\ndir = "%s"\n[[upstream]]\nurl = "http://127.0.0.1:%s"\n[trust]\npublic_key = "%s"\n[log]\nlevel = "warn"\n%s\n' \
-    "${port[$cfg]}" "${dir[$cfg]}" "$oport" "$pub" "${extra[$cfg]}" > "${dir[$cfg]}.toml"
+    "${port[$cfg]}" "${dir[$cfg]}" "$oport" "$pub" "${extra[$cfg]}" > "${dir[$cfg]}.base.toml"
 done
 
-# Every request an agent id, so per-agent state is created and looked up.
+# Every request an agent id drawn at random, so every request looks up the
+# state of an agent that has not asked for a while.
 cat > "$work/ids.lua" <<LUA
 request = function()
   return wrk.format(nil, nil, { ["X-Agent-Id"] = "agent-" .. math.random(1, $AGENT_IDS) })
 end
 LUA
-load() { taskset -c 1 wrk -t1 -c"$2" -d"$3" -s "$work/ids.lua" "$1" 2>&1; }
+# The warm-up asks as every agent in turn, so that every agent is known before
+# measuring: what is measured is a fleet the relay has seen, not the first
+# sight of each agent (its state made, the table grown).
+cat > "$work/warm.lua" <<LUA
+local i = 0
+request = function()
+  i = i + 1
+  return wrk.format(nil, nil, { ["X-Agent-Id"] = "agent-" .. (i % $AGENT_IDS + 1) })
+end
+LUA
+load() { taskset -c 1 wrk -t1 -c"$2" -d"$3" -s "$work/${4:-ids}.lua" "$1" 2>&1; }
 
-# Each start also gets an environment of a random size: the environment sits
-# at the top of the stack, so its size moves where everything on the stack
-# lands, and a lucky or unlucky layout is drawn afresh each time.
+# Each start draws a fresh memory layout: its config gets a comment of random
+# length (what the relay allocates while reading it moves everything allocated
+# after), and its environment a variable of random size (the environment sits
+# at the top of the stack). Configurations differ in content, so without this
+# each would keep its own lucky or unlucky layout from round to round.
+pad() { head -c $((RANDOM % 4096)) /dev/zero | tr '\0' x; }
 start() { # cfg
-  PATCHRELAY_LAYOUT_PAD=$(head -c $((RANDOM % 4096)) /dev/zero | tr '\0' x) taskset -c 0 "$BIN" serve --config "${dir[$1]}.toml" >>"${dir[$1]}.log" 2>&1 & pid[$1]=$!; pids+=($!)
+  { echo "# layout $(pad)"; cat "${dir[$1]}.base.toml"; } > "${dir[$1]}.toml"
+  PATCHRELAY_LAYOUT_PAD=$(pad) taskset -c 0 "$BIN" serve --config "${dir[$1]}.toml" >>"${dir[$1]}.log" 2>&1 & pid[$1]=$!; pids+=($!)
   for _ in $(seq 100); do curl -sf "http://127.0.0.1:${port[$1]}/readyz" >/dev/null && break; sleep 0.1; done
   curl -sf -o /dev/null "http://127.0.0.1:${port[$1]}/v1/objects/$small"
   curl -sf -o /dev/null "http://127.0.0.1:${port[$1]}/v1/objects/$large"
@@ -112,8 +129,9 @@ served() { awk '/requests in/ {r=$1} /Transfer\/sec/ {v=$2; u=v; gsub(/[0-9.]/,"
 pair() { # a b path conns field first
   local a=$1 b=$2 a0 b0 a1 b1 x y
   if [ "$6" = a ]; then x=$a; y=$b; else x=$b; y=$a; fi
-  # Warm-up at the same load (the agents' table grown, buffers made).
-  load "http://127.0.0.1:${port[$x]}$3" "$4" 2s >/dev/null & load "http://127.0.0.1:${port[$y]}$3" "$4" 2s >/dev/null; wait
+  # Warm-up at the same load: every agent seen, buffers made.
+  load "http://127.0.0.1:${port[$x]}$3" "$4" "${WARMUP}s" warm >/dev/null &
+  load "http://127.0.0.1:${port[$y]}$3" "$4" "${WARMUP}s" warm >/dev/null; wait
   a0=$(cpu_ns "${pid[$a]}"); b0=$(cpu_ns "${pid[$b]}")
   load "http://127.0.0.1:${port[$x]}$3" "$4" "${DURATION}s" > "${dir[$x]}.wrk" &
   load "http://127.0.0.1:${port[$y]}$3" "$4" "${DURATION}s" > "${dir[$y]}.wrk"; wait

@@ -29,6 +29,7 @@
 //! No policy configured: nothing here runs, and serving pays nothing for it.
 
 mod agents;
+mod huge;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -25,17 +25,29 @@
 //! (perf: 2.5% of the relay's CPU on small objects). So a request asks for its
 //! agent's line as soon as it knows who the agent is ([`AgentTable::prefetch`]),
 //! and the memory fetch runs while the request is routed and its preconditions
-//! are checked, instead of stalling the lookup that comes after.
+//! are checked, instead of stalling the lookup that comes after. And the slots
+//! are in huge pages once a shard's array is large enough ([`SHARDS`]): with
+//! 4 KiB pages, finding where a random slot is in memory (a page walk, under a
+//! hypervisor a nested one) cost as much again, and a prefetch waits for it.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-const SHARDS: usize = 64;
+use super::huge::HugeArray;
+
+/// Few shards, so that each holds a large array: at 100,000 agents each
+/// shard's slots are 2 MiB, one huge page (`huge`), and the whole table is 4
+/// TLB entries instead of 2,000. Lock contention does not need more: a lookup
+/// holds its shard for well under a microsecond in every ten or so that a
+/// worker spends on a request, so even 16 workers on 4 shards rarely meet.
+const SHARDS: usize = 4;
 /// Lookups between sweeps of one shard: every shard is swept once per
-/// `SHARDS * SWEEP_EVERY` lookups. A sweep walks a shard (a cache miss per
-/// entry, about 100 µs for 1,500 entries), so it must be rare per lookup.
-const SWEEP_EVERY: usize = 4096;
+/// `SHARDS * SWEEP_EVERY` lookups (262,144, whatever the shard count). A sweep
+/// walks a whole shard in order, so this keeps its cost at about one slot per
+/// lookup, and the time a sweep holds its shard (a 2 MiB shard: about 0.2 ms)
+/// rare.
+const SWEEP_EVERY: usize = (1 << 18) / SHARDS;
 
 thread_local! {
     /// Lookups made on this thread, for all tables. Counted per thread: a
@@ -65,7 +77,7 @@ struct Slot<V> {
 /// One shard's entries: linear probing from the key's low bits, at most half
 /// full, so a lookup usually reads one slot and rarely a second.
 struct Slots<V> {
-    slots: Box<[Slot<V>]>,
+    slots: HugeArray<Slot<V>>,
     len: usize,
 }
 
@@ -74,7 +86,7 @@ const MIN_SLOTS: usize = 16;
 
 impl<V: Default> Slots<V> {
     fn new() -> Self {
-        Slots { slots: Box::new([]), len: 0 }
+        Slots { slots: HugeArray::new(0), len: 0 }
     }
 
     /// Where `key` is, or the free slot where it would go.
@@ -125,9 +137,9 @@ impl<V: Default> Slots<V> {
     /// Keep the entries for which `keep` holds, in `cap` slots (a power of
     /// two, more than twice the entries kept).
     fn rebuild(&mut self, cap: usize, mut keep: impl FnMut(&V) -> bool) {
-        let old = std::mem::replace(&mut self.slots, (0..cap).map(|_| Slot::default()).collect());
+        let mut old = std::mem::replace(&mut self.slots, HugeArray::new(cap));
         self.len = 0;
-        for slot in old.into_vec().into_iter().filter(|s| s.key != 0 && keep(&s.value)) {
+        for slot in old.iter_mut().map(std::mem::take).filter(|s| s.key != 0 && keep(&s.value)) {
             if let Err(i) = self.probe(slot.key) {
                 self.slots[i] = slot;
                 self.len += 1;
