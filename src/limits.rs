@@ -69,6 +69,14 @@ impl Rate {
         (next, Duration::from_nanos(next.saturating_sub(now_ns).saturating_sub(self.slack_ns)))
     }
 
+    /// Where a bucket standing at `tat` stands once an `n`-byte reservation
+    /// that was never used is given back. Reservations add up in any order,
+    /// so taking one out is exact, except that an idle bucket's credit (the
+    /// time it stood below now) is not restored: never more than the rate.
+    fn give_back(&self, tat: u64, n: u64) -> u64 {
+        tat.saturating_sub((n as f64 * self.ns_per_byte) as u64)
+    }
+
     fn burst(&self) -> u64 {
         self.burst
     }
@@ -219,7 +227,8 @@ pub struct Refusal {
     pub message: String,
 }
 
-/// A download in progress: holds its agent's concurrency slot until dropped.
+/// A download in progress: holds its agent's concurrency slot until dropped
+/// (or, for a small body that goes at once, never takes it: see [`Hold`]).
 pub struct Permit {
     /// The agent's key in the limits' table; its entry stays while this
     /// permit is counted in it.
@@ -232,60 +241,90 @@ pub struct Permit {
     limits: &'static Limits,
     /// When the agent was admitted (and its entry touched).
     admitted_at: Instant,
-    /// The whole body went at once and the slot was given back then
-    /// ([`Permit::reserve_if_free`]): the download ended as it started, and
-    /// admission touched the entry, so dropping the permit does nothing.
-    released: bool,
+    hold: Hold,
+}
+
+/// What a permit holds in its agent's entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    /// One of the agent's concurrent downloads, until the permit is dropped.
+    Slot,
+    /// A whole small body's bytes, reserved on the agent's bucket at
+    /// admission, and no slot: the body goes at once, so its download ends as
+    /// it starts ([`Permit::send_at_once`]). Admission, reservation and the
+    /// end are then one step under one lock. If the body cannot go at once
+    /// after all (it is not in memory yet), the bytes are given back and a
+    /// slot taken ([`Permit::hold_slot`]).
+    AtOnce(u64),
+    /// The body went at once: nothing is held.
+    Done,
 }
 
 impl Permit {
     /// Reserve `n` bytes on every bucket that applies; how long to wait.
     pub fn reserve(&mut self, n: u64) -> Duration {
+        self.hold_slot();
         let now = Instant::now();
         let wait = self.reserve_agent(n, now);
         self.count(n, now, wait)
     }
 
-    /// For a small body: reserve all of it if it may go at once (true), else
-    /// reserve nothing (false, and the body is paced piece by piece).
+    /// For a whole small body in memory: send it now (true, and the download
+    /// is over), or pace it (false).
     ///
-    /// A body that goes at once ends its download as it starts, so the agent's
-    /// slot is given back in the same step: looked at, reserved and released
-    /// under one lock (the agent's other connections cannot slip in between,
-    /// and the permit's drop has nothing left to do).
-    ///
-    /// Asked right after admission, so the admission time stands for now. If
-    /// something came between, the buckets look fuller than they are and the
-    /// body is paced: never early, at worst paced when it need not be.
-    pub fn reserve_if_free(&mut self, n: u64) -> bool {
+    /// Usually decided at admission ([`Hold::AtOnce`]). Otherwise (the bucket
+    /// was not free then) it is looked at again, reserved and released under
+    /// one lock. Either way the admission time stands for now: if something
+    /// came between, the buckets look fuller than they are and the body is
+    /// paced: never early, at worst paced when it need not be.
+    pub fn send_at_once(&mut self, n: u64) -> bool {
         let now = self.admitted_at;
-        if n > self.piece()
-            || !(self.critical || self.limits.total.as_ref().is_none_or(|t| t.would_wait(n, now).is_zero()))
-        {
-            return false;
-        }
-        let rate = self.policy().agent_rate;
-        let now_ns = since(self.limits.epoch, now);
-        let free = self.limits.agents.with(self.agent, |a| {
-            let (next, wait) = rate.take(a.tat_ns, n, now_ns);
-            if !wait.is_zero() {
-                return false;
+        match self.hold {
+            Hold::Done => return true,
+            Hold::AtOnce(reserved) if reserved == n => {}
+            Hold::AtOnce(_) => return false,
+            Hold::Slot => {
+                if !self.limits.may_go_at_once(self.policy(), self.critical, n, now) {
+                    return false;
+                }
+                let rate = self.policy().agent_rate;
+                let now_ns = since(self.limits.epoch, now);
+                let free = self.limits.agents.with(self.agent, |a| {
+                    let (next, wait) = rate.take(a.tat_ns, n, now_ns);
+                    if !wait.is_zero() {
+                        return false;
+                    }
+                    a.tat_ns = next;
+                    a.active = a.active.saturating_sub(1);
+                    true
+                });
+                if free != Some(true) {
+                    return false;
+                }
             }
-            a.tat_ns = next;
-            a.active = a.active.saturating_sub(1);
-            true
-        });
-        self.released = free == Some(true);
-        if self.released {
-            // The total bucket is looked at before and reserved after: at worst
-            // one small body goes a little early when the total cap binds (and
-            // it is not counted as throttled: it did not wait).
-            if let Some(total) = &self.limits.total {
-                total.reserve(n, now);
-            }
-            self.policy().egress.add(n);
         }
-        self.released
+        self.hold = Hold::Done;
+        // The total bucket is looked at before and reserved after: at worst
+        // one small body goes a little early when the total cap binds (and it
+        // is not counted as throttled: it did not wait).
+        if let Some(total) = &self.limits.total {
+            total.reserve(n, now);
+        }
+        self.policy().egress.add(n);
+        true
+    }
+
+    /// The body is to be paced after all: give back what admission reserved
+    /// for it at once, and count it among the agent's downloads until it ends.
+    pub fn hold_slot(&mut self) {
+        if let Hold::AtOnce(n) = self.hold {
+            let rate = self.policy().agent_rate;
+            self.limits.agents.with(self.agent, |a| {
+                a.tat_ns = rate.give_back(a.tat_ns, n);
+                a.active += 1;
+            });
+            self.hold = Hold::Slot;
+        }
     }
 
     /// Reserve `n` bytes on the agent's bucket; the wait.
@@ -326,10 +365,7 @@ impl Permit {
     /// and about a quarter second of the rate: a slow agent's connection holds
     /// a few kilobytes, not a large buffer.
     pub fn piece(&self) -> u64 {
-        let policy = self.policy();
-        let b = policy.agent_rate.burst().min(policy.rate / 4);
-        let b = self.limits.total.as_ref().map_or(b, |t| b.min(t.burst()));
-        b.clamp(4096, 256 * 1024)
+        self.limits.piece(self.policy())
     }
 
     fn policy(&self) -> &Policy {
@@ -339,17 +375,25 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        if self.released {
-            return;
+        match self.hold {
+            Hold::Done => {}
+            // Never sent (the request failed after admission): its bytes go back.
+            Hold::AtOnce(n) => {
+                let rate = self.policy().agent_rate;
+                self.limits.agents.with(self.agent, |a| a.tat_ns = rate.give_back(a.tat_ns, n));
+            }
+            Hold::Slot => {
+                // The idle clock starts when a download ends: touched as the
+                // slot is released, so a sweep never sees a just-finished agent
+                // with the time it was admitted (its bucket would be forgotten
+                // early).
+                let now = self.limits.now_ns();
+                self.limits.agents.with(self.agent, |a| {
+                    a.touch(now);
+                    a.active = a.active.saturating_sub(1);
+                });
+            }
         }
-        // The idle clock starts when a download ends: touched as the slot is
-        // released, so a sweep never sees a just-finished agent with the time
-        // it was admitted (its bucket would be forgotten early).
-        let now = self.limits.now_ns();
-        self.limits.agents.with(self.agent, |a| {
-            a.touch(now);
-            a.active = a.active.saturating_sub(1);
-        });
     }
 }
 
@@ -476,12 +520,14 @@ impl Limits {
     }
 
     /// Admit a download by `caller` (worked out from these `headers`), or say
-    /// why not and when to come back.
+    /// why not and when to come back. `whole`: the body is this many bytes,
+    /// sent whole, and small enough that it may go at once (see [`Hold`]).
     pub fn admit(
         &'static self,
         caller: Caller,
         headers: &actix_web::http::header::HeaderMap,
         critical: bool,
+        whole: Option<u64>,
     ) -> Result<Option<Permit>, Refusal> {
         let Caller { ip, key: agent } = caller;
         let Some((index, policy)) = self.policy_for(ip, headers) else { return Ok(None) };
@@ -501,22 +547,47 @@ impl Limits {
             }
         }
         let now = Instant::now();
-        let admitted = self.agents.update(agent, since(self.epoch, now), AgentState::default, |a| {
-            let free = policy.max_concurrent == 0 || a.active < policy.max_concurrent;
-            if free {
-                a.active += 1;
+        let now_ns = since(self.epoch, now);
+        let at_once = whole.filter(|&n| self.may_go_at_once(policy, critical, n, now));
+        let rate = policy.agent_rate;
+        let admitted = self.agents.update(agent, now_ns, AgentState::default, |a| {
+            if policy.max_concurrent != 0 && a.active >= policy.max_concurrent {
+                return None;
             }
-            free
+            if let Some(n) = at_once {
+                let (next, wait) = rate.take(a.tat_ns, n, now_ns);
+                if wait.is_zero() {
+                    a.tat_ns = next;
+                    return Some(Hold::AtOnce(n));
+                }
+            }
+            a.active += 1;
+            Some(Hold::Slot)
         });
-        if !admitted {
+        let Some(hold) = admitted else {
             return Err(self.refuse(
                 policy,
                 "concurrency",
                 5 + jitter(25),
                 format!("{} downloads at once is the limit for policy {:?}", policy.max_concurrent, policy.name),
             ));
-        }
-        Ok(Some(Permit { agent, policy: index, critical, limits: self, admitted_at: now, released: false }))
+        };
+        Ok(Some(Permit { agent, policy: index, critical, limits: self, admitted_at: now, hold }))
+    }
+
+    /// Whether `n` bytes fit in one piece and the total cap would not hold
+    /// them back (critical bodies never wait for it). The agent's own bucket
+    /// is checked under its lock.
+    fn may_go_at_once(&self, policy: &Policy, critical: bool, n: u64, now: Instant) -> bool {
+        n <= self.piece(policy) && (critical || self.total.as_ref().is_none_or(|t| t.would_wait(n, now).is_zero()))
+    }
+
+    /// The largest piece to send between waits under `policy` (see
+    /// [`Permit::piece`]).
+    fn piece(&self, policy: &Policy) -> u64 {
+        let b = policy.agent_rate.burst().min(policy.rate / 4);
+        let b = self.total.as_ref().map_or(b, |t| b.min(t.burst()));
+        b.clamp(4096, 256 * 1024)
     }
 
     fn now_ns(&self) -> u64 {
@@ -642,6 +713,74 @@ mod tests {
         // The burst goes at once.
         let b = Bucket::new(1_000_000, 100_000, epoch);
         assert_eq!(b.reserve(100_000, epoch), Duration::ZERO);
+    }
+
+    fn limits(policy: &str) -> &'static Limits {
+        let toml = format!(
+            "[[upstream]]\nurl = \"http://127.0.0.1:1\"\n[storage]\ndir = \"/tmp/x\"\n[trust]\npublic_key = \"11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=\"\n[limits]\n[[limits.policy]]\nname = \"p\"\n{policy}"
+        );
+        let cfg = crate::config::Config::from_toml(&toml, "test").unwrap();
+        Limits::new(&cfg.limits, &[]).unwrap().unwrap()
+    }
+
+    /// (active downloads, bucket position) of an agent.
+    fn state(l: &Limits, p: &Permit) -> (u32, u64) {
+        l.agents.with(p.agent, |a| (a.active, a.tat_ns)).unwrap()
+    }
+
+    /// A whole small body is reserved at admission and holds no slot; if it
+    /// is paced after all it gives the bytes back and takes a slot; one that
+    /// never goes gives its bytes back; and the slot count is exact throughout.
+    #[test]
+    fn small_bodies_reserved_at_admission_hold_no_slot_until_paced() {
+        let l = limits("rate = \"1MiB/s\"\nmax_concurrent = 1\n");
+        let mut h = HeaderMap::new();
+        h.insert(HeaderName::from_static("x-agent-id"), HeaderValue::from_static("a"));
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        let admit = |whole| l.admit(l.caller(peer, &h), &h, false, whole);
+
+        let mut p = admit(Some(4096)).unwrap().unwrap();
+        assert_eq!(p.hold, Hold::AtOnce(4096));
+        let (active, reserved) = state(l, &p);
+        assert_eq!(active, 0, "an at-once body takes no slot");
+        assert!(reserved > 0, "its bytes are reserved");
+        // Its one slot is free, so a second download is admitted meanwhile.
+        let other = admit(None).unwrap().unwrap();
+        assert_eq!(state(l, &other).0, 1);
+        drop(other);
+        assert!(p.send_at_once(4096));
+        assert_eq!(p.hold, Hold::Done);
+        drop(p);
+        assert_eq!(state(l, &admit(None).unwrap().unwrap()).0, 1, "nothing leaked, nothing released twice");
+
+        // Paced after all: the bytes go back and a slot is held until the end.
+        let mut p = admit(Some(4096)).unwrap().unwrap();
+        let (_, before) = state(l, &p);
+        p.hold_slot();
+        let (active, after) = state(l, &p);
+        assert_eq!(active, 1);
+        assert!(after < before, "the reservation was given back");
+        assert!(admit(Some(4096)).is_err(), "the slot is held: max_concurrent = 1");
+        drop(p);
+        assert_eq!(l.agents.with(l.caller(peer, &h).key, |a| a.active), Some(0));
+
+        // Never sent (the request failed after admission): nothing stays reserved.
+        let p = admit(Some(4096)).unwrap().unwrap();
+        let key = p.agent;
+        let (_, reserved) = state(l, &p);
+        drop(p);
+        assert!(l.agents.with(key, |a| a.tat_ns).unwrap() < reserved);
+        assert_eq!(l.agents.with(key, |a| a.active), Some(0));
+
+        // Too large to go at once, or a bucket that is not free: a slot.
+        assert_eq!(admit(Some(10 << 20)).unwrap().unwrap().hold, Hold::Slot);
+        let l = limits("rate = \"4KiB/s\"\nburst = \"4KiB\"\n");
+        let admit = |whole| l.admit(l.caller(peer, &h), &h, false, whole);
+        let mut first = admit(Some(4096)).unwrap().unwrap();
+        assert!(first.send_at_once(4096));
+        let mut second = admit(Some(4096)).unwrap().unwrap();
+        assert_eq!(second.hold, Hold::Slot, "the burst is spent");
+        assert!(!second.send_at_once(4096), "and it is paced");
     }
 
     #[test]

@@ -101,6 +101,12 @@ fn slice(content: &Content, r: ByteRange) -> Piece {
     }
 }
 
+/// The largest body sent whole in one go, from memory, without a stream (and,
+/// under limits, reserved and finished at admission when it may go at once).
+/// Only small bodies: actix copies such a body into the connection's buffer
+/// in one go, and a mapped 24 MiB object must go out in paced pieces.
+pub const AT_ONCE_MAX: u64 = 64 * 1024;
+
 /// Per-server settings the responses need.
 pub struct ResponseCtx<'a> {
     /// The multipart boundary (random per process).
@@ -146,12 +152,11 @@ pub fn build(
 ) -> HttpResponse {
     // The common case, a whole small object from memory that needs no pacing:
     // hand actix the bytes themselves (no stream, no boxing). Under a limit,
-    // the bytes are reserved now; if they are due at once, the download is
-    // over as far as its agent's slot is concerned.
-    // (Only small bodies: actix copies a body into the connection's buffer in
-    // one go, and a mapped 24 MiB object must go out in paced pieces.)
-    if let (true, Decision::Full, Some(Content::Stored(Blob::Memory(bytes)))) = (rep.len <= 64 * 1024, &decision, blob)
-        && ctx.permit.as_mut().is_none_or(|p| p.reserve_if_free(rep.len))
+    // admission has usually reserved the bytes already; if they are due at
+    // once, the download is over as far as its agent's slot is concerned.
+    if let (true, Decision::Full, Some(Content::Stored(Blob::Memory(bytes)))) =
+        (rep.len <= AT_ONCE_MAX, &decision, blob)
+        && ctx.permit.as_mut().is_none_or(|p| p.send_at_once(rep.len))
     {
         let mut res = HttpResponse::Ok();
         common_headers(&mut res, rep);
@@ -200,8 +205,13 @@ pub fn build(
         }
     };
     common_headers(&mut res, rep);
+    // Paced piece by piece: the download holds its agent's slot until it ends.
+    let permit = ctx.permit.map(|mut p| {
+        p.hold_slot();
+        p
+    });
     res.body(SizedStream::new(
         body.len,
-        PieceStream::new(body.pieces, ctx.sent_counter, ctx.permit).with_max_piece(ctx.max_piece),
+        PieceStream::new(body.pieces, ctx.sent_counter, permit).with_max_piece(ctx.max_piece),
     ))
 }

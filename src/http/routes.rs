@@ -84,7 +84,8 @@ async fn serve(
     let permit = match (state.limits, needs_body, route) {
         (Some(limits), true, Route::Object | Route::Version | Route::Latest | Route::Delta) => {
             let caller = caller.unwrap_or_else(|| limits.caller(peer_ip(req), req.headers()));
-            limits.admit(caller, req.headers(), rep.critical).map_err(ApiError::Limited)?
+            let whole = (decision == respond::Decision::Full && rep.len <= respond::AT_ONCE_MAX).then_some(rep.len);
+            limits.admit(caller, req.headers(), rep.critical, whole).map_err(ApiError::Limited)?
         }
         _ => None,
     };
