@@ -69,14 +69,6 @@ impl Rate {
         (next, Duration::from_nanos(next.saturating_sub(now_ns).saturating_sub(self.slack_ns)))
     }
 
-    /// Where a bucket standing at `tat` stands once an `n`-byte reservation
-    /// that was never used is given back. Reservations add up in any order,
-    /// so taking one out is exact, except that an idle bucket's credit (the
-    /// time it stood below now) is not restored: never more than the rate.
-    fn give_back(&self, tat: u64, n: u64) -> u64 {
-        tat.saturating_sub((n as f64 * self.ns_per_byte) as u64)
-    }
-
     fn burst(&self) -> u64 {
         self.burst
     }
@@ -208,13 +200,14 @@ enum Who<'a> {
     Ip(IpAddr),
 }
 
-/// Who is asking, worked out once, as the request arrives: the client's
-/// address and the agent's key in the table. Asking for it early also starts
+/// Who is asking, worked out once, as the request arrives: the policy that
+/// applies and the agent's key in the table. Asking for it early also starts
 /// fetching the agent's state into the CPU cache while the request is routed
 /// (see `agents`), so admitting the download later does not wait on memory.
 #[derive(Debug, Clone, Copy)]
 pub struct Caller {
-    ip: IpAddr,
+    /// The policy that applies (none: the agent is not limited).
+    policy: Option<usize>,
     key: u64,
 }
 
@@ -250,11 +243,9 @@ enum Hold {
     /// One of the agent's concurrent downloads, until the permit is dropped.
     Slot,
     /// A whole small body's bytes, reserved on the agent's bucket at
-    /// admission, and no slot: the body goes at once, so its download ends as
-    /// it starts ([`Permit::send_at_once`]). Admission, reservation and the
-    /// end are then one step under one lock. If the body cannot go at once
-    /// after all (it is not in memory yet), the bytes are given back and a
-    /// slot taken ([`Permit::hold_slot`]).
+    /// admission, and no slot: the body is in memory and goes at once
+    /// ([`Permit::send_at_once`]), so its download ends as it starts, and
+    /// admission, reservation and the end are one step under one lock.
     AtOnce(u64),
     /// The body went at once: nothing is held.
     Done,
@@ -314,15 +305,14 @@ impl Permit {
         true
     }
 
-    /// The body is to be paced after all: give back what admission reserved
-    /// for it at once, and count it among the agent's downloads until it ends.
+    /// The body is paced after all (an at-once permit only gets here if the
+    /// response took another path than admission foresaw): count it among the
+    /// agent's downloads until it ends. What admission reserved stays
+    /// reserved, so the agent is charged twice for those bytes, never less.
     pub fn hold_slot(&mut self) {
-        if let Hold::AtOnce(n) = self.hold {
-            let rate = self.policy().agent_rate;
-            self.limits.agents.with(self.agent, |a| {
-                a.tat_ns = rate.give_back(a.tat_ns, n);
-                a.active += 1;
-            });
+        if let Hold::AtOnce(_) = self.hold {
+            let now = since(self.limits.epoch, Instant::now());
+            self.limits.agents.update(self.agent, now, AgentState::default, |a| a.active += 1);
             self.hold = Hold::Slot;
         }
     }
@@ -376,12 +366,9 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         match self.hold {
-            Hold::Done => {}
-            // Never sent (the request failed after admission): its bytes go back.
-            Hold::AtOnce(n) => {
-                let rate = self.policy().agent_rate;
-                self.limits.agents.with(self.agent, |a| a.tat_ns = rate.give_back(a.tat_ns, n));
-            }
+            // An at-once body holds no slot (and one never sent keeps its
+            // bytes reserved: charged, never undercharged).
+            Hold::Done | Hold::AtOnce(_) => {}
             Hold::Slot => {
                 // The idle clock starts when a download ends: touched as the
                 // slot is released, so a sweep never sees a just-finished agent
@@ -482,15 +469,13 @@ impl Limits {
         Who::Ip(ip)
     }
 
-    /// The first policy that matches. Who the agent is is read again only if
-    /// a policy names agents (the key already stands for it otherwise).
-    fn policy_for(&self, ip: IpAddr, headers: &actix_web::http::header::HeaderMap) -> Option<(usize, &Policy)> {
+    /// The first policy that matches.
+    fn policy_for(&self, who: &Who<'_>, ip: IpAddr) -> Option<usize> {
         let mut ip_text = None;
-        let mut who = None;
-        self.policies.iter().enumerate().find(|(_, p)| {
+        self.policies.iter().position(|p| {
             let agents_ok = p.agents.is_empty()
-                || match who.get_or_insert_with(|| self.who(ip, headers)) {
-                    Who::Id(id) => p.agents.iter().any(|g| g.is_match(*id)),
+                || match who {
+                    Who::Id(id) => p.agents.iter().any(|g| g.is_match(id)),
                     Who::Ip(ip) => {
                         let text: &String = ip_text.get_or_insert_with(|| ip.to_string());
                         p.agents.iter().any(|g| g.is_match(text.as_str()))
@@ -514,23 +499,19 @@ impl Limits {
     /// Who is asking (see [`Caller`]); call it as soon as the request is in.
     pub fn caller(&self, peer: IpAddr, headers: &actix_web::http::header::HeaderMap) -> Caller {
         let ip = self.client_ip(peer, headers);
-        let key = self.key(&self.who(ip, headers));
+        let who = self.who(ip, headers);
+        let Some(policy) = self.policy_for(&who, ip) else { return Caller { policy: None, key: 0 } };
+        let key = self.key(&who);
         self.agents.prefetch(key);
-        Caller { ip, key }
+        Caller { policy: Some(policy), key }
     }
 
-    /// Admit a download by `caller` (worked out from these `headers`), or say
-    /// why not and when to come back. `whole`: the body is this many bytes,
-    /// sent whole, and small enough that it may go at once (see [`Hold`]).
-    pub fn admit(
-        &'static self,
-        caller: Caller,
-        headers: &actix_web::http::header::HeaderMap,
-        critical: bool,
-        whole: Option<u64>,
-    ) -> Result<Option<Permit>, Refusal> {
-        let Caller { ip, key: agent } = caller;
-        let Some((index, policy)) = self.policy_for(ip, headers) else { return Ok(None) };
+    /// Admit a download by `caller`, or say why not and when to come back.
+    /// `whole`: the body is this many bytes, in memory, sent whole and small,
+    /// so it may go at once (see [`Hold`]).
+    pub fn admit(&'static self, caller: Caller, critical: bool, whole: Option<u64>) -> Result<Option<Permit>, Refusal> {
+        let Caller { policy: Some(index), key: agent } = caller else { return Ok(None) };
+        let policy = &self.policies[index];
         if let Some(w) = policy.window {
             let now = jiff::Timestamp::now().to_zoned(self.tz.clone());
             let minute = now.hour() as u32 * 60 + now.minute() as u32;
@@ -723,64 +704,68 @@ mod tests {
         Limits::new(&cfg.limits, &[]).unwrap().unwrap()
     }
 
-    /// (active downloads, bucket position) of an agent.
-    fn state(l: &Limits, p: &Permit) -> (u32, u64) {
-        l.agents.with(p.agent, |a| (a.active, a.tat_ns)).unwrap()
-    }
-
-    /// A whole small body is reserved at admission and holds no slot; if it
-    /// is paced after all it gives the bytes back and takes a slot; one that
-    /// never goes gives its bytes back; and the slot count is exact throughout.
+    /// A whole small body in memory is reserved at admission and holds no
+    /// slot; one paced after all holds a slot until it ends; one never sent
+    /// keeps its bytes reserved; and the slot count is exact throughout.
     #[test]
-    fn small_bodies_reserved_at_admission_hold_no_slot_until_paced() {
+    fn small_bodies_reserved_at_admission_hold_no_slot() {
         let l = limits("rate = \"1MiB/s\"\nmax_concurrent = 1\n");
         let mut h = HeaderMap::new();
         h.insert(HeaderName::from_static("x-agent-id"), HeaderValue::from_static("a"));
         let peer: IpAddr = "10.0.0.1".parse().unwrap();
-        let admit = |whole| l.admit(l.caller(peer, &h), &h, false, whole);
+        let admit = |whole| l.admit(l.caller(peer, &h), false, whole);
+        let key = l.caller(peer, &h).key;
+        let active = || l.agents.with(key, |a| a.active).unwrap();
+        let bucket = || l.agents.with(key, |a| a.tat_ns).unwrap();
 
         let mut p = admit(Some(4096)).unwrap().unwrap();
         assert_eq!(p.hold, Hold::AtOnce(4096));
-        let (active, reserved) = state(l, &p);
-        assert_eq!(active, 0, "an at-once body takes no slot");
+        assert_eq!(active(), 0, "an at-once body takes no slot");
+        let reserved = bucket();
         assert!(reserved > 0, "its bytes are reserved");
-        // Its one slot is free, so a second download is admitted meanwhile.
-        let other = admit(None).unwrap().unwrap();
-        assert_eq!(state(l, &other).0, 1);
-        drop(other);
         assert!(p.send_at_once(4096));
         assert_eq!(p.hold, Hold::Done);
+        assert_eq!(bucket(), reserved, "reserved once, not twice");
         drop(p);
-        assert_eq!(state(l, &admit(None).unwrap().unwrap()).0, 1, "nothing leaked, nothing released twice");
+        assert_eq!(active(), 0);
 
-        // Paced after all: the bytes go back and a slot is held until the end.
+        // Paced after all: a slot is held until it ends, and counted against
+        // max_concurrent meanwhile.
         let mut p = admit(Some(4096)).unwrap().unwrap();
-        let (_, before) = state(l, &p);
         p.hold_slot();
-        let (active, after) = state(l, &p);
-        assert_eq!(active, 1);
-        assert!(after < before, "the reservation was given back");
-        assert!(admit(Some(4096)).is_err(), "the slot is held: max_concurrent = 1");
+        assert_eq!(active(), 1);
+        assert!(admit(Some(4096)).is_err(), "the one slot is held");
+        assert!(admit(None).is_err(), "the one slot is held");
         drop(p);
-        assert_eq!(l.agents.with(l.caller(peer, &h).key, |a| a.active), Some(0));
+        assert_eq!(active(), 0, "released once");
 
-        // Never sent (the request failed after admission): nothing stays reserved.
+        // Never sent: nothing held, and its bytes stay charged.
         let p = admit(Some(4096)).unwrap().unwrap();
-        let key = p.agent;
-        let (_, reserved) = state(l, &p);
+        let charged = bucket();
         drop(p);
-        assert!(l.agents.with(key, |a| a.tat_ns).unwrap() < reserved);
-        assert_eq!(l.agents.with(key, |a| a.active), Some(0));
+        assert_eq!((active(), bucket()), (0, charged));
 
-        // Too large to go at once, or a bucket that is not free: a slot.
-        assert_eq!(admit(Some(10 << 20)).unwrap().unwrap().hold, Hold::Slot);
-        let l = limits("rate = \"4KiB/s\"\nburst = \"4KiB\"\n");
-        let admit = |whole| l.admit(l.caller(peer, &h), &h, false, whole);
+        // A download that is not whole and small takes a slot.
+        let p = admit(None).unwrap().unwrap();
+        assert_eq!((p.hold, active()), (Hold::Slot, 1));
+        drop(p);
+        assert_eq!(admit(Some(10 << 20)).unwrap().unwrap().hold, Hold::Slot, "larger than a piece");
+        assert_eq!(active(), 0);
+
+        // A bucket that is not free: a slot, and the body is paced.
+        let l = limits("rate = \"100B/s\"\nburst = \"4KiB\"\n");
+        let admit = |whole| l.admit(l.caller(peer, &h), false, whole);
         let mut first = admit(Some(4096)).unwrap().unwrap();
-        assert!(first.send_at_once(4096));
+        assert!(first.send_at_once(4096), "the burst goes at once");
         let mut second = admit(Some(4096)).unwrap().unwrap();
-        assert_eq!(second.hold, Hold::Slot, "the burst is spent");
+        assert_eq!(second.hold, Hold::Slot, "the burst is spent (40 s to refill)");
         assert!(!second.send_at_once(4096), "and it is paced");
+
+        // No policy applies: not limited, no state.
+        let l = limits("agents = [\"ws-*\"]\n");
+        let c = l.caller(peer, &h);
+        assert!(l.admit(c, false, Some(4096)).unwrap().is_none());
+        assert_eq!(l.tracked_agents(), 0);
     }
 
     #[test]

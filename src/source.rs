@@ -100,6 +100,11 @@ pub enum Content {
     Filling(FillHandle),
 }
 
+fn origin_load(repo: &RepoDir, memory: &MemoryCache, target: &Target) -> Result<Blob, SourceError> {
+    let path = repo.root().join(target.repo_path());
+    checked(memory.load(&target.digest, &path, target.len)?, target)
+}
+
 /// A stored object must be exactly as long as the manifest says: the response
 /// was sized from the manifest. (Same digest means same bytes, so this only
 /// fails when a manifest's `size` contradicts its `sha256`.)
@@ -142,16 +147,34 @@ impl Source {
     /// response, so a request for an object no upstream can supply gets an
     /// error status instead of a truncated body.
     pub async fn open(&self, target: &Target) -> Result<Content, SourceError> {
+        match self.stored(target)? {
+            Some(blob) => Ok(Content::Stored(blob)),
+            None => self.fill(target).await,
+        }
+    }
+
+    /// The target's bytes if they are already here, without fetching
+    /// anything: what an origin has, or what a relay's store holds.
+    pub fn stored(&self, target: &Target) -> Result<Option<Blob>, SourceError> {
         match self {
-            Source::Origin { repo, memory } => {
-                let path = repo.root().join(target.repo_path());
-                Ok(Content::Stored(checked(memory.load(&target.digest, &path, target.len)?, target)?))
-            }
-            Source::Relay { store, filler } => {
-                if let Some(blob) = store.get(&target.digest)? {
+            Source::Origin { repo, memory } => Ok(Some(origin_load(repo, memory, target)?)),
+            Source::Relay { store, .. } => match store.get(&target.digest)? {
+                Some(blob) => {
                     cache_counter(telemetry::CACHE_HITS, target).add(1);
-                    return Ok(Content::Stored(checked(blob, target)?));
+                    Ok(Some(checked(blob, target)?))
                 }
+                None => Ok(None),
+            },
+        }
+    }
+
+    /// Fetch what [`Source::stored`] did not find (a relay's cache miss):
+    /// start or join the fill.
+    pub async fn fill(&self, target: &Target) -> Result<Content, SourceError> {
+        match self {
+            // An origin has everything it publishes: nothing to fetch.
+            Source::Origin { repo, memory } => Ok(Content::Stored(origin_load(repo, memory, target)?)),
+            Source::Relay { filler, .. } => {
                 cache_counter(telemetry::CACHE_MISSES, target).add(1);
                 match filler.attach(target.fill_request())? {
                     Opened::Stored(blob) => Ok(Content::Stored(checked(blob, target)?)),

@@ -203,6 +203,10 @@ async fn small_downloads_give_their_slot_back_as_they_go() {
     let r = c.get(&small).header("X-Agent-Id", "a").header("Range", "bytes=100-199").send().await.unwrap();
     assert_eq!(r.status(), 206);
     assert_eq!(r.bytes().await.unwrap().as_ref(), &want[100..200]);
+    // Every small body that went was counted as egress (the policy is this
+    // test's own, and nothing else has been sent under it yet).
+    let egress = metric(&relay.url(), "patchrelay_limit_egress_bytes_total", &[("policy", "one")]).await;
+    assert_eq!(egress, 50.0 * 4096.0 + 100.0, "egress");
     // While a large download holds the agent's only slot, a small one waits
     // its turn like any other (429), and gets it once the large one is over.
     let held = c.get(&big).header("X-Agent-Id", "a").send().await.unwrap();
@@ -221,9 +225,50 @@ async fn small_downloads_give_their_slot_back_as_they_go() {
         assert!(Instant::now() < deadline, "slot not freed");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Every small body that went was counted as egress.
-    let egress = metric(&relay.url(), "patchrelay_limit_egress_bytes_total", &[("policy", "one")]).await;
-    assert!(egress >= 52.0 * 4096.0, "egress {egress}");
+}
+
+/// A small body not cached yet is fetched and paced like any other download,
+/// so it holds its agent's slot from the moment it is admitted: eight first
+/// requests at once from an agent with one slot get one 200 and seven 429s.
+#[actix_web::test]
+async fn small_downloads_still_being_fetched_hold_their_slot() {
+    let repo = TestRepo::bare();
+    for i in 0..8u64 {
+        repo.add_version(&format!("s{i}"), "1", &noise(20 + i, 4096));
+    }
+    repo.publish();
+    // 1 KB at once, then 1 KB/s: each fill takes about 3 s.
+    let Some(nginx) = start_nginx_with(&repo.repo, "limit_rate 1k; limit_rate_after 1k;", None).await else { return };
+    let storage = tempfile::tempdir().unwrap();
+    let limits = "[limits]\nidentity = \"header\"\n[[limits.policy]]\nname = \"fetching\"\nmax_concurrent = 1\n";
+    let toml = relay_toml(&[&nginx.url], &repo.public, storage.path(), limits);
+    let relay = start(&Config::from_toml(&toml, "relay.toml").unwrap()).await;
+    assert!(wait_ready(&relay.url(), Duration::from_secs(10)).await);
+    let c = client();
+    let tasks: Vec<_> = (0..8u64)
+        .map(|i| {
+            let (c, url) = (c.clone(), format!("{}/v1/components/s{i}/latest", relay.url()));
+            tokio::spawn(async move {
+                let r = c.get(url).header("X-Agent-Id", "one-slot").send().await.unwrap();
+                let status = r.status().as_u16();
+                let body = r.bytes().await.unwrap();
+                (i, status, body)
+            })
+        })
+        .collect();
+    let mut ok = Vec::new();
+    for t in tasks {
+        let (i, status, body) = t.await.unwrap();
+        match status {
+            200 => {
+                assert_eq!(body.as_ref(), &noise(20 + i, 4096)[..]);
+                ok.push(i);
+            }
+            429 => {}
+            other => panic!("status {other}"),
+        }
+    }
+    assert_eq!(ok.len(), 1, "one slot, but {} downloads were let through: {ok:?}", ok.len());
 }
 
 #[actix_web::test]

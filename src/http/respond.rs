@@ -107,6 +107,12 @@ fn slice(content: &Content, r: ByteRange) -> Piece {
 /// in one go, and a mapped 24 MiB object must go out in paced pieces.
 pub const AT_ONCE_MAX: u64 = 64 * 1024;
 
+/// Whether the body is a whole small object in memory, sent in one go (see
+/// [`AT_ONCE_MAX`]).
+pub fn goes_whole(rep: &Representation, decision: &Decision, blob: Option<&Content>) -> bool {
+    rep.len <= AT_ONCE_MAX && *decision == Decision::Full && matches!(blob, Some(Content::Stored(Blob::Memory(_))))
+}
+
 /// Per-server settings the responses need.
 pub struct ResponseCtx<'a> {
     /// The multipart boundary (random per process).
@@ -154,8 +160,8 @@ pub fn build(
     // hand actix the bytes themselves (no stream, no boxing). Under a limit,
     // admission has usually reserved the bytes already; if they are due at
     // once, the download is over as far as its agent's slot is concerned.
-    if let (true, Decision::Full, Some(Content::Stored(Blob::Memory(bytes)))) =
-        (rep.len <= AT_ONCE_MAX, &decision, blob)
+    if let Some(Content::Stored(Blob::Memory(bytes))) = blob
+        && goes_whole(rep, &decision, blob)
         && ctx.permit.as_mut().is_none_or(|p| p.send_at_once(rep.len))
     {
         let mut res = HttpResponse::Ok();

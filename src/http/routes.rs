@@ -59,11 +59,19 @@ enum Bytesource {
     Delta(Digest),
 }
 
+/// A body's bytes before admission: here already, or still to be fetched.
+enum Have {
+    Here(Content),
+    Missing(Target),
+}
+
 /// Who is asking, when limits apply. Worked out as the request comes in, so
 /// the agent's state is on its way into the CPU cache while the request is
 /// routed (`limits::Caller`).
 fn caller(req: &HttpRequest, state: &AppState) -> Option<Caller> {
-    state.limits.map(|limits| limits.caller(peer_ip(req), req.headers()))
+    // Only a GET can be a download (HEAD sends no body).
+    let limits = state.limits.filter(|_| req.method() == actix_web::http::Method::GET)?;
+    Some(limits.caller(peer_ip(req), req.headers()))
 }
 
 fn peer_ip(req: &HttpRequest) -> std::net::IpAddr {
@@ -73,26 +81,22 @@ fn peer_ip(req: &HttpRequest) -> std::net::IpAddr {
 async fn serve(
     req: &HttpRequest,
     state: &AppState,
-    (route, caller): (Route, Option<Caller>),
+    route: Route,
+    caller: Option<Caller>,
     rep: Representation,
     src: Bytesource,
 ) -> Result<HttpResponse, ApiError> {
     let decision = respond::decide(req, &rep)?;
     let needs_body = respond::needs_body(req, &decision);
-    // Downloads (not the manifest or a plan) count against the agent's limits;
-    // refused ones are turned away before anything is opened or fetched.
-    let permit = match (state.limits, needs_body, route) {
-        (Some(limits), true, Route::Object | Route::Version | Route::Latest | Route::Delta) => {
-            let caller = caller.unwrap_or_else(|| limits.caller(peer_ip(req), req.headers()));
-            let whole = (decision == respond::Decision::Full && rep.len <= respond::AT_ONCE_MAX).then_some(rep.len);
-            limits.admit(caller, req.headers(), rep.critical, whole).map_err(ApiError::Limited)?
-        }
-        _ => None,
-    };
-    let blob = if needs_body {
+    // What is already here is looked up first (nothing is fetched for it), so
+    // that admission knows whether a small body can go at once.
+    let have = if needs_body {
         Some(match src {
-            Bytesource::Memory(b) => Content::Stored(Blob::Memory(b)),
-            Bytesource::Target(t) => state.source.open(&t).await?,
+            Bytesource::Memory(b) => Have::Here(Content::Stored(Blob::Memory(b))),
+            Bytesource::Target(t) => match state.source.stored(&t)? {
+                Some(blob) => Have::Here(Content::Stored(blob)),
+                None => Have::Missing(t),
+            },
             Bytesource::Delta(d) => {
                 let store = state
                     .deltas
@@ -100,13 +104,32 @@ async fn serve(
                     .map(|x| x.store())
                     .ok_or_else(|| ApiError::NotFound("deltas are off".into()))?;
                 match store.get(&d).map_err(|e| ApiError::Source(e.into()))? {
-                    Some(blob) => Content::Stored(blob),
+                    Some(blob) => Have::Here(Content::Stored(blob)),
                     None => return Err(ApiError::NotFound("that delta was evicted a moment ago; ask again".into())),
                 }
             }
         })
     } else {
         None
+    };
+    // Downloads (not the manifest or a plan) count against the agent's limits;
+    // refused ones are turned away before anything is fetched.
+    let permit = match (state.limits, needs_body, route) {
+        (Some(limits), true, Route::Object | Route::Version | Route::Latest | Route::Delta) => {
+            let caller = caller.unwrap_or_else(|| limits.caller(peer_ip(req), req.headers()));
+            let here = match &have {
+                Some(Have::Here(c)) => Some(c),
+                _ => None,
+            };
+            let whole = respond::goes_whole(&rep, &decision, here).then_some(rep.len);
+            limits.admit(caller, rep.critical, whole).map_err(ApiError::Limited)?
+        }
+        _ => None,
+    };
+    let blob = match have {
+        None => None,
+        Some(Have::Here(content)) => Some(content),
+        Some(Have::Missing(t)) => Some(state.source.fill(&t).await?),
     };
     let ctx = ResponseCtx {
         boundary: &state.boundary,
@@ -163,7 +186,7 @@ async fn manifest(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse 
             critical: false,
             immutable: false,
         };
-        serve(&req, &state, (Route::Manifest, None), rep, Bytesource::Memory(cat.manifest_bytes.clone())).await
+        serve(&req, &state, Route::Manifest, None, rep, Bytesource::Memory(cat.manifest_bytes.clone())).await
     };
     finish(&state, Route::Manifest, result.await)
 }
@@ -183,7 +206,7 @@ async fn signature(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse
             critical: false,
             immutable: false,
         };
-        serve(&req, &state, (Route::Signature, None), rep, Bytesource::Memory(cat.signature.clone())).await
+        serve(&req, &state, Route::Signature, None, rep, Bytesource::Memory(cat.signature.clone())).await
     };
     finish(&state, Route::Signature, result.await)
 }
@@ -196,8 +219,6 @@ fn parse_digest(s: &str) -> Result<Digest, ApiError> {
 
 /// Route `/v1/...` paths with variable segments (see `configure`).
 async fn dispatch(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    // First, before the work below, so that work hides the agent's lookup.
-    let caller = caller(&req, &state);
     // The decoded path (actix decodes percent-escapes that are not delimiters).
     let path = req.match_info().as_str().to_owned();
     let mut segs = [""; 7];
@@ -216,17 +237,27 @@ async fn dispatch(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse 
     let bytes_ok = method == actix_web::http::Method::GET || method == actix_web::http::Method::HEAD;
     let s = |s: &str| s.to_string();
     let (route, allowed) = match (n, &segs[..n.min(segs.len())]) {
-        (2, ["objects", sha]) if bytes_ok => return object(req, s(sha), state, caller).await,
+        // Downloads: who is asking is worked out first, so that the work of
+        // serving hides the wait for the agent's state (`limits::Caller`).
+        (2, ["objects", sha]) if bytes_ok => {
+            let caller = caller(&req, &state);
+            return object(req, s(sha), state, caller).await;
+        }
         (2, ["chunks", sha]) if bytes_ok => return chunks(req, s(sha), state).await,
         (4, ["components", name, "versions", v]) if bytes_ok => {
+            let caller = caller(&req, &state);
             return version(req, s(name), s(v), state, caller).await;
         }
-        (3, ["components", name, "latest"]) if bytes_ok => return latest(req, s(name), state, caller).await,
+        (3, ["components", name, "latest"]) if bytes_ok => {
+            let caller = caller(&req, &state);
+            return latest(req, s(name), state, caller).await;
+        }
         (3, ["components", name, "chain"]) if method == actix_web::http::Method::GET => {
             return chain(req, s(name), state).await;
         }
         (5, ["components", name, "deltas", f, t]) if bytes_ok => {
-            return delta(req, s(name), (s(f), s(t)), state, caller).await;
+            let caller = caller(&req, &state);
+            return delta(req, s(name), s(f), s(t), state, caller).await;
         }
         (2, ["objects", _]) => (Route::Object, "GET, HEAD"),
         (2, ["chunks", _]) => (Route::Chunks, "GET, HEAD"),
@@ -251,7 +282,7 @@ async fn object(req: HttpRequest, path: String, state: web::Data<AppState>, call
             .object(&digest)
             .ok_or_else(|| ApiError::NotFound(format!("object {digest} is not in manifest serial {}", cat.serial())))?;
         let (rep, src) = payload(obj, None, None);
-        serve(&req, &state, (Route::Object, caller), rep, src).await
+        serve(&req, &state, Route::Object, caller, rep, src).await
     };
     finish(&state, Route::Object, result.await)
 }
@@ -276,7 +307,7 @@ async fn chunks(req: HttpRequest, path: String, state: web::Data<AppState>) -> H
             critical: false,
             immutable: true,
         };
-        serve(&req, &state, (Route::Chunks, None), rep, Bytesource::Target(Target::chunk_list(obj))).await
+        serve(&req, &state, Route::Chunks, None, rep, Bytesource::Target(Target::chunk_list(obj))).await
     };
     finish(&state, Route::Chunks, result.await)
 }
@@ -305,7 +336,7 @@ async fn version(
             ))
         })?;
         let (rep, src) = payload(obj, None, Some(entry.version.to_string()));
-        serve(&req, &state, (Route::Version, caller), rep, src).await
+        serve(&req, &state, Route::Version, caller, rep, src).await
     };
     finish(&state, Route::Version, result.await)
 }
@@ -316,7 +347,7 @@ async fn latest(req: HttpRequest, path: String, state: web::Data<AppState>, call
         let (entry, obj) = cat.latest(&path).ok_or_else(|| unknown_component(&cat, &path))?;
         // `latest` moves: cache it only as long as the manifest.
         let (rep, src) = payload(obj, Some(state.short_cache.clone()), Some(entry.version.to_string()));
-        serve(&req, &state, (Route::Latest, caller), rep, src).await
+        serve(&req, &state, Route::Latest, caller, rep, src).await
     };
     finish(&state, Route::Latest, result.await)
 }
@@ -425,7 +456,8 @@ fn truncate(s: &str) -> String {
 async fn delta(
     req: HttpRequest,
     name: String,
-    (from, to): (String, String),
+    from: String,
+    to: String,
     state: web::Data<AppState>,
     caller: Option<Caller>,
 ) -> HttpResponse {
@@ -460,7 +492,7 @@ async fn delta(
             critical: target.critical,
             immutable: false,
         };
-        serve(&req, &state, (Route::Delta, caller), rep, Bytesource::Delta(info.sha256)).await
+        serve(&req, &state, Route::Delta, caller, rep, Bytesource::Delta(info.sha256)).await
     };
     finish(&state, Route::Delta, result.await)
 }

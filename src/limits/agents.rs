@@ -115,8 +115,13 @@ impl<V: Default> Slots<V> {
         (self.len + 1) * 2 > self.slots.len()
     }
 
+    /// How many slots the shard grows to.
+    fn grown_len(&self) -> usize {
+        (self.slots.len() * 2).max(MIN_SLOTS)
+    }
+
     fn grow(&mut self) {
-        self.rebuild((self.slots.len() * 2).max(MIN_SLOTS), |_| true);
+        self.rebuild(self.grown_len(), |_| true);
     }
 
     fn get_or_insert_with(&mut self, key: u64, make: impl FnOnce() -> V) -> &mut V {
@@ -136,8 +141,13 @@ impl<V: Default> Slots<V> {
 
     /// Keep the entries for which `keep` holds, in `cap` slots (a power of
     /// two, more than twice the entries kept).
-    fn rebuild(&mut self, cap: usize, mut keep: impl FnMut(&V) -> bool) {
-        let mut old = std::mem::replace(&mut self.slots, HugeArray::new(cap));
+    fn rebuild(&mut self, cap: usize, keep: impl FnMut(&V) -> bool) {
+        self.rebuild_into(HugeArray::new(cap), keep);
+    }
+
+    /// [`Slots::rebuild`] into slots made beforehand (all free).
+    fn rebuild_into(&mut self, fresh: HugeArray<Slot<V>>, mut keep: impl FnMut(&V) -> bool) {
+        let mut old = std::mem::replace(&mut self.slots, fresh);
         self.len = 0;
         for slot in old.iter_mut().map(std::mem::take).filter(|s| s.key != 0 && keep(&s.value)) {
             if let Err(i) = self.probe(slot.key) {
@@ -254,9 +264,18 @@ impl<V: Expiring + Default> AgentTable<V> {
         }
         let i = shard_of(key);
         let mut shard = self.lock(i);
-        if shard.needs_room() {
-            shard.grow();
-            self.hints[i].publish(&mut shard);
+        while shard.needs_room() {
+            // The new slots are made with the lock let go: at 100,000 agents
+            // they are 4 MiB, in huge pages the kernel may first have to
+            // compact memory for, and the shard holds a quarter of all agents.
+            let len = shard.grown_len();
+            drop(shard);
+            let fresh = HugeArray::new(len);
+            shard = self.lock(i);
+            if shard.needs_room() && shard.grown_len() == len {
+                shard.rebuild_into(fresh, |_| true);
+                self.hints[i].publish(&mut shard);
+            }
         }
         let entry = shard.get_or_insert_with(key, make);
         // Under the lock: a sweep must never see the old time for an entry

@@ -5,109 +5,135 @@
 //! 100,000 agents its slots span 8 MB, 2,000 pages of 4 KiB, more than the
 //! CPU's TLB holds beside everything else the relay touches, so most lookups
 //! also walked the page tables (under a hypervisor, a two-level walk) before
-//! the line could even be fetched, and a prefetch cannot hide that: it waits
-//! for the walk before it retires. In 2 MiB pages the same slots are 4 pages.
+//! the line could even be fetched, and a prefetch waits for that walk. In
+//! 2 MiB pages the same slots are 4 pages.
 //!
-//! How: an array of at least [`HUGE_PAGE`] bytes is allocated aligned to it,
-//! and `madvise(MADV_HUGEPAGE)` marks it (Linux's default "madvise" mode of
-//! transparent huge pages backs only memory so marked). Smaller arrays, other
-//! systems, or a kernel that declines the advice get ordinary pages: the same
+//! How: an array of at least [`HUGE_PAGE`] bytes gets an anonymous mapping of
+//! its own, a huge page larger than it needs so that the array can start on a
+//! huge-page boundary, advised `MADV_HUGEPAGE` (Linux's default "madvise" mode
+//! of transparent huge pages backs only memory so marked). The slack around
+//! it is never touched, so it costs address space, not memory. Dropping the
+//! array unmaps it: the advice never outlives the array (advising the heap
+//! instead would leave it on memory that malloc hands out again). Smaller
+//! arrays, or a mapping that fails, are an ordinary boxed slice: the same
 //! array, only slower to look up at random.
 //!
-//! The unsafe code is the allocation itself (std's `Box<[T]>` cannot be
-//! allocated with a chosen alignment), kept to this module.
+//! The unsafe code is the typed view of the mapping, kept to this module.
 
 #![allow(unsafe_code)]
 
-use std::alloc::{self, Layout};
 use std::ptr::NonNull;
+
+#[cfg(target_os = "linux")]
+use memmap2::Advice;
+use memmap2::MmapMut;
 
 /// The size of a huge page on x86_64 and arm64 (4 KiB granule) Linux.
 pub const HUGE_PAGE: usize = 2 << 20;
 
 /// `len` values of `T`, each made by `T::default()`.
-pub struct HugeArray<T> {
-    ptr: NonNull<T>,
-    len: usize,
-    /// How it was allocated (`None`: nothing was, the array is empty or `T`
-    /// takes no space).
-    layout: Option<Layout>,
+pub struct HugeArray<T>(Inner<T>);
+
+enum Inner<T> {
+    Boxed(Box<[T]>),
+    /// `len` initialised values at `ptr`, a huge-page boundary inside `_map`,
+    /// which outlives them (dropped after them, in `Drop`).
+    Mapped {
+        ptr: NonNull<T>,
+        len: usize,
+        _map: MmapMut,
+    },
 }
 
-// SAFETY: a HugeArray owns its Ts like a Box<[T]> does.
+// SAFETY: a HugeArray owns its Ts like a Box<[T]> does; the mapping is only
+// reached through them.
 unsafe impl<T: Send> Send for HugeArray<T> {}
 // SAFETY: shared access only hands out &T, like a Box<[T]>.
 unsafe impl<T: Sync> Sync for HugeArray<T> {}
 
 impl<T: Default> HugeArray<T> {
     pub fn new(len: usize) -> HugeArray<T> {
-        let size = len.checked_mul(size_of::<T>()).unwrap_or_else(|| capacity_overflow());
-        if size == 0 {
-            return HugeArray { ptr: NonNull::dangling(), len, layout: None };
+        let size = len.saturating_mul(size_of::<T>());
+        if size >= HUGE_PAGE
+            && let Some(mapped) = mapped(len, size)
+        {
+            return HugeArray(mapped);
         }
-        let align = if size >= HUGE_PAGE { HUGE_PAGE } else { align_of::<T>() };
-        let layout = Layout::from_size_align(size, align).unwrap_or_else(|_| capacity_overflow());
-        // SAFETY: the layout's size is not zero.
-        let raw = unsafe { alloc::alloc(layout) }.cast::<T>();
-        let Some(ptr) = NonNull::new(raw) else { alloc::handle_alloc_error(layout) };
-        if size >= HUGE_PAGE {
-            advise_huge(raw.cast(), size);
-        }
-        for i in 0..len {
-            // SAFETY: i < len, inside the allocation, which is aligned for T;
-            // the slot holds no T yet, so nothing is overwritten without a drop.
-            unsafe { ptr.as_ptr().add(i).write(T::default()) };
-        }
-        HugeArray { ptr, len, layout: Some(layout) }
+        HugeArray(Inner::Boxed((0..len).map(|_| T::default()).collect()))
     }
+}
+
+/// The array in a mapping of its own, or `None` if the mapping cannot be made.
+fn mapped<T: Default>(len: usize, size: usize) -> Option<Inner<T>> {
+    let mut map = MmapMut::map_anon(size.checked_add(HUGE_PAGE)?).ok()?;
+    // Advice only: if the kernel declines, the pages are ordinary ones.
+    #[cfg(target_os = "linux")]
+    let _ = map.advise(Advice::HugePage);
+    let base = map.as_mut_ptr();
+    let offset = base.align_offset(HUGE_PAGE);
+    if offset >= HUGE_PAGE || align_of::<T>() > HUGE_PAGE {
+        return None;
+    }
+    // SAFETY: offset < HUGE_PAGE, so the pointer and the `size` bytes after it
+    // lie inside the mapping of size + HUGE_PAGE bytes.
+    let ptr = unsafe { base.add(offset) }.cast::<T>();
+    let start = NonNull::new(ptr)?;
+    // If a T::default() panics, the values made so far are dropped (and then
+    // the mapping, by unwinding).
+    struct Made<T> {
+        ptr: *mut T,
+        count: usize,
+    }
+    impl<T> Drop for Made<T> {
+        fn drop(&mut self) {
+            // SAFETY: the first `count` values were written and not dropped.
+            unsafe { std::ptr::drop_in_place(std::ptr::slice_from_raw_parts_mut(self.ptr, self.count)) }
+        }
+    }
+    let mut made = Made { ptr, count: 0 };
+    for i in 0..len {
+        // SAFETY: i < len and len * size_of::<T>() = size: inside the mapping,
+        // and aligned for T (a huge-page boundary is, for any T up to that
+        // alignment, and i * size_of::<T>() keeps it). Nothing is there yet,
+        // so nothing is overwritten without being dropped.
+        unsafe { ptr.add(i).write(T::default()) };
+        made.count += 1;
+    }
+    std::mem::forget(made);
+    Some(Inner::Mapped { ptr: start, len, _map: map })
 }
 
 impl<T> std::ops::Deref for HugeArray<T> {
     type Target = [T];
     fn deref(&self) -> &[T] {
-        // SAFETY: ptr is aligned and non-null, and all len values were
-        // initialised in `new` (for len 0 or a zero-sized T, a dangling
-        // pointer is valid).
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+        match &self.0 {
+            Inner::Boxed(b) => b,
+            // SAFETY: `len` initialised, aligned values at `ptr`, alive as
+            // long as the mapping, which lives as long as self.
+            Inner::Mapped { ptr, len, .. } => unsafe { std::slice::from_raw_parts(ptr.as_ptr(), *len) },
+        }
     }
 }
 
 impl<T> std::ops::DerefMut for HugeArray<T> {
     fn deref_mut(&mut self) -> &mut [T] {
-        // SAFETY: as in `deref`, and &mut self makes the access unique.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+        match &mut self.0 {
+            Inner::Boxed(b) => b,
+            // SAFETY: as in `deref`, and &mut self makes the access unique.
+            Inner::Mapped { ptr, len, .. } => unsafe { std::slice::from_raw_parts_mut(ptr.as_ptr(), *len) },
+        }
     }
 }
 
 impl<T> Drop for HugeArray<T> {
     fn drop(&mut self) {
-        // SAFETY: the values were initialised in `new` and are dropped once,
-        // here; then the memory goes back with the layout it came with.
-        unsafe {
-            std::ptr::drop_in_place(std::ptr::slice_from_raw_parts_mut(self.ptr.as_ptr(), self.len));
-            if let Some(layout) = self.layout {
-                alloc::dealloc(self.ptr.as_ptr().cast(), layout);
-            }
+        if let Inner::Mapped { ptr, len, .. } = &mut self.0 {
+            // SAFETY: the values were initialised in `mapped` and are dropped
+            // once, here; the mapping itself is unmapped after this, when the
+            // field is dropped.
+            unsafe { std::ptr::drop_in_place(std::ptr::slice_from_raw_parts_mut(ptr.as_ptr(), *len)) }
         }
     }
-}
-
-#[cold]
-fn capacity_overflow() -> ! {
-    panic!("agents' table: capacity overflow")
-}
-
-/// Ask for huge pages (Linux); elsewhere, or if refused, nothing changes.
-fn advise_huge(addr: *mut u8, len: usize) {
-    #[cfg(target_os = "linux")]
-    // SAFETY: madvise with MADV_HUGEPAGE only changes how the kernel backs the
-    // range (our own allocation, aligned to a huge page); it never changes
-    // its contents. Its result is only advice taken or not.
-    unsafe {
-        libc::madvise(addr.cast(), len, libc::MADV_HUGEPAGE);
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = (addr, len);
 }
 
 #[cfg(test)]
@@ -116,7 +142,7 @@ mod tests {
 
     #[test]
     fn small_large_and_empty_arrays_hold_their_values() {
-        for len in [0usize, 1, 17, HUGE_PAGE / 8 + 3] {
+        for len in [0usize, 1, 17, HUGE_PAGE / 8, HUGE_PAGE / 8 + 3] {
             let mut a: HugeArray<u64> = HugeArray::new(len);
             assert_eq!(a.len(), len);
             assert!(a.iter().all(|&v| v == 0));
@@ -126,9 +152,41 @@ mod tests {
             assert!(a.iter().enumerate().all(|(i, &v)| v == i as u64));
         }
         let big: HugeArray<u64> = HugeArray::new(HUGE_PAGE / 8);
-        assert_eq!(big.as_ptr() as usize % HUGE_PAGE, 0, "aligned for a huge page");
-        // Values with a destructor are dropped with the array.
-        let strings: HugeArray<String> = HugeArray::new(3);
-        assert!(strings.iter().all(String::is_empty));
+        assert!(matches!(big.0, Inner::Mapped { .. }), "a mapping of its own");
+        assert_eq!(big.as_ptr() as usize % HUGE_PAGE, 0, "starting on a huge page");
+        let small: HugeArray<u64> = HugeArray::new(1000);
+        assert!(matches!(small.0, Inner::Boxed(_)));
+        // Zero-sized values are made and dropped like any others.
+        let units: HugeArray<()> = HugeArray::new(5);
+        assert_eq!(units.len(), 5);
+    }
+
+    /// Every value made is dropped exactly once, in a mapped array and in a
+    /// boxed one.
+    #[test]
+    fn values_are_dropped_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static MADE: AtomicUsize = AtomicUsize::new(0);
+        static DROPPED: AtomicUsize = AtomicUsize::new(0);
+        struct Counted([u8; 64]);
+        impl Default for Counted {
+            fn default() -> Self {
+                MADE.fetch_add(1, Ordering::Relaxed);
+                Counted([0; 64])
+            }
+        }
+        impl Drop for Counted {
+            fn drop(&mut self) {
+                DROPPED.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let n = HUGE_PAGE / 64 + 1;
+        let a: HugeArray<Counted> = HugeArray::new(n);
+        assert!(matches!(a.0, Inner::Mapped { .. }));
+        let b: HugeArray<Counted> = HugeArray::new(10);
+        assert_eq!(a[n - 1].0[63], 0);
+        drop((a, b));
+        assert_eq!(MADE.load(Ordering::Relaxed), n + 10);
+        assert_eq!(DROPPED.load(Ordering::Relaxed), n + 10);
     }
 }
