@@ -32,6 +32,13 @@
 #   loadtest/limits-overhead.sh                                 # 100,000 agent ids, the worst case (~8 min)
 #   AGENT_IDS=256 WORKLOADS=small loadtest/limits-overhead.sh   # one agent per connection
 #   ROUNDS=15 DURATION=6 WORKLOADS=small loadtest/limits-overhead.sh
+#   WORKERS=2 WORKLOADS=small loadtest/limits-overhead.sh      # see below
+#
+# WORKERS=2 (or more) gives each relay that many workers, and lets relays and
+# wrk share every CPU: what one worker per relay cannot show (the agents'
+# table and the total bucket written from two cores) is then in the figures,
+# at the price of a noisier measurement, since wrk now competes with the
+# relays. CPU per request stays each relay's own.
 #
 # Needs: wrk, curl, python3, taskset, 2 or more CPUs, a release build
 # (cargo build --release).
@@ -46,6 +53,14 @@ WORKLOADS=${WORKLOADS:-small,large}
 # Which relays to measure against "off" (off2 is the control).
 PAIRS=${PAIRS:-off2,metrics,on}
 BIN=${BIN:-target/release/patchrelay}
+WORKERS=${WORKERS:-1}
+if [ "$WORKERS" -gt 1 ]; then
+  RELAY_CPUS=0-$(( $(nproc) - 1 )); LOAD_CPUS=$RELAY_CPUS
+  placement="relays with $WORKERS workers each and wrk all on CPUs $RELAY_CPUS"
+else
+  RELAY_CPUS=0; LOAD_CPUS=1
+  placement="relays with 1 worker each, both of a pair on CPU 0 at once, wrk on CPU 1"
+fi
 for t in wrk curl python3 taskset "$BIN"; do command -v "$t" >/dev/null 2>&1 || { echo "missing: $t" >&2; exit 2; }; done
 [ "$(nproc)" -ge 2 ] || { echo "needs 2 CPUs: relays on one, load on the other" >&2; exit 2; }
 
@@ -80,8 +95,8 @@ n=0
 for cfg in off off2 metrics on; do
   dir[$cfg]="$work/relay$n"; n=$((n + 1))
   port[$cfg]=$(free_port)
-  printf '[server]\nlisten = "127.0.0.1:%s"\nworkers = 1\n[storage]\ndir = "%s"\n[[upstream]]\nurl = "http://127.0.0.1:%s"\n[trust]\npublic_key = "%s"\n[log]\nlevel = "warn"\n%s\n' \
-    "${port[$cfg]}" "${dir[$cfg]}" "$oport" "$pub" "${extra[$cfg]}" > "${dir[$cfg]}.base.toml"
+  printf '[server]\nlisten = "127.0.0.1:%s"\nworkers = %s\n[storage]\ndir = "%s"\n[[upstream]]\nurl = "http://127.0.0.1:%s"\n[trust]\npublic_key = "%s"\n[log]\nlevel = "warn"\n%s\n' \
+    "${port[$cfg]}" "$WORKERS" "${dir[$cfg]}" "$oport" "$pub" "${extra[$cfg]}" > "${dir[$cfg]}.base.toml"
 done
 
 # Every request an agent id drawn at random, so every request looks up the
@@ -101,7 +116,7 @@ request = function()
   return wrk.format(nil, nil, { ["X-Agent-Id"] = "agent-" .. (i % $AGENT_IDS + 1) })
 end
 LUA
-load() { taskset -c 1 wrk -t1 -c"$2" -d"$3" -s "$work/${4:-ids}.lua" "$1" 2>&1; }
+load() { taskset -c "$LOAD_CPUS" wrk -t1 -c"$2" -d"$3" -s "$work/${4:-ids}.lua" "$1" 2>&1; }
 
 # Each start draws a fresh memory layout: its config gets a comment of random
 # length (what the relay allocates while reading it moves everything allocated
@@ -111,7 +126,7 @@ load() { taskset -c 1 wrk -t1 -c"$2" -d"$3" -s "$work/${4:-ids}.lua" "$1" 2>&1; 
 pad() { head -c $((RANDOM % 4096)) /dev/zero | tr '\0' x; }
 start() { # cfg
   { echo "# layout $(pad)"; cat "${dir[$1]}.base.toml"; } > "${dir[$1]}.toml"
-  PATCHRELAY_LAYOUT_PAD=$(pad) taskset -c 0 "$BIN" serve --config "${dir[$1]}.toml" >>"${dir[$1]}.log" 2>&1 & pid[$1]=$!; pids+=($!)
+  PATCHRELAY_LAYOUT_PAD=$(pad) taskset -c "$RELAY_CPUS" "$BIN" serve --config "${dir[$1]}.toml" >>"${dir[$1]}.log" 2>&1 & pid[$1]=$!; pids+=($!)
   for _ in $(seq 100); do curl -sf "http://127.0.0.1:${port[$1]}/readyz" >/dev/null && break; sleep 0.1; done
   curl -sf -o /dev/null "http://127.0.0.1:${port[$1]}/v1/objects/$small"
   curl -sf -o /dev/null "http://127.0.0.1:${port[$1]}/v1/objects/$large"
@@ -143,7 +158,7 @@ pair() { # a b path conns field first
 }
 summary() { sort -g | awk '{a[NR]=$1} function q(p,  i){i=1+(NR-1)*p; return a[int(i)]+(i-int(i))*(a[int(i)+1]-a[int(i)])} END {printf "%.3f (%.3f-%.3f)", q(0.5), q(0.25), q(0.75)}'; }
 
-echo "agent ids drawn from $AGENT_IDS; $ROUNDS rounds of ${DURATION}s; relays with 1 worker each, both of a pair on CPU 0 at once, wrk on CPU 1"
+echo "agent ids drawn from $AGENT_IDS; $ROUNDS rounds of ${DURATION}s; $placement"
 for w in "small|4KiB object, 256 conns per relay|req/s|/v1/objects/$small|256|1" "large|24MiB object, 16 conns per relay|MB/s|/v1/objects/$large|16|2"; do
   IFS='|' read -r name label unit path conns field <<<"$w"
   case ",$WORKLOADS," in *",$name,"*) ;; *) continue;; esac

@@ -29,15 +29,17 @@
 //! No policy configured: nothing here runs, and serving pays nothing for it.
 
 mod agents;
+mod clock;
 mod huge;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ipnet::IpNet;
 
 use self::agents::{AgentTable, Expiring};
+pub use self::clock::Clock;
 use crate::config::{LimitsConfig, PolicyConfig};
 use crate::telemetry;
 
@@ -74,21 +76,20 @@ impl Rate {
     }
 }
 
-/// A token bucket of bytes shared by threads, by reservation.
+/// A token bucket of bytes shared by threads, by reservation. Times are
+/// nanoseconds on the limits' [`Clock`].
 pub struct Bucket {
     rate: Rate,
     tat_ns: AtomicU64,
-    epoch: Instant,
 }
 
 impl Bucket {
-    pub fn new(rate: u64, burst: u64, epoch: Instant) -> Bucket {
-        Bucket { rate: Rate::new(rate, burst), tat_ns: AtomicU64::new(0), epoch }
+    pub fn new(rate: u64, burst: u64) -> Bucket {
+        Bucket { rate: Rate::new(rate, burst), tat_ns: AtomicU64::new(0) }
     }
 
     /// Reserve `n` bytes; returns how long to wait before sending them.
-    pub fn reserve(&self, n: u64, now: Instant) -> Duration {
-        let now_ns = since(self.epoch, now);
+    pub fn reserve(&self, n: u64, now_ns: u64) -> Duration {
         let mut cur = self.tat_ns.load(Ordering::Relaxed);
         loop {
             let (next, wait) = self.rate.take(cur, n, now_ns);
@@ -100,18 +101,13 @@ impl Bucket {
     }
 
     /// How long `reserve(n)` would wait, without reserving.
-    pub fn would_wait(&self, n: u64, now: Instant) -> Duration {
-        self.rate.take(self.tat_ns.load(Ordering::Relaxed), n, since(self.epoch, now)).1
+    pub fn would_wait(&self, n: u64, now_ns: u64) -> Duration {
+        self.rate.take(self.tat_ns.load(Ordering::Relaxed), n, now_ns).1
     }
 
     pub fn burst(&self) -> u64 {
         self.rate.burst()
     }
-}
-
-/// Nanoseconds from `epoch` to `now` (0 before it).
-fn since(epoch: Instant, now: Instant) -> u64 {
-    u64::try_from(now.saturating_duration_since(epoch).as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// One policy, compiled.
@@ -196,7 +192,8 @@ impl Expiring for AgentState {
 /// Who an agent is, as read from a request (borrowed: no allocation when the
 /// agent is already known).
 enum Who<'a> {
-    Id(&'a str),
+    /// Printable ASCII, checked.
+    Id(&'a [u8]),
     Ip(IpAddr),
 }
 
@@ -232,8 +229,9 @@ pub struct Permit {
     /// Counts against `total_rate` but never waits for it.
     pub critical: bool,
     limits: &'static Limits,
-    /// When the agent was admitted (and its entry touched).
-    admitted_at: Instant,
+    /// When the agent was admitted (and its entry touched), on the coarse
+    /// clock.
+    admitted_ns: u64,
     hold: Hold,
 }
 
@@ -255,7 +253,7 @@ impl Permit {
     /// Reserve `n` bytes on every bucket that applies; how long to wait.
     pub fn reserve(&mut self, n: u64) -> Duration {
         self.hold_slot();
-        let now = Instant::now();
+        let now = self.limits.clock.now();
         let wait = self.reserve_agent(n, now);
         self.count(n, now, wait)
     }
@@ -267,9 +265,11 @@ impl Permit {
     /// was not free then) it is looked at again, reserved and released under
     /// one lock. Either way the admission time stands for now: if something
     /// came between, the buckets look fuller than they are and the body is
-    /// paced: never early, at worst paced when it need not be.
+    /// paced: never earlier than admission allowed, at worst paced when it
+    /// need not be. (Admission reads the coarse clock: see `clock` for the
+    /// one tick that costs.)
     pub fn send_at_once(&mut self, n: u64) -> bool {
-        let now = self.admitted_at;
+        let now = self.admitted_ns;
         match self.hold {
             Hold::Done => return true,
             Hold::AtOnce(reserved) if reserved == n => {}
@@ -279,9 +279,8 @@ impl Permit {
                     return false;
                 }
                 let rate = self.policy().agent_rate;
-                let now_ns = since(self.limits.epoch, now);
                 let free = self.limits.agents.with(self.agent, |a| {
-                    let (next, wait) = rate.take(a.tat_ns, n, now_ns);
+                    let (next, wait) = rate.take(a.tat_ns, n, now);
                     if !wait.is_zero() {
                         return false;
                     }
@@ -311,20 +310,19 @@ impl Permit {
     /// reserved, so the agent is charged twice for those bytes, never less.
     pub fn hold_slot(&mut self) {
         if let Hold::AtOnce(_) = self.hold {
-            let now = since(self.limits.epoch, Instant::now());
+            let now = self.limits.clock.coarse();
             self.limits.agents.update(self.agent, now, AgentState::default, |a| a.active += 1);
             self.hold = Hold::Slot;
         }
     }
 
     /// Reserve `n` bytes on the agent's bucket; the wait.
-    fn reserve_agent(&self, n: u64, now: Instant) -> Duration {
+    fn reserve_agent(&self, n: u64, now: u64) -> Duration {
         let rate = self.policy().agent_rate;
-        let now_ns = since(self.limits.epoch, now);
         self.limits
             .agents
             .with(self.agent, |a| {
-                let (next, wait) = rate.take(a.tat_ns, n, now_ns);
+                let (next, wait) = rate.take(a.tat_ns, n, now);
                 a.tat_ns = next;
                 wait
             })
@@ -332,7 +330,7 @@ impl Permit {
     }
 
     /// The total bucket and the counters, once the agent's bucket is reserved.
-    fn count(&self, n: u64, now: Instant, mut wait: Duration) -> Duration {
+    fn count(&self, n: u64, now: u64, mut wait: Duration) -> Duration {
         if let Some(total) = &self.limits.total {
             let t = total.reserve(n, now);
             if !self.critical {
@@ -374,7 +372,7 @@ impl Drop for Permit {
                 // slot is released, so a sweep never sees a just-finished agent
                 // with the time it was admitted (its bucket would be forgotten
                 // early).
-                let now = self.limits.now_ns();
+                let now = self.limits.clock.coarse();
                 self.limits.agents.with(self.agent, |a| {
                     a.touch(now);
                     a.active = a.active.saturating_sub(1);
@@ -394,13 +392,16 @@ pub struct Limits {
     /// 64 bits of SipHash under a secret key to share a bucket, and no client
     /// can aim at a shard.
     agents: AgentTable<AgentState>,
-    keys: std::hash::RandomState,
+    /// The keys for ids and for addresses: two, so that an id and an
+    /// address never share an entry, and an id is hashed in one write.
+    id_keys: std::hash::RandomState,
+    ip_keys: std::hash::RandomState,
     total: Option<Bucket>,
     identity: Identity,
     agent_header: actix_web::http::header::HeaderName,
     trusted_proxies: Vec<IpNet>,
     tz: jiff::tz::TimeZone,
-    epoch: Instant,
+    clock: Clock,
     active_agents: metrics::Gauge,
 }
 
@@ -436,18 +437,18 @@ impl Limits {
         };
         let policies = cfg.policy.iter().map(compile).collect::<Result<Vec<_>, _>>()?;
         let agents = AgentTable::new(cfg.idle_ttl.0);
-        let epoch = Instant::now();
-        let total = cfg.total_rate.map(|r| Bucket::new(r.0, cfg.total_burst.map_or(r.0, |b| b.0), epoch));
+        let total = cfg.total_rate.map(|r| Bucket::new(r.0, cfg.total_burst.map_or(r.0, |b| b.0)));
         Ok(Some(Box::leak(Box::new(Limits {
             policies,
             agents,
-            keys: std::hash::RandomState::new(),
+            id_keys: std::hash::RandomState::new(),
+            ip_keys: std::hash::RandomState::new(),
             total,
             identity,
             agent_header,
             trusted_proxies: trusted_proxies.to_vec(),
             tz,
-            epoch,
+            clock: Clock::new(),
             active_agents: metrics::gauge!(telemetry::LIMIT_ACTIVE_AGENTS),
         }))))
     }
@@ -459,10 +460,12 @@ impl Limits {
 
     fn who<'a>(&self, ip: IpAddr, headers: &'a actix_web::http::header::HeaderMap) -> Who<'a> {
         if self.identity == Identity::Header
-            && let Some(v) = headers.get(&self.agent_header).and_then(|v| v.to_str().ok())
+            && let Some(v) = headers.get(&self.agent_header)
         {
-            let v = v.trim();
-            if !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()) {
+            // One pass over the bytes: printable ASCII is also a valid header
+            // value and valid UTF-8, so neither is checked apart.
+            let v = v.as_bytes().trim_ascii();
+            if !v.is_empty() && v.len() <= 128 && v.iter().all(|b| b.is_ascii_graphic()) {
                 return Who::Id(v);
             }
         }
@@ -475,7 +478,7 @@ impl Limits {
         self.policies.iter().position(|p| {
             let agents_ok = p.agents.is_empty()
                 || match who {
-                    Who::Id(id) => p.agents.iter().any(|g| g.is_match(id)),
+                    Who::Id(id) => std::str::from_utf8(id).is_ok_and(|id| p.agents.iter().any(|g| g.is_match(id))),
                     Who::Ip(ip) => {
                         let text: &String = ip_text.get_or_insert_with(|| ip.to_string());
                         p.agents.iter().any(|g| g.is_match(text.as_str()))
@@ -486,13 +489,19 @@ impl Limits {
     }
 
     /// The agent's key in the table. An id and an address never share one
-    /// (the tag), so an agent that sends an id is not limited with whoever
-    /// else is behind its address.
+    /// (each has its own secret key), so an agent that sends an id is not
+    /// limited with whoever else is behind its address.
     fn key(&self, who: &Who<'_>) -> u64 {
-        use std::hash::BuildHasher;
+        use std::hash::{BuildHasher, Hasher};
         match who {
-            Who::Id(id) => self.keys.hash_one((0u8, id)),
-            Who::Ip(ip) => self.keys.hash_one((1u8, ip)),
+            Who::Id(id) => {
+                // One write of the bytes alone (no length or terminator, as
+                // `Hash for str` adds): each key hashes one kind of message.
+                let mut h = self.id_keys.build_hasher();
+                h.write(id);
+                h.finish()
+            }
+            Who::Ip(ip) => self.ip_keys.hash_one(ip),
         }
     }
 
@@ -527,9 +536,9 @@ impl Limits {
                 ));
             }
         }
-        let now = Instant::now();
-        let now_ns = since(self.epoch, now);
-        let at_once = whole.filter(|&n| self.may_go_at_once(policy, critical, n, now));
+        // The coarse clock: admission needs no more (see `clock`).
+        let now_ns = self.clock.coarse();
+        let at_once = whole.filter(|&n| self.may_go_at_once(policy, critical, n, now_ns));
         let rate = policy.agent_rate;
         let admitted = self.agents.update(agent, now_ns, AgentState::default, |a| {
             if policy.max_concurrent != 0 && a.active >= policy.max_concurrent {
@@ -553,13 +562,13 @@ impl Limits {
                 format!("{} downloads at once is the limit for policy {:?}", policy.max_concurrent, policy.name),
             ));
         };
-        Ok(Some(Permit { agent, policy: index, critical, limits: self, admitted_at: now, hold }))
+        Ok(Some(Permit { agent, policy: index, critical, limits: self, admitted_ns: now_ns, hold }))
     }
 
     /// Whether `n` bytes fit in one piece and the total cap would not hold
     /// them back (critical bodies never wait for it). The agent's own bucket
     /// is checked under its lock.
-    fn may_go_at_once(&self, policy: &Policy, critical: bool, n: u64, now: Instant) -> bool {
+    fn may_go_at_once(&self, policy: &Policy, critical: bool, n: u64, now: u64) -> bool {
         n <= self.piece(policy) && (critical || self.total.as_ref().is_none_or(|t| t.would_wait(n, now).is_zero()))
     }
 
@@ -569,10 +578,6 @@ impl Limits {
         let b = policy.agent_rate.burst().min(policy.rate / 4);
         let b = self.total.as_ref().map_or(b, |t| b.min(t.burst()));
         b.clamp(4096, 256 * 1024)
-    }
-
-    fn now_ns(&self) -> u64 {
-        since(self.epoch, Instant::now())
     }
 
     fn refuse(&self, policy: &Policy, reason: &'static str, secs: u64, message: String) -> Refusal {
@@ -683,17 +688,16 @@ mod tests {
 
     #[test]
     fn bucket_paces_to_the_rate() {
-        let epoch = Instant::now();
-        let b = Bucket::new(1_000_000, 100_000, epoch);
+        let b = Bucket::new(1_000_000, 100_000);
         // 10 MB at 1 MB/s: the last reservation is due ~9.9 s later.
         let mut wait = Duration::ZERO;
         for _ in 0..100 {
-            wait = b.reserve(100_000, epoch);
+            wait = b.reserve(100_000, 0);
         }
         assert!((wait.as_secs_f64() - 9.9).abs() < 0.01, "{wait:?}");
         // The burst goes at once.
-        let b = Bucket::new(1_000_000, 100_000, epoch);
-        assert_eq!(b.reserve(100_000, epoch), Duration::ZERO);
+        let b = Bucket::new(1_000_000, 100_000);
+        assert_eq!(b.reserve(100_000, 0), Duration::ZERO);
     }
 
     fn limits(policy: &str) -> &'static Limits {
