@@ -392,10 +392,7 @@ pub struct Limits {
     /// 64 bits of SipHash under a secret key to share a bucket, and no client
     /// can aim at a shard.
     agents: AgentTable<AgentState>,
-    /// The keys for ids and for addresses: two, so that an id and an
-    /// address never share an entry, and an id is hashed in one write.
-    id_keys: std::hash::RandomState,
-    ip_keys: std::hash::RandomState,
+    keys: std::hash::RandomState,
     total: Option<Bucket>,
     identity: Identity,
     agent_header: actix_web::http::header::HeaderName,
@@ -441,8 +438,7 @@ impl Limits {
         Ok(Some(Box::leak(Box::new(Limits {
             policies,
             agents,
-            id_keys: std::hash::RandomState::new(),
-            ip_keys: std::hash::RandomState::new(),
+            keys: std::hash::RandomState::new(),
             total,
             identity,
             agent_header,
@@ -463,7 +459,8 @@ impl Limits {
             && let Some(v) = headers.get(&self.agent_header)
         {
             // One pass over the bytes: printable ASCII is also a valid header
-            // value and valid UTF-8, so neither is checked apart.
+            // value and valid UTF-8, so neither is checked apart (only a
+            // policy with `agents` globs makes a `str` of it).
             let v = v.as_bytes().trim_ascii();
             if !v.is_empty() && v.len() <= 128 && v.iter().all(|b| b.is_ascii_graphic()) {
                 return Who::Id(v);
@@ -488,21 +485,27 @@ impl Limits {
         })
     }
 
-    /// The agent's key in the table. An id and an address never share one
-    /// (each has its own secret key), so an agent that sends an id is not
-    /// limited with whoever else is behind its address.
+    /// The agent's key in the table: SipHash, under the table's secret key,
+    /// of the id's bytes in one write, or of a zero byte and the address's
+    /// octets. An id is printable ASCII, never a zero byte, so no id is the
+    /// same message as an address: an agent that sends an id is not limited
+    /// with whoever else is behind its address unless 64 secret bits collide.
+    /// (SipHash takes in the length, so the messages need no other framing.)
     fn key(&self, who: &Who<'_>) -> u64 {
         use std::hash::{BuildHasher, Hasher};
+        let mut h = self.keys.build_hasher();
         match who {
-            Who::Id(id) => {
-                // One write of the bytes alone (no length or terminator, as
-                // `Hash for str` adds): each key hashes one kind of message.
-                let mut h = self.id_keys.build_hasher();
-                h.write(id);
-                h.finish()
+            Who::Id(id) => h.write(id),
+            Who::Ip(IpAddr::V4(ip)) => {
+                h.write_u8(0);
+                h.write(&ip.octets());
             }
-            Who::Ip(ip) => self.ip_keys.hash_one(ip),
+            Who::Ip(IpAddr::V6(ip)) => {
+                h.write_u8(0);
+                h.write(&ip.octets());
+            }
         }
+        h.finish()
     }
 
     /// Who is asking (see [`Caller`]); call it as soon as the request is in.
@@ -770,6 +773,29 @@ mod tests {
         let c = l.caller(peer, &h);
         assert!(l.admit(c, false, Some(4096)).unwrap().is_none());
         assert_eq!(l.tracked_agents(), 0);
+    }
+
+    /// An agent is known by its id wherever it asks from; one without an id
+    /// by its address; and an id is never taken for an address.
+    #[test]
+    fn ids_and_addresses_key_apart() {
+        let l = limits("");
+        let with_id = |id: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(HeaderName::from_static("x-agent-id"), HeaderValue::from_static(id));
+            h
+        };
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "2001:db8::1".parse().unwrap());
+        let key = |ip, h: &HeaderMap| l.caller(ip, h).key;
+        assert_eq!(key(a, &with_id("ws-1")), key(b, &with_id(" ws-1 ")), "an id, trimmed, wherever it asks from");
+        assert_ne!(key(a, &with_id("ws-1")), key(a, &with_id("ws-2")));
+        assert_ne!(key(a, &with_id("ws-1")), key(a, &HeaderMap::new()), "an id is not its address");
+        assert_ne!(key(a, &HeaderMap::new()), key(b, &HeaderMap::new()));
+        // An id that is not printable ASCII is no id: the address stands for it.
+        let mut odd = HeaderMap::new();
+        odd.insert(HeaderName::from_static("x-agent-id"), HeaderValue::from_bytes(b"ws\xff1").unwrap());
+        assert_eq!(key(a, &odd), key(a, &HeaderMap::new()));
+        assert_eq!(key(a, &with_id("")), key(a, &HeaderMap::new()));
     }
 
     #[test]
