@@ -496,13 +496,12 @@ impl Limits {
         let mut h = self.keys.build_hasher();
         match who {
             Who::Id(id) => h.write(id),
-            Who::Ip(IpAddr::V4(ip)) => {
+            Who::Ip(ip) => {
                 h.write_u8(0);
-                h.write(&ip.octets());
-            }
-            Who::Ip(IpAddr::V6(ip)) => {
-                h.write_u8(0);
-                h.write(&ip.octets());
+                match ip {
+                    IpAddr::V4(ip) => h.write(&ip.octets()),
+                    IpAddr::V6(ip) => h.write(&ip.octets()),
+                }
             }
         }
         h.finish()
