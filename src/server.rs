@@ -25,7 +25,7 @@ use crate::limits::Limits;
 use crate::repo::RepoDir;
 use crate::source::Source;
 use crate::state::Published;
-use crate::store::{MemoryCache, Store, StoreOptions};
+use crate::store::{MemoryCache, Store, StoreOptions, WeakStore};
 use crate::telemetry;
 use crate::upstream::Upstreams;
 
@@ -57,6 +57,8 @@ pub struct RunningServer {
     handle: actix_web::dev::ServerHandle,
     task: actix_rt::task::JoinHandle<std::io::Result<()>>,
     control: ControlPlane,
+    /// The store, to wait for its directory lock's release on `stop`.
+    store: Option<WeakStore>,
 }
 
 impl RunningServer {
@@ -65,11 +67,22 @@ impl RunningServer {
         format!("http://{}", self.addr)
     }
 
-    /// Stop accepting, finish requests in flight (gracefully) or drop them.
+    /// Stop accepting, finish requests in flight (gracefully) or drop them,
+    /// and wait (up to a few seconds) until the store is closed, so that the
+    /// same `storage.dir` can be opened again in this process.
     pub async fn stop(self, graceful: bool) {
         self.handle.stop(graceful).await;
         self.stop_actors();
         let _ = self.task.await;
+        if let Some(store) = &self.store {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while store.is_open() && std::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            if store.is_open() {
+                tracing::warn!("the store is still in use 5 s after the server stopped");
+            }
+        }
     }
 
     /// Wait until the HTTP server stops (on SIGINT/SIGTERM when signals are on).
@@ -137,6 +150,7 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
     let metrics =
         if config.metrics.enabled { Some(telemetry::metrics_handle().map_err(StartError::Metrics)?) } else { None };
     let published = Published::new();
+    let mut weak_store = None;
     let (source, control, sync, status, deltas) = match config.role() {
         Role::Origin => {
             let origin = config.origin.as_ref().ok_or_else(|| StartError::Config("no [origin]".into()))?;
@@ -147,6 +161,7 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
             let deltas = match (&config.storage, config.delta.enabled) {
                 (Some(storage), true) => {
                     let store = open_store(config, storage)?;
+                    weak_store = Some(store.downgrade());
                     Some(open_deltas(config, store, Objects::Origin(repo.clone()))?)
                 }
                 _ => None,
@@ -179,6 +194,7 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
                 config.storage.as_ref().ok_or_else(|| StartError::Config("a relay needs [storage]".into()))?;
             let trust = config.trust.as_ref().ok_or_else(|| StartError::Config("a relay needs [trust]".into()))?;
             let store = open_store(config, storage)?;
+            weak_store = Some(store.downgrade());
             let upstreams = Arc::new(Upstreams::new(&config.upstream)?);
             let filler = Filler::new(store.clone(), upstreams.clone());
             let deltas = if config.delta.enabled {
@@ -267,5 +283,5 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
         });
     }
     tracing::info!(role = ?config.role(), "patchrelay listening on http://{addr}");
-    Ok(RunningServer { addr, published, handle, task, control })
+    Ok(RunningServer { addr, published, handle, task, control, store: weak_store })
 }

@@ -316,10 +316,7 @@ async fn eviction_keeps_the_store_under_its_budget_and_spares_pins() {
 
 #[actix_web::test]
 async fn upstreams_behind_a_corporate_connect_proxy() {
-    let Some(tinyproxy) =
-        ["/usr/bin/tinyproxy", "/usr/sbin/tinyproxy"].into_iter().find(|p| std::path::Path::new(p).exists())
-    else {
-        eprintln!("SKIP: tinyproxy is not installed (apt-get install tinyproxy); .ci/run installs it");
+    let Some(tinyproxy) = require_tool("tinyproxy", &["/usr/bin/tinyproxy", "/usr/sbin/tinyproxy"], "tinyproxy") else {
         return;
     };
     let repo = TestRepo::new();

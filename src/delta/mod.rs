@@ -205,9 +205,12 @@ pub fn encode(base: &[u8], target: &[u8], opts: &EncodeOptions) -> Result<Vec<u8
     let level = if target.len() <= opts.small_limit { opts.small_level } else { opts.large_level };
     let mut best = encode_with(Algorithm::ZstdPatch, base, target, level)?;
     if opts.sadiff && !base.is_empty() && !target.is_empty() {
-        let sa = encode_with(Algorithm::SaDiff, base, target, level)?;
-        if sa.len() < best.len() {
-            best = sa;
+        // A suffix-array diff that cannot be made (controls over what a
+        // decoder accepts) leaves the zstd delta, which is always valid.
+        match encode_with(Algorithm::SaDiff, base, target, level) {
+            Ok(sa) if sa.len() < best.len() => best = sa,
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "suffix-array diff not used"),
         }
     }
     Ok(best)

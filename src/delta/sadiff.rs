@@ -108,6 +108,14 @@ pub fn encode(base: &[u8], target: &[u8], out: &mut Vec<u8>) -> Result<(), Delta
     columns.extend_from_slice(&adds);
     columns.extend_from_slice(&copies);
     columns.extend_from_slice(&seeks);
+    // What `decode` accepts; the caller keeps the other algorithm's delta.
+    if columns.len() as u64 > control_limit(target.len() as u64) {
+        return Err(DeltaError::Encode(format!(
+            "{} bytes of controls for a {}-byte target: more than a decoder accepts",
+            columns.len(),
+            target.len()
+        )));
+    }
     for (stream, long) in [(&columns, false), (&diff, true), (&extra, true)] {
         let z = compress(stream, 19, long)?;
         put_varint(out, z.len() as u64);
@@ -115,6 +123,18 @@ pub fn encode(base: &[u8], target: &[u8], out: &mut Vec<u8>) -> Result<(), Delta
     }
     Ok(())
 }
+
+/// The most a control stream may hold once decompressed: the target's length
+/// and a little. A matcher that merges short matches (qbsdiff does) spends far
+/// fewer control bytes than the target bytes they cover, and [`encode`]
+/// refuses to produce anything over this, so no delta of ours is refused by
+/// it. Without it a 10 KB frame of zeros declares hundreds of megabytes of
+/// controls (and expanded into arrays, gigabytes).
+fn control_limit(target_len: u64) -> u64 {
+    target_len.saturating_add(CONTROL_SLACK)
+}
+
+const CONTROL_SLACK: u64 = 64 * 1024;
 
 pub fn decode(base: &[u8], payload: &[u8], target_len: u64) -> Result<Vec<u8>, DeltaError> {
     let corrupt = |m: &str| DeltaError::Corrupt(m.to_string());
@@ -128,30 +148,37 @@ pub fn decode(base: &[u8], payload: &[u8], target_len: u64) -> Result<Vec<u8>, D
         Ok(f)
     };
     let (cf, df, ef) = (frame("control")?, frame("difference")?, frame("extra")?);
-    // Each control triple is at least 3 bytes and covers at least... nothing
-    // (seek-only triples exist), so bound it generously but finitely.
-    let ctrl = decompress(cf, (target_len.saturating_mul(30)).clamp(1 << 16, 256 << 20), "control")?;
+    // What the target allows: controls about as long as it, and difference
+    // and extra bytes that together make it up exactly.
+    let ctrl = decompress(cf, control_limit(target_len), "control")?;
     let diff = decompress(df, target_len, "difference")?;
-    let extra = decompress(ef, target_len, "extra")?;
+    let extra = decompress(ef, target_len - diff.len() as u64, "extra")?;
 
+    // The three columns are read in step, each with its own cursor, so the
+    // controls are never expanded into arrays (three u64s per triple would be
+    // 24 bytes of memory per control byte).
     let mut cpos = 0;
     let triples = get_varint(&ctrl, &mut cpos).ok_or_else(|| corrupt("control count"))?;
-    if triples > ctrl.len() as u64 {
+    if triples.saturating_mul(3) > (ctrl.len() - cpos) as u64 {
         return Err(corrupt("control count larger than the control stream"));
     }
-    let mut column = |n: u64| -> Result<Vec<u64>, DeltaError> {
-        (0..n).map(|_| get_varint(&ctrl, &mut cpos).ok_or_else(|| corrupt("control stream truncated"))).collect()
+    let skip_column = |mut at: usize| -> Result<usize, DeltaError> {
+        for _ in 0..triples {
+            get_varint(&ctrl, &mut at).ok_or_else(|| corrupt("control stream truncated"))?;
+        }
+        Ok(at)
     };
-    let adds = column(triples)?;
-    let copies = column(triples)?;
-    let seeks = column(triples)?;
+    let mut copies_pos = skip_column(cpos)?;
+    let mut seeks_pos = skip_column(copies_pos)?;
+    let mut adds_pos = cpos;
+    let next = |at: &mut usize| get_varint(&ctrl, at).ok_or_else(|| corrupt("control stream truncated"));
 
     let len = usize::try_from(target_len).map_err(|_| corrupt("target too large"))?;
     let mut out = Vec::with_capacity(len);
     let (mut dpos, mut epos) = (0usize, 0usize);
     let mut old: i64 = 0;
-    for i in 0..triples as usize {
-        let (add, copy) = (adds[i], copies[i]);
+    for _ in 0..triples {
+        let (add, copy, seek) = (next(&mut adds_pos)?, next(&mut copies_pos)?, next(&mut seeks_pos)?);
         let room = (len - out.len()) as u64;
         if add > room || copy > room - add {
             return Err(corrupt("controls run past the target length"));
@@ -175,7 +202,7 @@ pub fn decode(base: &[u8], payload: &[u8], target_len: u64) -> Result<Vec<u8>, D
         out.extend_from_slice(e);
         old = old
             .checked_add(add as i64)
-            .and_then(|o| o.checked_add(unzigzag(seeks[i])))
+            .and_then(|o| o.checked_add(unzigzag(seek)))
             .ok_or_else(|| corrupt("seek out of range"))?;
     }
     Ok(out)

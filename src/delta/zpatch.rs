@@ -62,7 +62,10 @@ pub fn decode(base: &[u8], payload: &[u8], target_len: u64) -> Result<Vec<u8>, D
     }
     let len = usize::try_from(target_len).map_err(|_| DeltaError::Corrupt("target too large".into()))?;
     let mut d = DCtx::try_create().ok_or_else(|| DeltaError::Corrupt("zstd: out of memory".into()))?;
-    d.set_parameter(DParameter::WindowLogMax(31))
+    // The window a delta of these two files needs, and no more: a frame that
+    // asks for a larger one is refused rather than given the memory.
+    let needed = window_log(base.len().max(len));
+    d.set_parameter(DParameter::WindowLogMax(needed))
         .map_err(|e| DeltaError::Corrupt(zstd_safe::get_error_name(e).into()))?;
     d.ref_prefix(base).map_err(|e| DeltaError::Corrupt(zstd_safe::get_error_name(e).into()))?;
     let mut out = Vec::with_capacity(len);

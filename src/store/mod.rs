@@ -16,10 +16,12 @@
 //!                    chunk by chunk before a fill resumes from them
 //! tmp/               whole-object writes in progress; emptied at start
 //! state/             small files owned by other rooms (the last verified manifest)
+//! lock               held by the one process using the directory (see `lock`)
 //! ```
 
 pub mod atomic;
 mod index;
+pub mod lock;
 mod mapped;
 
 use std::collections::HashSet;
@@ -44,6 +46,12 @@ pub enum StoreError {
     Length { expected: Digest, expected_len: u64, actual: u64 },
     #[error("object {expected}: content hashes to {actual}; refusing to store it")]
     DigestMismatch { expected: Digest, actual: Digest },
+    #[error(
+        "storage.dir {} is in use by another patchrelay process{}; two processes on one store corrupt each other's files: stop that one, or give this one its own storage.dir",
+        .dir.display(),
+        .holder.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    Locked { dir: PathBuf, holder: Option<u32> },
 }
 
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
@@ -161,6 +169,17 @@ pub struct StoreOptions {
 #[derive(Clone)]
 pub struct Store(Arc<Inner>);
 
+/// See [`Store::downgrade`].
+#[derive(Clone)]
+pub struct WeakStore(std::sync::Weak<Inner>);
+
+impl WeakStore {
+    /// Whether the store (and its directory lock) is still held by anyone.
+    pub fn is_open(&self) -> bool {
+        self.0.strong_count() > 0
+    }
+}
+
 struct Inner {
     root: PathBuf,
     objects: PathBuf,
@@ -168,6 +187,8 @@ struct Inner {
     tmp: PathBuf,
     index: Index,
     memory: MemoryCache,
+    /// Held while the store is open: one process per directory.
+    _lock: lock::DirLock,
 }
 
 /// What [`Store::open`] found.
@@ -187,7 +208,10 @@ impl Store {
         let objects = root.join("objects");
         let partial = root.join("partial");
         let tmp = root.join("tmp");
-        for d in [root, &objects, &partial, &tmp, &root.join("state")] {
+        fs::create_dir_all(root).map_err(io_err("cannot create directory", root))?;
+        // Before anything in the directory is touched: another process may be using it.
+        let lock = lock::DirLock::acquire(root)?;
+        for d in [&objects, &partial, &tmp, &root.join("state")] {
             fs::create_dir_all(d).map_err(io_err("cannot create directory", d))?;
         }
         let temp_files_removed = clear_dir(&tmp)?;
@@ -211,7 +235,8 @@ impl Store {
         let partial_files = fs::read_dir(&partial).map_err(io_err("cannot list", &partial))?.count() as u64;
         let memory = MemoryCache::new(opts.memory_cache, opts.memory_object_max, opts.mmap);
         let (objects_n, bytes) = index.totals();
-        let store = Store(Arc::new(Inner { root: root.to_path_buf(), objects, partial, tmp, index, memory }));
+        let store =
+            Store(Arc::new(Inner { root: root.to_path_buf(), objects, partial, tmp, index, memory, _lock: lock }));
         let report =
             OpenReport { objects: objects_n, bytes, partial_files, temp_files_removed, elapsed: started.elapsed() };
         Ok((store, report))
@@ -219,6 +244,12 @@ impl Store {
 
     pub fn root(&self) -> &Path {
         &self.0.root
+    }
+
+    /// A handle that tells when every clone of this store is gone (and its
+    /// directory lock with it), for embedders that reopen a directory.
+    pub fn downgrade(&self) -> WeakStore {
+        WeakStore(Arc::downgrade(&self.0))
     }
 
     /// Where small state files of other rooms live (`state/`).
@@ -497,6 +528,7 @@ mod tests {
         let mut f = store.open_partial(&d).unwrap();
         f.write_all(&data[..2000]).unwrap();
         drop(f);
+        drop(store);
         let (store, report) = Store::open(dir.path(), &opts(None)).unwrap();
         assert_eq!(report.partial_files, 1);
         assert_eq!(store.partials()[0].1, 2000);

@@ -254,11 +254,30 @@ fn running_as_root() -> bool {
 }
 
 pub fn nginx_binary() -> Option<PathBuf> {
-    ["/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/bin/nginx"].iter().map(PathBuf::from).find(|p| p.exists())
+    require_tool("nginx", &["/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/bin/nginx"], "nginx-light")
 }
 
-/// Start nginx on a free port serving `root`, or `None` (with a message) when
-/// nginx is not installed; `.ci/run` installs it.
+/// A real peer a test needs (nginx, tinyproxy, ...), found at one of `paths`.
+///
+/// Missing, the test fails with the command that installs it (`.ci/run`
+/// does), so a machine without it cannot pass by skipping. Only with
+/// `PATCHRELAY_TEST_SKIP_MISSING=1` is it skipped (`None`), loudly.
+pub fn require_tool(name: &str, paths: &[&str], package: &str) -> Option<PathBuf> {
+    if let Some(found) = paths.iter().map(PathBuf::from).find(|p| p.exists()) {
+        return Some(found);
+    }
+    let install = format!("apt-get install {package} (or run .ci/run, which installs it)");
+    if std::env::var("PATCHRELAY_TEST_SKIP_MISSING").is_ok_and(|v| v == "1") {
+        eprintln!("SKIP: {name} is not installed: {install}");
+        return None;
+    }
+    panic!(
+        "{name} is not installed and this test needs it: {install}; PATCHRELAY_TEST_SKIP_MISSING=1 skips such tests instead"
+    );
+}
+
+/// Start nginx on a free port serving `root` (see [`require_tool`] for when
+/// nginx is missing).
 pub async fn start_nginx(root: &Path) -> Option<Nginx> {
     start_nginx_with(root, "", None).await
 }
@@ -266,10 +285,7 @@ pub async fn start_nginx(root: &Path) -> Option<Nginx> {
 /// nginx with extra `server { ... }` directives (e.g. `limit_rate 4m;`), on
 /// `port` if given (to bring a killed upstream back at the same address).
 pub async fn start_nginx_with(root: &Path, server_extra: &str, port: Option<u16>) -> Option<Nginx> {
-    let Some(bin) = nginx_binary() else {
-        eprintln!("SKIP: nginx is not installed (apt-get install nginx-light); .ci/run installs it");
-        return None;
-    };
+    let bin = nginx_binary()?;
     let dir = tempfile::tempdir().unwrap();
     for _ in 0..5 {
         let port = port.unwrap_or_else(free_port);
