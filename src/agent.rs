@@ -173,13 +173,25 @@ pub async fn update(args: UpdateArgs) -> Result<Report, AgentError> {
         size: full_bytes,
         sha256: target_sha,
     }];
+    let mut refused_plan = None;
     let steps = match &from {
         Some(f) => {
             let path = format!("v1/components/{}/chain?from={f}&to={to}", args.component);
             let body = server.get_bytes(&path, 1 << 20).await.map_err(net)?;
-            serde_json::from_slice::<Plan>(&body)
+            let steps = serde_json::from_slice::<Plan>(&body)
                 .map_err(|e| AgentError::Network(format!("unreadable plan: {e}")))?
-                .steps
+                .steps;
+            // The plan's numbers size downloads: they must agree with the
+            // signed manifest, or the full file (whose size the manifest
+            // gives) is fetched instead.
+            match check_plan(&steps, &catalog, &args.component, full_bytes) {
+                Ok(()) => steps,
+                Err(why) => {
+                    tracing::warn!(component = %args.component, reason = %why, "the server's plan is refused; downloading the full file");
+                    refused_plan = Some(format!("plan refused: {why}"));
+                    full.clone()
+                }
+            }
         }
         None => full.clone(),
     };
@@ -189,6 +201,7 @@ pub async fn update(args: UpdateArgs) -> Result<Report, AgentError> {
     let work = download_dir(&args.file);
     fs::create_dir_all(&work).map_err(|e| local(&work, e))?;
     let current = current.unwrap_or_default();
+    report.fallback = refused_plan;
     let job = Job { server: &server, catalog: &catalog, component: &args.component, work: &work };
     let only_full = steps.len() == 1 && steps[0].kind == "full";
     let bytes = match job.run_to(&steps, &current, &target_sha, &mut report).await {
@@ -207,13 +220,48 @@ pub async fn update(args: UpdateArgs) -> Result<Report, AgentError> {
     };
 
     // 5. Replace the file atomically.
-    let dir = args.file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = crate::store::atomic::parent_dir(&args.file);
     let mut tmp = TempFile::new_in(dir).map_err(|e| local(dir, e))?;
     tmp.file().write_all(&bytes).map_err(|e| local(dir, e))?;
     tmp.persist(&args.file).map_err(|e| local(&args.file, e))?;
     let _ = fs::remove_dir_all(&work);
     report.result = "updated";
     Ok(report)
+}
+
+/// Whether a server's plan agrees with the signed manifest: every step ends at
+/// a listed version; a full step is exactly that version (its size and
+/// digest); a delta is smaller than the version it builds; and the whole is
+/// not more than the full target. Nothing a hostile server writes in a plan
+/// can then make this agent download more than the manifest allows.
+fn check_plan(
+    steps: &[PlanStep],
+    catalog: &repo::catalog::Catalog,
+    component: &str,
+    full_bytes: u64,
+) -> Result<(), String> {
+    let versions = catalog.component(component).map(|(_, c)| c.versions.len()).unwrap_or(0);
+    if steps.len() > versions {
+        return Err(format!("{} steps for a component with {versions} versions", steps.len()));
+    }
+    let mut total = 0u64;
+    for step in steps {
+        let (entry, obj) = catalog
+            .version(component, &step.to)
+            .ok_or_else(|| format!("it goes through unknown version {:?}", step.to))?;
+        match step.kind.as_str() {
+            "full" if step.size == obj.size && step.sha256 == entry.sha256 => {}
+            "full" => return Err(format!("its full step to {} does not match the manifest", step.to)),
+            "delta" if step.size < obj.size => {}
+            "delta" => return Err(format!("its delta to {} is not smaller than the version itself", step.to)),
+            other => return Err(format!("unknown step kind {:?}", other.chars().take(16).collect::<String>())),
+        }
+        total = total.saturating_add(step.size);
+    }
+    if total > full_bytes {
+        return Err(format!("it costs {total} bytes, more than the {full_bytes}-byte full file"));
+    }
+    Ok(())
 }
 
 /// What downloading and applying a plan needs.

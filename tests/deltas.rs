@@ -326,3 +326,111 @@ async fn relays_sync_new_versions_from_each_other_by_delta() {
     let r = client().get(format!("{}/v1/components/blob/latest", relay2.url())).send().await.unwrap();
     assert_eq!(Digest::of(&r.bytes().await.unwrap()).to_hex(), sha2);
 }
+
+/// A server whose plan claims a terabyte-sized step (and whose delta URL
+/// answers with a terabyte Content-Length): the agent checks the plan against
+/// the signed manifest, refuses it, and takes the full file instead.
+#[actix_web::test]
+async fn the_agent_refuses_plans_the_manifest_does_not_allow() {
+    let repo = TestRepo::bare();
+    for v in 1..=2 {
+        repo.add_version("blob", &v.to_string(), &blob(v));
+    }
+    repo.publish();
+    let evil = ScriptedUpstream::start().await;
+    evil.files.load_repo(&repo.repo);
+    evil.files.put("v1/components/blob/versions/2", blob(2));
+    let huge: u64 = 1 << 50; // more than any address space: an allocation of it aborts
+    evil.files.put(
+        "v1/components/blob/chain",
+        serde_json::json!({"component": "blob", "from": "1", "to": "2", "total_bytes": huge, "full_bytes": huge,
+            "steps": [{"kind": "delta", "from": "1", "to": "2", "url": "/v1/components/blob/deltas/1/2", "size": huge,
+                       "sha256": Digest::of(b"x")}]})
+        .to_string(),
+    );
+    evil.files.put("v1/components/blob/deltas/1/2", vec![0u8; 1000]);
+    evil.claimed_len.write().unwrap().insert("v1/components/blob/deltas/1/2".into(), huge);
+    let dirs = tempfile::tempdir().unwrap();
+    let file = dirs.path().join("blob.bin");
+    std::fs::write(&file, blob(1)).unwrap();
+    let run = agent(&evil.url, "blob", &file, &repo.public).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(std::fs::read(&file).unwrap(), blob(2));
+    let why = run.report["fallback"].as_str().unwrap_or_default();
+    assert!(why.contains("plan refused") && why.contains("not smaller"), "{}", run.report);
+    assert!(!std::fs::read_dir(dirs.path()).unwrap().any(|e| e.unwrap().path().is_dir()), "download dir left");
+}
+
+/// The demo prints `--file lpt.sig`: a bare relative name. The agent updates
+/// it in place, exits 0 and cleans up after itself.
+#[actix_web::test]
+async fn the_agent_updates_a_bare_relative_file_name() {
+    let repo = TestRepo::bare();
+    for v in 1..=2 {
+        repo.add_version("blob", &v.to_string(), &blob(v));
+    }
+    repo.publish();
+    let origin = start_origin(&repo).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("blob.bin"), blob(1)).unwrap();
+    let (url, public, cwd) = (origin.url(), repo.public.clone(), dir.path().to_path_buf());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_patchrelay"))
+            .args(["agent", "update", "--server", &url, "--component", "blob", "--file", "blob.bin", "--public-key"])
+            .arg(&public)
+            .current_dir(&cwd)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(dir.path().join("blob.bin")).unwrap(), blob(2));
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, ["blob.bin"], "left behind: {left:?}");
+}
+
+/// An upstream patchrelay whose plan for a delta sync claims a terabyte step,
+/// served with a terabyte Content-Length: the relay refuses the plan (it does
+/// not size a buffer by it) and fetches the full file instead.
+#[actix_web::test]
+async fn a_relay_refuses_delta_sync_plans_the_manifest_does_not_allow() {
+    let repo = TestRepo::bare();
+    repo.write_meta("blob", "kind = \"pattern\"\ncritical = true\n");
+    repo.add_version("blob", "1", &blob(1));
+    repo.publish();
+    let evil = ScriptedUpstream::start().await;
+    evil.files.load_repo(&repo.repo);
+    let dirs = tempfile::tempdir().unwrap();
+    let relay = start_relay(&[&evil.url], &repo.public, &dirs.path().join("r")).await;
+    assert!(wait_ready(&relay.url(), Duration::from_secs(10)).await);
+    let cached = |sha: &str| dirs.path().join("r/objects").join(&sha[..2]).join(sha).exists();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cached(&repo.sha("blob", "1")) {
+        assert!(Instant::now() < deadline, "version 1 was not prefetched");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    repo.add_version("blob", "2", &blob(2));
+    repo.publish();
+    evil.files.load_repo(&repo.repo);
+    let huge: u64 = 1 << 50; // more than any address space: an allocation of it aborts
+    evil.files.put(
+        "v1/components/blob/chain",
+        serde_json::json!({"component": "blob", "from": "1", "to": "2", "total_bytes": 100, "full_bytes": huge,
+            "steps": [{"kind": "delta", "from": "1", "to": "2", "url": "/v1/components/blob/deltas/1/2", "size": huge,
+                       "sha256": Digest::of(b"x")}]})
+        .to_string(),
+    );
+    evil.files.put("v1/components/blob/deltas/1/2", vec![0u8; 1000]);
+    evil.claimed_len.write().unwrap().insert("v1/components/blob/deltas/1/2".into(), huge);
+    let (status, report) = admin_sync(&relay.url()).await;
+    assert_eq!(status, 200, "{report}");
+    let sha2 = repo.sha("blob", "2");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cached(&sha2) {
+        assert!(Instant::now() < deadline, "version 2 was not fetched in full after the plan was refused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = client().get(format!("{}/v1/components/blob/latest", relay.url())).send().await.unwrap();
+    assert_eq!(Digest::of(&r.bytes().await.unwrap()).to_hex(), sha2);
+}

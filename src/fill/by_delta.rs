@@ -29,8 +29,39 @@ struct PlanStep {
 #[derive(Deserialize)]
 struct Plan {
     steps: Vec<PlanStep>,
-    total_bytes: u64,
-    full_bytes: u64,
+}
+
+/// The largest version synced by delta: base, target and delta are held in
+/// memory while it is rebuilt (the default `delta.max_target_size` too, so an
+/// upstream patchrelay serves no delta for larger targets anyway).
+const MAX_SYNC_SIZE: u64 = 1 << 30;
+
+/// Check an upstream's plan against the signed manifest before any of its
+/// numbers size a download: every step must end at a listed version and be
+/// smaller than that version's full file (a delta never needs more), and the
+/// whole chain must cost less than the full target. A hostile upstream's plan
+/// of a terabyte is refused here, not allocated.
+fn checked_steps(plan: &Plan, catalog: &Catalog, component: &str, target_size: u64) -> Result<Option<()>, String> {
+    if plan.steps.is_empty() || plan.steps.iter().any(|s| s.kind != "delta") {
+        return Ok(None); // nothing to gain: let the fill fetch the full file
+    }
+    let mut total = 0u64;
+    for step in &plan.steps {
+        let (_, to_obj) = catalog
+            .version(component, &step.to)
+            .ok_or_else(|| format!("the plan goes through unknown version {:?}", step.to))?;
+        if step.size >= to_obj.size {
+            return Err(format!(
+                "the plan's delta to {} is {} bytes, not less than the {}-byte version it builds",
+                step.to, step.size, to_obj.size
+            ));
+        }
+        total = total.saturating_add(step.size);
+    }
+    if total >= target_size {
+        return Ok(None); // the full file is as cheap
+    }
+    Ok(Some(()))
 }
 
 /// Bytes of `obj`, from the store.
@@ -54,10 +85,16 @@ pub async fn sync(
 ) -> Result<Option<u64>, String> {
     let Some((_, c)) = catalog.component(component) else { return Ok(None) };
     let Some((target, target_obj)) = catalog.version(component, version) else { return Ok(None) };
+    if target_obj.size > MAX_SYNC_SIZE {
+        return Ok(None);
+    }
     // The newest older version we hold.
     let mut older: Vec<_> = c.versions.iter().filter(|v| v.version < target.version).collect();
     older.sort_by(|a, b| b.version.cmp(&a.version));
     let Some(held) = older.into_iter().find(|v| filler.store().contains(&v.sha256)) else { return Ok(None) };
+    if held.size > MAX_SYNC_SIZE {
+        return Ok(None);
+    }
     let Some(mut current) = read(filler, held.sha256).await else { return Ok(None) };
 
     for up in filler.upstreams().candidates() {
@@ -69,9 +106,10 @@ pub async fn sync(
             },
             Err(_) => continue,
         };
-        if plan.steps.is_empty() || plan.steps.iter().any(|s| s.kind != "delta") || plan.total_bytes >= plan.full_bytes
-        {
-            return Ok(None); // the full file is as cheap: let the fill do it
+        match checked_steps(&plan, catalog, component, target_obj.size) {
+            Ok(Some(())) => {}
+            Ok(None) => return Ok(None),
+            Err(why) => return Err(format!("upstream {}: {why}", up.name)),
         }
         let mut fetched = 0u64;
         for step in &plan.steps {

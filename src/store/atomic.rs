@@ -60,10 +60,16 @@ impl TempFile {
         }
         // The temp name is gone now; make Drop a no-op.
         self.path = None;
-        if let Some(parent) = dest.parent() {
-            fsync_dir(parent)?;
-        }
-        Ok(())
+        fsync_dir(parent_dir(dest))
+    }
+}
+
+/// The directory holding `path`: a bare relative name (`lpt.sig`) has an
+/// empty parent, which names no directory; it lives in `.`.
+pub fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
     }
 }
 
@@ -82,8 +88,7 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
 
 /// Write `data` to `dest` atomically.
 pub fn write_atomic(dest: &Path, data: &[u8]) -> io::Result<()> {
-    let dir = dest.parent().ok_or_else(|| io::Error::other("destination has no parent directory"))?;
-    let mut tmp = TempFile::new_in(dir)?;
+    let mut tmp = TempFile::new_in(parent_dir(dest))?;
     tmp.file().write_all(data)?;
     tmp.persist(dest)
 }

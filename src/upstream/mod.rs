@@ -33,6 +33,9 @@ use health::{Health, HealthReport};
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<Connector>, Empty<Bytes>>;
 
+/// The most memory a body read whole reserves before its bytes arrive.
+const INITIAL_BODY_BUFFER: u64 = 1 << 20;
+
 /// What relays call themselves upstream; `http::routes` recognises it to keep
 /// relays out of the fleet statistics.
 pub const RELAY_USER_AGENT: &str = concat!("patchrelay/", env!("CARGO_PKG_VERSION"));
@@ -339,7 +342,11 @@ impl Upstream {
         {
             return Err(self.err(path, ErrorKind::TooLarge(limit)));
         }
-        let mut out = BytesMut::with_capacity(body.content_length.unwrap_or(0).min(limit) as usize);
+        // Content-Length is the upstream's word: it may say a terabyte and
+        // send nothing. The buffer starts at most at INITIAL_BODY_BUFFER and
+        // grows with what actually arrives (never past `limit`).
+        let mut out =
+            BytesMut::with_capacity(body.content_length.unwrap_or(0).min(limit).min(INITIAL_BODY_BUFFER) as usize);
         while let Some(chunk) = body.next_chunk().await? {
             if (out.len() + chunk.len()) as u64 > limit {
                 return Err(self.err(path, ErrorKind::TooLarge(limit)));

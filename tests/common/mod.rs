@@ -362,6 +362,9 @@ pub struct ScriptedUpstream {
     pub requests: Arc<std::sync::atomic::AtomicUsize>,
     /// Send bodies chunked (no Content-Length), as some servers and proxies do.
     pub chunked: Arc<std::sync::atomic::AtomicBool>,
+    /// Paths whose responses claim this Content-Length, whatever they send
+    /// (then the connection closes): a lying upstream.
+    pub claimed_len: Arc<RwLock<HashMap<String, u64>>>,
     handle: actix_web::dev::ServerHandle,
 }
 
@@ -371,16 +374,32 @@ impl ScriptedUpstream {
         let files = Files::default();
         let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let chunked = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (f, n, ch) = (files.clone(), requests.clone(), chunked.clone());
+        let claimed_len: Arc<RwLock<HashMap<String, u64>>> = Arc::default();
+        let (f, n, ch, cl) = (files.clone(), requests.clone(), chunked.clone(), claimed_len.clone());
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let server = HttpServer::new(move || {
-            let (f, n, ch) = (f.clone(), n.clone(), ch.clone());
+            let (f, n, ch, cl) = (f.clone(), n.clone(), ch.clone(), cl.clone());
             App::new().default_service(web::to(move |req: HttpRequest| {
-                let (f, n, ch) = (f.clone(), n.clone(), ch.clone());
+                let (f, n, ch, cl) = (f.clone(), n.clone(), ch.clone(), cl.clone());
                 async move {
                     n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    match f.get(req.path().trim_start_matches('/')) {
+                    let path = req.path().trim_start_matches('/');
+                    let claimed = cl.read().unwrap().get(path).copied();
+                    match f.get(path) {
+                        Some(b) if claimed.is_some() => {
+                            // The head and the bytes go out; a moment later
+                            // the connection breaks, far short of the claim.
+                            use futures_util::StreamExt;
+                            let piece: Result<Bytes, std::io::Error> = Ok(b);
+                            let cut = futures_util::stream::once(async {
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                                Err(std::io::Error::other("cut"))
+                            });
+                            HttpResponse::Ok()
+                                .no_chunking(claimed.unwrap_or(0))
+                                .streaming(futures_util::stream::iter([piece]).chain(cut))
+                        }
                         Some(b) if ch.load(std::sync::atomic::Ordering::SeqCst) => {
                             let pieces: Vec<Result<Bytes, std::io::Error>> =
                                 b.chunks(50_000).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
@@ -399,7 +418,7 @@ impl ScriptedUpstream {
         .run();
         let handle = server.handle();
         actix_rt::spawn(server);
-        ScriptedUpstream { url, files, requests, chunked, handle }
+        ScriptedUpstream { url, files, requests, chunked, claimed_len, handle }
     }
 
     pub async fn stop(self) {
