@@ -26,7 +26,6 @@ use serde::{Deserialize, Serialize};
 use crate::config::{HumanDuration, UpstreamConfig, UpstreamUrl};
 use crate::delta;
 use crate::digest::{Digest, Hasher};
-use crate::repo::manifest::MAX_MANIFEST_BYTES;
 use crate::repo::sign::PublicKey;
 use crate::repo::{self};
 use crate::store::atomic::TempFile;
@@ -129,9 +128,10 @@ pub async fn update(args: UpdateArgs) -> Result<Report, AgentError> {
     let server = client(url)?;
 
     // 1. The manifest, verified.
-    let manifest = server.get_bytes(repo::MANIFEST_PATH, MAX_MANIFEST_BYTES).await.map_err(net)?;
-    let sig = server.get_bytes(repo::SIGNATURE_PATH, 1024).await.map_err(net)?;
-    let catalog = repo::verify(&key, manifest, sig).map_err(|e| AgentError::Trust(e.to_string()))?;
+    let catalog = repo::fetch_verified(&server, &key).await.map_err(|(reason, why)| match reason {
+        "fetch_failed" => AgentError::Network(why),
+        _ => AgentError::Trust(why),
+    })?;
     let (_, component) = catalog
         .component(&args.component)
         .ok_or_else(|| AgentError::Trust(format!("the manifest has no component {:?}", args.component)))?;
@@ -169,7 +169,8 @@ pub async fn update(args: UpdateArgs) -> Result<Report, AgentError> {
         kind: "full".into(),
         from: from.clone().unwrap_or_default(),
         to: to.clone(),
-        url: format!("/v1/components/{}/versions/{to}", args.component),
+        // The object's own URL: served by relays, origins and static hosts alike.
+        url: format!("/{}", repo::object_path(&target_sha)),
         size: full_bytes,
         sha256: target_sha,
     }];
@@ -177,10 +178,17 @@ pub async fn update(args: UpdateArgs) -> Result<Report, AgentError> {
     let steps = match &from {
         Some(f) => {
             let path = format!("v1/components/{}/chain?from={f}&to={to}", args.component);
-            let body = server.get_bytes(&path, 1 << 20).await.map_err(net)?;
-            let steps = serde_json::from_slice::<Plan>(&body)
-                .map_err(|e| AgentError::Network(format!("unreadable plan: {e}")))?
-                .steps;
+            let steps = match server.get_bytes(&path, 1 << 20).await {
+                Ok(body) => {
+                    serde_json::from_slice::<Plan>(&body)
+                        .map_err(|e| AgentError::Network(format!("unreadable plan: {e}")))?
+                        .steps
+                }
+                // A static web server hosting the repository has no plans:
+                // the full file is the plan.
+                Err(e) if matches!(e.kind, ErrorKind::Status(404 | 405 | 501)) => full.clone(),
+                Err(e) => return Err(net(e)),
+            };
             // The plan's numbers size downloads: they must agree with the
             // signed manifest, or the full file (whose size the manifest
             // gives) is fetched instead.

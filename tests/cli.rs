@@ -1,6 +1,8 @@
 //! The command line as an operator uses it: the real binary, real files, exit
 //! codes and messages that a script can rely on.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -119,9 +121,10 @@ fn a_killed_publish_leaves_the_previous_repository_intact() {
     add(1);
     assert!(patchrelay(&["publish", "--input", p(&input), "--output", p(&out), "--key", p(&key)]).status.success());
     let check = |repo: &Path| {
-        let m = std::fs::read(repo.join("v1/manifest")).unwrap();
-        let s = std::fs::read(repo.join("v1/manifest.sig")).unwrap();
-        let cat = patchrelay::repo::verify(&public, m.into(), s.into()).expect("manifest and signature must agree");
+        // As every reader finds the pair (the signature kept under the
+        // manifest's digest first; see `repo::read_pair`).
+        let (m, s) = patchrelay::repo::read_pair(&patchrelay::repo::RepoDir::new(repo)).unwrap().unwrap();
+        let cat = patchrelay::repo::verify(&public, m, s).expect("manifest and signature must agree");
         for o in cat.objects() {
             let bytes = std::fs::read(repo.join(format!("v1/objects/{}", o.sha256))).unwrap();
             assert_eq!(patchrelay::digest::Digest::of(&bytes), o.sha256);
@@ -153,4 +156,84 @@ fn a_killed_publish_leaves_the_previous_repository_intact() {
             assert!(!e.unwrap().file_name().to_string_lossy().starts_with(".tmp-"));
         }
     }
+}
+
+/// The repository after a publish killed at each of its renames in turn
+/// (strace injects SIGKILL at the Nth rename, before it happens): always the
+/// previous repository or the new one, each with a manifest and signature
+/// that verify, every object intact, and the next publish succeeds and
+/// leaves `manifest.sig` matching again. One of the kills lands between the
+/// manifest's rename and the signature's: the case that used to leave a
+/// repository nobody could read.
+#[test]
+fn a_publish_killed_at_every_rename_leaves_a_valid_repository() {
+    use patchrelay::repo::{RepoDir, read_pair, verify};
+    let Some(strace) = common::require_tool("strace", &["/usr/bin/strace"], "strace") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k");
+    let public = String::from_utf8(patchrelay(&["keygen", "--secret", p(&key)]).stdout).unwrap();
+    let public = patchrelay::repo::sign::PublicKey::parse(public.trim()).unwrap();
+    let input = dir.path().join("in");
+    let base = dir.path().join("base");
+    let add = |c: &str, v: u32| {
+        let d = input.join(format!("{c}/{v}"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("payload.bin"), common::noise(u64::from(v) * 31 + c.len() as u64, 200_000)).unwrap();
+    };
+    add("a", 1);
+    add("b", 1);
+    let o = patchrelay(&["publish", "--input", p(&input), "--output", p(&base), "--key", p(&key)]);
+    assert!(o.status.success(), "{}", text(&o));
+    add("a", 2);
+    add("b", 2);
+    let copy = |to: &Path| {
+        let o = Command::new("cp").arg("-a").arg(&base).arg(to).output().unwrap();
+        assert!(o.status.success());
+    };
+    let publish_under_strace = |repo: &Path, inject: Option<usize>| {
+        let log = dir.path().join("strace.log");
+        let mut cmd = Command::new(&strace);
+        cmd.args(["-f", "-qq", "-e", "trace=rename,renameat,renameat2", "-o"]).arg(&log);
+        if let Some(n) = inject {
+            cmd.args(["-e", &format!("inject=rename,renameat,renameat2:signal=KILL:when={n}")]);
+        }
+        let o = cmd
+            .arg(env!("CARGO_BIN_EXE_patchrelay"))
+            .args(["publish", "--input", p(&input), "--output", p(repo), "--key", p(&key)])
+            .output()
+            .unwrap();
+        let renames = std::fs::read_to_string(&log).unwrap().lines().filter(|l| l.contains("rename")).count();
+        (o, renames)
+    };
+    let trial = dir.path().join("trial");
+    copy(&trial);
+    let (o, renames) = publish_under_strace(&trial, None);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(renames >= 5, "only {renames} renames traced");
+
+    let mut torn = 0;
+    for n in 1..=renames {
+        let repo = dir.path().join(format!("killed-{n}"));
+        copy(&repo);
+        let (o, _) = publish_under_strace(&repo, Some(n));
+        assert!(!o.status.success(), "kill at rename {n} did not happen: {}", text(&o));
+        let (m, s) = read_pair(&RepoDir::new(&repo)).unwrap().unwrap();
+        let cat = verify(&public, m, s).unwrap_or_else(|e| panic!("killed at rename {n}: {e}"));
+        assert!(cat.serial() == 1 || cat.serial() == 2, "killed at rename {n}: serial {}", cat.serial());
+        for obj in cat.objects() {
+            let bytes = std::fs::read(repo.join(format!("v1/objects/{}", obj.sha256))).unwrap();
+            assert_eq!(patchrelay::digest::Digest::of(&bytes), obj.sha256, "killed at rename {n}");
+        }
+        let plain = std::fs::read(repo.join("v1/manifest.sig")).unwrap();
+        if plain != std::fs::read(repo.join(format!("v1/signatures/{}", cat.manifest_digest))).unwrap() {
+            torn += 1;
+        }
+        let o = patchrelay(&["publish", "--input", p(&input), "--output", p(&repo), "--key", p(&key)]);
+        assert!(o.status.success(), "publish after a kill at rename {n}: {}", text(&o));
+        let m = std::fs::read(repo.join("v1/manifest")).unwrap();
+        let s = std::fs::read(repo.join("v1/manifest.sig")).unwrap();
+        let cat = verify(&public, m.into(), s.into()).unwrap_or_else(|e| panic!("after a kill at rename {n}: {e}"));
+        assert_eq!(cat.serial(), 2);
+    }
+    assert_eq!(torn, 1, "exactly one kill lands between the manifest and its signature");
 }

@@ -1,17 +1,17 @@
 //! The origin's reload actor: notice a new publish and serve it.
 //!
-//! `publish` writes the manifest and then the signature, each by atomic rename,
-//! so a consistent pair has a signature at least as new as the manifest. The
-//! actor polls the two files' metadata (cheap) and reloads when the signature
-//! changed and is not older than the manifest; anything else is a publish in
-//! progress, retried on the next tick. With `[trust] public_key` set, the origin
-//! also verifies the pair before serving it.
+//! The actor polls the metadata of the manifest and `manifest.sig` (cheap)
+//! and reloads when either changed. It reads the pair as every reader of a
+//! repository does ([`repo::read_pair`]): the signature kept under the
+//! manifest's digest, so a publish caught (or killed) between renaming the
+//! manifest and renaming `manifest.sig` still gives a matching pair. With
+//! `[trust] public_key` set, the origin also verifies the pair before serving
+//! it.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use actix::prelude::*;
-use bytes::Bytes;
 
 use super::deltas::DeltaService;
 use super::{Stop, SyncError, SyncNow, SyncReport, added_versions};
@@ -37,7 +37,8 @@ pub struct OriginReload {
     key: Option<PublicKey>,
     published: Arc<Published>,
     interval: Duration,
-    seen: Option<Stamp>,
+    /// The manifest's and `manifest.sig`'s stamps at the last load.
+    seen: Option<(Stamp, Option<Stamp>)>,
 }
 
 impl OriginReload {
@@ -54,27 +55,24 @@ impl OriginReload {
     /// Load the repository's manifest if it changed since the last load.
     pub fn reload(&mut self) -> Result<SyncReport, SyncError> {
         let err = |what: &str, e: &dyn std::fmt::Display| SyncError::Repository(format!("{what}: {e}"));
-        let sig_path = self.repo.signature();
         let man_path = self.repo.manifest();
-        let sig_stamp = stamp(&sig_path).map_err(|e| err(&format!("cannot stat {}", sig_path.display()), &e))?;
-        let man_stamp = stamp(&man_path).map_err(|e| err(&format!("cannot stat {}", man_path.display()), &e))?;
+        let stamps = || -> Result<(Stamp, Option<Stamp>), SyncError> {
+            let man = stamp(&man_path).map_err(|e| err(&format!("cannot stat {}", man_path.display()), &e))?;
+            Ok((man, stamp(&self.repo.signature()).ok()))
+        };
+        let before = stamps()?;
         let current = self.published.current();
-        if self.seen == Some(sig_stamp)
+        if self.seen == Some(before)
             && let Some(cur) = &current
         {
             return Ok(report("unchanged", cur, Some(cur.serial()), Vec::new()));
         }
-        if sig_stamp.0 < man_stamp.0 {
-            return Err(SyncError::Repository(
-                "a publish is in progress (signature older than manifest); will retry".into(),
-            ));
-        }
-        let manifest = std::fs::read(&man_path).map_err(|e| err(&format!("cannot read {}", man_path.display()), &e))?;
-        let sig = std::fs::read(&sig_path).map_err(|e| err(&format!("cannot read {}", sig_path.display()), &e))?;
-        if stamp(&sig_path).ok() != Some(sig_stamp) || stamp(&man_path).ok() != Some(man_stamp) {
+        let (manifest, sig) = repo::read_pair(&self.repo)
+            .map_err(|e| err("cannot read the repository", &e))?
+            .ok_or_else(|| SyncError::Repository(format!("{} is missing", man_path.display())))?;
+        if stamps()? != before {
             return Err(SyncError::Repository("the repository changed while it was read; will retry".into()));
         }
-        let (manifest, sig) = (Bytes::from(manifest), Bytes::from(sig));
         let catalog = match &self.key {
             Some(key) => repo::verify(key, manifest, sig).map_err(|e| err("repository manifest refused", &e))?,
             None => {
@@ -82,14 +80,19 @@ impl OriginReload {
                 Catalog::new(parsed, manifest, sig)
             }
         };
-        if let Some(cur) = &current
-            && catalog.serial() < cur.serial()
-        {
-            return Err(SyncError::Repository(format!(
-                "repository manifest serial {} is older than the {} being served; not going back",
-                catalog.serial(),
-                cur.serial()
-            )));
+        if let Some(cur) = &current {
+            if catalog.serial() < cur.serial() {
+                return Err(SyncError::Repository(format!(
+                    "repository manifest serial {} is older than the {} being served; not going back",
+                    catalog.serial(),
+                    cur.serial()
+                )));
+            }
+            // The same pair (a repaired `manifest.sig`, a touched file): nothing to do.
+            if catalog.manifest_digest == cur.manifest_digest && catalog.signature == cur.signature {
+                self.seen = Some(before);
+                return Ok(report("unchanged", cur, Some(cur.serial()), Vec::new()));
+            }
         }
         let added = added_versions(current.as_ref().map(|c| &c.manifest), &catalog.manifest);
         let catalog = Arc::new(catalog);
@@ -98,7 +101,7 @@ impl OriginReload {
             deltas.precompute(&catalog, *retain);
         }
         self.published.mark_good_sync();
-        self.seen = Some(sig_stamp);
+        self.seen = Some(before);
         tracing::info!(serial = catalog.serial(), added = ?added, "serving repository manifest");
         Ok(report("updated", &catalog, current.map(|c| c.serial()), added))
     }

@@ -20,7 +20,6 @@ use bytes::Bytes;
 use super::prefetch::Prefetcher;
 use super::{Stop, SyncError, SyncNow, SyncReport, added_versions};
 use crate::repo::catalog::Catalog;
-use crate::repo::manifest::MAX_MANIFEST_BYTES;
 use crate::repo::sign::PublicKey;
 use crate::repo::{self, bundle};
 use crate::state::Published;
@@ -90,7 +89,7 @@ impl SyncContext {
         let current = self.published.current();
         let mut skipped = Vec::new();
         for up in self.upstreams.list() {
-            let catalog = match fetch_verified(up, &self.key).await {
+            let catalog = match repo::fetch_verified(up, &self.key).await {
                 Ok(c) => c,
                 Err((reason, why)) => {
                     reject(up, reason, &why, &mut skipped);
@@ -180,13 +179,6 @@ fn reject(up: &Upstream, reason: &'static str, why: &str, skipped: &mut Vec<Stri
     metrics::counter!(telemetry::MANIFEST_REJECTED, "upstream" => up.name.clone(), "reason" => reason).increment(1);
     tracing::warn!(upstream = %up.name, reason, "manifest refused: {why}");
     skipped.push(format!("{}: {why}", up.name));
-}
-
-async fn fetch_verified(up: &Arc<Upstream>, key: &PublicKey) -> Result<Catalog, (&'static str, String)> {
-    let manifest =
-        up.get_bytes(repo::MANIFEST_PATH, MAX_MANIFEST_BYTES).await.map_err(|e| ("fetch_failed", e.to_string()))?;
-    let sig = up.get_bytes(repo::SIGNATURE_PATH, 1024).await.map_err(|e| ("fetch_failed", e.to_string()))?;
-    repo::verify(key, manifest, sig).map_err(|e| (e.reason(), e.to_string()))
 }
 
 /// Runs [`SyncContext::run`] at start, every `interval`, and on [`SyncNow`].

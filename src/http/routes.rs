@@ -192,8 +192,29 @@ async fn manifest(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse 
 }
 
 async fn signature(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    serve_signature(req, None, state).await
+}
+
+/// `GET /v1/signatures/{sha256}`: the signature of the manifest whose bytes
+/// hash to `sha256`, as a static repository has it (`repo` module comment).
+/// Served for the manifest being served: a reader that fetched it and a
+/// `manifest.sig` from after a reload finds the matching one here.
+async fn signature_by_digest(req: HttpRequest, path: String, state: web::Data<AppState>) -> HttpResponse {
+    serve_signature(req, Some(path), state).await
+}
+
+async fn serve_signature(req: HttpRequest, of: Option<String>, state: web::Data<AppState>) -> HttpResponse {
     let result = async {
         let cat = catalog(&state)?;
+        if let Some(of) = of
+            && parse_digest(&of)? != cat.manifest_digest
+        {
+            return Err(ApiError::NotFound(format!(
+                "no signature for that manifest here; this server serves manifest serial {} ({})",
+                cat.serial(),
+                cat.manifest_digest
+            )));
+        }
         let rep = Representation {
             etag: cat.signature_digest,
             etag_value: hv(&cat.signature_texts.etag),
@@ -244,6 +265,7 @@ async fn dispatch(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse 
             return object(req, s(sha), state, caller).await;
         }
         (2, ["chunks", sha]) if bytes_ok => return chunks(req, s(sha), state).await,
+        (2, ["signatures", sha]) if bytes_ok => return signature_by_digest(req, s(sha), state).await,
         (4, ["components", name, "versions", v]) if bytes_ok => {
             let caller = caller(&req, &state);
             return version(req, s(name), s(v), state, caller).await;
@@ -261,6 +283,7 @@ async fn dispatch(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse 
         }
         (2, ["objects", _]) => (Route::Object, "GET, HEAD"),
         (2, ["chunks", _]) => (Route::Chunks, "GET, HEAD"),
+        (2, ["signatures", _]) => (Route::Signature, "GET, HEAD"),
         (4, ["components", _, "versions", _]) => (Route::Version, "GET, HEAD"),
         (3, ["components", _, "latest"]) => (Route::Latest, "GET, HEAD"),
         (3, ["components", _, "chain"]) => (Route::Chain, "GET"),

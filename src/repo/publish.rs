@@ -9,11 +9,14 @@
 //!
 //! Publishing never changes the bytes behind a name: objects are named by their
 //! digest, an already published version must still have the same bytes, and the
-//! manifest is replaced atomically after every object it names is durable. A
-//! publish killed at any point leaves the previous manifest (and so the previous
-//! repository) intact; at worst it leaves unreferenced objects and temp files,
-//! which the next publish removes. One publish at a time per repository (a lock
-//! file enforces it).
+//! manifest is replaced atomically after every object it names is durable. Its
+//! signature is written first, under the new manifest's digest
+//! (`v1/signatures/`), then the manifest is renamed into place, then
+//! `manifest.sig`: a publish killed at any point leaves the previous repository
+//! or the new one, each with a signature its readers find (see [`super`]), and
+//! at worst unreferenced objects and temp files, which the next publish
+//! removes (it also puts back a `manifest.sig` left behind). One publish at a
+//! time per repository (a lock file enforces it).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -21,7 +24,6 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use bytes::Bytes;
 use serde::Deserialize;
 
 use super::RepoDir;
@@ -99,7 +101,7 @@ pub fn publish(
         return Err(PublishError::ChunkSize(opts.chunk_size));
     }
     let repo = RepoDir::new(output);
-    for d in [repo.v1(), repo.objects_dir(), repo.chunks_dir()] {
+    for d in [repo.v1(), repo.objects_dir(), repo.chunks_dir(), repo.signatures_dir()] {
         fs::create_dir_all(&d).map_err(io_err("cannot create directory", &d))?;
     }
     let lock_path = repo.v1().join(".publish.lock");
@@ -109,7 +111,7 @@ pub fn publish(
         Err(fs::TryLockError::WouldBlock) => return Err(PublishError::Locked(lock_path)),
         Err(fs::TryLockError::Error(e)) => return Err(io_err("cannot lock", &lock_path)(e)),
     }
-    for d in [repo.v1(), repo.objects_dir(), repo.chunks_dir()] {
+    for d in [repo.v1(), repo.objects_dir(), repo.chunks_dir(), repo.signatures_dir()] {
         remove_temp_files(&d).map_err(io_err("cannot clean temp files in", &d))?;
     }
 
@@ -176,6 +178,7 @@ pub fn publish(
     let old_serial = previous.as_ref().map(|m| m.serial).unwrap_or(0);
     if previous.is_some() && report.added.is_empty() && !meta_changed {
         report.serial = old_serial;
+        repair_signature(&repo)?;
         return Ok(report);
     }
     let manifest = Manifest { format: 1, serial: old_serial + 1, generated_at: now, components };
@@ -183,9 +186,13 @@ pub fn publish(
     let bytes = manifest.to_json();
     let sig = key.sign(&bytes);
     // Objects and chunk lists are durable (each was fsynced and renamed); only now
-    // does the manifest name them. Signature last: see the module comment.
+    // does the manifest name them. Its signature first, under its digest; the
+    // manifest; `manifest.sig` last: see the module comment.
+    let by_digest = repo.signature_for(&Digest::of(&bytes));
+    write_atomic(&by_digest, &sig).map_err(io_err("cannot write", &by_digest))?;
     write_atomic(&repo.manifest(), &bytes).map_err(io_err("cannot write", &repo.manifest()))?;
     write_atomic(&repo.signature(), &sig).map_err(io_err("cannot write", &repo.signature()))?;
+    prune_signatures(&repo, &by_digest);
     report.serial = manifest.serial;
     report.wrote_manifest = true;
     drop(lock);
@@ -194,16 +201,44 @@ pub fn publish(
 
 /// The repository's current manifest, if any, checked against our own key.
 fn load_own_manifest(repo: &RepoDir, key: &SecretKey) -> Result<Option<Manifest>, PublishError> {
-    let bytes = match fs::read(repo.manifest()) {
-        Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err("cannot read", &repo.manifest())(e)),
+    let Some((bytes, sig)) = super::read_pair(repo).map_err(io_err("cannot read", repo.root()))? else {
+        return Ok(None);
     };
-    let sig = fs::read(repo.signature()).map_err(io_err("cannot read", &repo.signature()))?;
     let foreign = |why: String| PublishError::Foreign { path: repo.root().to_path_buf(), why };
-    let catalog =
-        super::verify(&key.public(), Bytes::from(bytes), Bytes::from(sig)).map_err(|e| foreign(e.to_string()))?;
+    let catalog = super::verify(&key.public(), bytes, sig).map_err(|e| foreign(e.to_string()))?;
     Ok(Some(catalog.manifest))
+}
+
+/// After a publish killed between the manifest's rename and the signature's,
+/// `manifest.sig` is the previous one: put the right one back (readers that
+/// know `v1/signatures/` never noticed; others would have).
+fn repair_signature(repo: &RepoDir) -> Result<(), PublishError> {
+    let Some((_, sig)) = super::read_pair(repo).map_err(io_err("cannot read", repo.root()))? else {
+        return Ok(());
+    };
+    if fs::read(repo.signature()).ok().as_deref() != Some(&sig[..]) {
+        write_atomic(&repo.signature(), &sig).map_err(io_err("cannot write", &repo.signature()))?;
+    }
+    Ok(())
+}
+
+/// Keep the newest [`super::SIGNATURES_KEPT`] signatures (and always the
+/// current one); a failure to prune is not a failed publish.
+fn prune_signatures(repo: &RepoDir, current: &Path) {
+    let Ok(rd) = fs::read_dir(repo.signatures_dir()) else { return };
+    let mut found: Vec<(SystemTime, PathBuf)> = rd
+        .flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.parse::<Digest>().is_ok()))
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    found.sort_by_key(|f| std::cmp::Reverse(f.0));
+    for (_, path) in found.into_iter().skip(super::SIGNATURES_KEPT) {
+        if path != current
+            && let Err(e) = fs::remove_file(&path)
+        {
+            tracing::warn!(path = %path.display(), error = %e, "cannot prune an old signature");
+        }
+    }
 }
 
 fn is_hidden(name: &str) -> bool {
