@@ -110,3 +110,95 @@ async fn a_repository_torn_between_manifest_and_signature_is_still_served() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(patchrelay::repo::verify(&key, manifest.into(), repo.signature_bytes().into()).is_ok());
 }
+
+/// Upstreams in order: the first lags at serial 1, the second has serial 2.
+/// The relay serves serial 2 (it asks them all and takes the highest), and
+/// keeps it on the next sync.
+#[actix_web::test]
+async fn a_lagging_upstream_does_not_hide_a_newer_manifest() {
+    let repo = TestRepo::new();
+    let lagging = ScriptedUpstream::start().await;
+    lagging.files.load_repo(&repo.repo);
+    repo.add_version("engine", "4", &TestRepo::engine_bytes(4));
+    assert_eq!(repo.publish(), 2);
+    let current = ScriptedUpstream::start().await;
+    current.files.load_repo(&repo.repo);
+    let storage = tempfile::tempdir().unwrap();
+    let relay = start_relay(&[&lagging.url, &current.url], &repo.public, storage.path()).await;
+    assert!(wait_ready(&relay.url(), Duration::from_secs(10)).await);
+    let serial = || async {
+        let m = client().get(format!("{}/v1/manifest", relay.url())).send().await.unwrap().bytes().await.unwrap();
+        serde_json::from_slice::<serde_json::Value>(&m).unwrap()["serial"].as_u64().unwrap()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while serial().await != 2 {
+        assert!(std::time::Instant::now() < deadline, "the relay serves serial 1 from the lagging upstream");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, report) = admin_sync(&relay.url()).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["serial"], 2, "{report}");
+    assert_eq!(serial().await, 2);
+}
+
+/// An HTTP server that sends a response head and then a byte every 300 ms,
+/// forever: never slow enough for a read timeout, never done.
+async fn trickling_upstream() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf).await;
+                let head = "HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n";
+                if conn.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                loop {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    if conn.write_all(b" ").await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+/// The first upstream trickles its manifest forever. A sync still completes
+/// (every manifest fetch has a total deadline) with the second upstream's
+/// manifest, and says why the first was passed over.
+#[actix_web::test]
+async fn a_trickling_upstream_cannot_hold_a_sync() {
+    let repo = TestRepo::new();
+    let trickle = trickling_upstream().await;
+    let good = ScriptedUpstream::start().await;
+    good.files.load_repo(&repo.repo);
+    let storage = tempfile::tempdir().unwrap();
+    let toml = relay_toml(&[&trickle, &good.url], &repo.public, storage.path(), "")
+        .replace("read_timeout = \"5s\"", "read_timeout = \"1s\"");
+    let relay = start(&patchrelay::config::Config::from_toml(&toml, "relay.toml").unwrap()).await;
+    assert!(wait_ready(&relay.url(), Duration::from_secs(15)).await, "the trickling upstream held the sync");
+    let started = std::time::Instant::now();
+    let (status, report) = admin_sync(&relay.url()).await;
+    assert_eq!(status, 200, "{report}");
+    assert!(started.elapsed() < Duration::from_secs(10), "a sync took {:?}", started.elapsed());
+    assert!(report["skipped"].to_string().contains("not fetched within"), "{report}");
+}
+
+/// A relay started before its upstream is up becomes ready soon after the
+/// upstream comes up, not a sync interval (an hour) later.
+#[actix_web::test]
+async fn a_failed_first_sync_is_retried_soon() {
+    let repo = TestRepo::new();
+    let port = free_port();
+    let storage = tempfile::tempdir().unwrap();
+    let relay = start_relay(&[&format!("http://127.0.0.1:{port}")], &repo.public, storage.path()).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!wait_ready(&relay.url(), Duration::from_millis(10)).await);
+    let Some(_nginx) = start_nginx_with(&repo.repo, "", Some(port)).await else { return };
+    assert!(wait_ready(&relay.url(), Duration::from_secs(15)).await, "the relay did not retry its sync");
+}

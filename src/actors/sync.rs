@@ -1,14 +1,22 @@
-//! The relay's sync actor: get the newest manifest an upstream will vouch for.
+//! The relay's sync actor: get the newest manifest the upstreams will vouch for.
 //!
-//! A sync walks the upstreams in order and takes the first manifest that
-//! (1) carries a valid signature under the pinned key, (2) parses, and (3) does
-//! not go back: a serial lower than the one we hold is a rollback, and the same
-//! serial with different bytes is an equivocation; both are refused, logged with
-//! the upstream's name and counted, and the next upstream is tried. Whatever
-//! happens, the relay keeps serving the last manifest it verified.
+//! A sync asks every available upstream for its manifest at once (they are
+//! small), each fetch bounded by a total deadline, and takes the highest
+//! serial among those that (1) carry a valid signature under the pinned key,
+//! (2) parse, and (3) do not go back: a serial lower than the one we hold is a
+//! rollback, and the same serial with different bytes is an equivocation;
+//! both are refused, logged with the upstream's name and counted. Asking only
+//! the first upstream that answers would let a lagging parent hide a newer
+//! manifest that another upstream has. Whatever happens, the relay keeps
+//! serving the last manifest it verified.
 //!
 //! The accepted pair is persisted (one file, atomic) before it is served, so a
 //! restarted relay starts from it and never accepts an older one.
+//!
+//! Syncs run at start, every `sync.interval`, and on demand; one that fails is
+//! retried after a jittered backoff (1 s, doubling, up to the interval), so a
+//! relay started before its network or its parent is up becomes ready soon
+//! after they are, not an interval later.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -87,12 +95,30 @@ impl SyncContext {
     pub async fn run(&self) -> Result<SyncReport, SyncError> {
         let _serial = self.lock.lock().await;
         let current = self.published.current();
+        // Every available upstream, at once; when none is available, all of
+        // them (a relay keeps trying rather than give up).
+        let mut asked: Vec<Arc<Upstream>> = self.upstreams.candidates();
+        if !self.upstreams.all_down() {
+            asked.retain(|u| u.health().available);
+        }
+        let fetches = asked.iter().map(|up| {
+            let (up, key) = (up.clone(), self.key.clone());
+            // On the upstream runtime, where its connections live.
+            crate::upstream::runtime::spawn(async move { repo::fetch_verified(&up, &key).await })
+        });
+        let results = futures_util::future::join_all(fetches).await;
         let mut skipped = Vec::new();
-        for up in self.upstreams.list() {
-            let catalog = match repo::fetch_verified(up, &self.key).await {
-                Ok(c) => c,
-                Err((reason, why)) => {
+        // The best offer so far: (catalog, upstream); ties go to the earlier upstream.
+        let mut best: Option<(Catalog, &Arc<Upstream>)> = None;
+        for (up, result) in asked.iter().zip(results) {
+            let catalog = match result {
+                Ok(Ok(c)) => c,
+                Ok(Err((reason, why))) => {
                     reject(up, reason, &why, &mut skipped);
+                    continue;
+                }
+                Err(e) => {
+                    reject(up, "fetch_failed", &format!("the fetch task failed: {e}"), &mut skipped);
                     continue;
                 }
             };
@@ -106,62 +132,78 @@ impl SyncContext {
                     reject(up, "rollback", &why, &mut skipped);
                     continue;
                 }
-                if catalog.serial() == cur.serial() {
-                    if catalog.manifest_digest != cur.manifest_digest {
-                        let why = format!(
-                            "offers different bytes under the serial {} we hold (equivocation refused)",
-                            cur.serial()
-                        );
-                        reject(up, "equivocation", &why, &mut skipped);
-                        continue;
-                    }
-                    self.published.mark_good_sync();
-                    self.prefetcher.plan(cur);
-                    metrics::counter!(telemetry::SYNCS, "result" => "unchanged").increment(1);
-                    tracing::debug!(upstream = %up.name, serial = cur.serial(), "manifest unchanged");
-                    return Ok(SyncReport {
-                        result: "unchanged",
-                        serial: cur.serial(),
-                        previous_serial: Some(cur.serial()),
-                        source: up.name.clone(),
-                        added: Vec::new(),
-                        skipped,
-                    });
+                if catalog.serial() == cur.serial() && catalog.manifest_digest != cur.manifest_digest {
+                    let why = format!(
+                        "offers different bytes under the serial {} we hold (equivocation refused)",
+                        cur.serial()
+                    );
+                    reject(up, "equivocation", &why, &mut skipped);
+                    continue;
                 }
             }
-            let added = added_versions(current.as_ref().map(|c| &c.manifest), &catalog.manifest);
-            let removed =
-                current.as_ref().map(|c| added_versions(Some(&catalog.manifest), &c.manifest)).unwrap_or_default();
-            metrics::counter!(telemetry::SYNC_CHANGES, "change" => "added").increment(added.len() as u64);
-            metrics::counter!(telemetry::SYNC_CHANGES, "change" => "removed").increment(removed.len() as u64);
-            self.persist(&catalog).await;
-            let serial = catalog.serial();
-            let catalog = Arc::new(catalog);
-            self.prefetcher.plan(&catalog);
-            self.published.publish(catalog);
+            match &best {
+                Some((b, _)) if catalog.serial() == b.serial() && catalog.manifest_digest != b.manifest_digest => {
+                    let why = format!(
+                        "offers different bytes than upstream {} under serial {} (equivocation refused)",
+                        best.as_ref().map(|(_, u)| u.name.as_str()).unwrap_or_default(),
+                        catalog.serial()
+                    );
+                    reject(up, "equivocation", &why, &mut skipped);
+                }
+                Some((b, _)) if catalog.serial() <= b.serial() => {}
+                _ => best = Some((catalog, up)),
+            }
+        }
+        let Some((catalog, up)) = best else {
+            metrics::counter!(telemetry::SYNCS, "result" => "failed").increment(1);
+            self.published.mark_failed_sync();
+            tracing::warn!(serving = ?current.as_ref().map(|c| c.serial()), "sync failed on every upstream; still serving the last verified manifest");
+            return Err(SyncError::NoAcceptableManifest(skipped));
+        };
+        if let Some(cur) = &current
+            && catalog.manifest_digest == cur.manifest_digest
+        {
             self.published.mark_good_sync();
-            metrics::counter!(telemetry::SYNCS, "result" => "updated").increment(1);
-            tracing::info!(
-                upstream = %up.name,
-                serial,
-                previous = ?current.as_ref().map(|c| c.serial()),
-                added = ?added,
-                removed = ?removed,
-                "new manifest verified and published"
-            );
+            self.prefetcher.plan(cur);
+            metrics::counter!(telemetry::SYNCS, "result" => "unchanged").increment(1);
+            tracing::debug!(upstream = %up.name, serial = cur.serial(), "manifest unchanged");
             return Ok(SyncReport {
-                result: "updated",
-                serial,
-                previous_serial: current.as_ref().map(|c| c.serial()),
+                result: "unchanged",
+                serial: cur.serial(),
+                previous_serial: Some(cur.serial()),
                 source: up.name.clone(),
-                added,
+                added: Vec::new(),
                 skipped,
             });
         }
-        metrics::counter!(telemetry::SYNCS, "result" => "failed").increment(1);
-        self.published.mark_failed_sync();
-        tracing::warn!(serving = ?current.as_ref().map(|c| c.serial()), "sync failed on every upstream; still serving the last verified manifest");
-        Err(SyncError::NoAcceptableManifest(skipped))
+        let added = added_versions(current.as_ref().map(|c| &c.manifest), &catalog.manifest);
+        let removed =
+            current.as_ref().map(|c| added_versions(Some(&catalog.manifest), &c.manifest)).unwrap_or_default();
+        metrics::counter!(telemetry::SYNC_CHANGES, "change" => "added").increment(added.len() as u64);
+        metrics::counter!(telemetry::SYNC_CHANGES, "change" => "removed").increment(removed.len() as u64);
+        self.persist(&catalog).await;
+        let serial = catalog.serial();
+        let catalog = Arc::new(catalog);
+        self.prefetcher.plan(&catalog);
+        self.published.publish(catalog);
+        self.published.mark_good_sync();
+        metrics::counter!(telemetry::SYNCS, "result" => "updated").increment(1);
+        tracing::info!(
+            upstream = %up.name,
+            serial,
+            previous = ?current.as_ref().map(|c| c.serial()),
+            added = ?added,
+            removed = ?removed,
+            "new manifest verified and published"
+        );
+        Ok(SyncReport {
+            result: "updated",
+            serial,
+            previous_serial: current.as_ref().map(|c| c.serial()),
+            source: up.name.clone(),
+            added,
+            skipped,
+        })
     }
 
     async fn persist(&self, catalog: &Catalog) {
@@ -181,15 +223,51 @@ fn reject(up: &Upstream, reason: &'static str, why: &str, skipped: &mut Vec<Stri
     skipped.push(format!("{}: {why}", up.name));
 }
 
-/// Runs [`SyncContext::run`] at start, every `interval`, and on [`SyncNow`].
+/// Runs [`SyncContext::run`] at start, every `interval`, on [`SyncNow`], and
+/// again after a backoff when a run fails.
 pub struct RelaySync {
     ctx: SyncContext,
     interval: Duration,
+    /// Failed runs in a row (0 after a good one).
+    failures: u32,
 }
+
+/// The first retry after a failed sync; doubling from there.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
 
 impl RelaySync {
     pub fn new(ctx: SyncContext, interval: Duration) -> Self {
-        RelaySync { ctx, interval }
+        RelaySync { ctx, interval, failures: 0 }
+    }
+
+    /// When to run next: the interval after a good run; after `failures` bad
+    /// ones in a row, 1 s doubling, plus up to a quarter at random (so a fleet
+    /// of relays whose parent went down does not come back in step), never
+    /// more than the interval.
+    fn next_delay(&self) -> Duration {
+        if self.failures == 0 {
+            return self.interval;
+        }
+        let base = RETRY_FIRST.saturating_mul(1u32 << (self.failures - 1).min(20));
+        let mut b = [0u8; 2];
+        let _ = getrandom::fill(&mut b);
+        let jitter = base.mul_f64(f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX) / 4.0);
+        (base + jitter).min(self.interval)
+    }
+
+    fn run_after(&mut self, delay: Duration, ctx: &mut Context<Self>) {
+        ctx.run_later(delay, |act, ctx| {
+            let sync = act.ctx.clone();
+            // Errors are logged and counted inside run().
+            ctx.spawn(async move { sync.run().await.is_ok() }.into_actor(act).map(|ok, act, ctx| {
+                act.failures = if ok { 0 } else { act.failures.saturating_add(1) };
+                let next = act.next_delay();
+                if !ok {
+                    tracing::info!(retry_in_ms = next.as_millis() as u64, "sync failed; retrying");
+                }
+                act.run_after(next, ctx);
+            }));
+        });
     }
 }
 
@@ -197,13 +275,7 @@ impl Actor for RelaySync {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        let run = |act: &mut Self, ctx: &mut Context<Self>| {
-            let sync = act.ctx.clone();
-            // Errors are logged and counted inside run().
-            ctx.spawn(async move { sync.run().await.map(|_| ()).unwrap_or(()) }.into_actor(act));
-        };
-        run(self, ctx);
-        ctx.run_interval(self.interval, run);
+        self.run_after(Duration::ZERO, ctx);
     }
 }
 
