@@ -344,6 +344,7 @@ fn client(url: UpstreamUrl) -> Result<Arc<Upstream>, AgentError> {
         read_timeout: HumanDuration(Duration::from_secs(60)),
         proxy: None,
         max_concurrent_fills: 1,
+        fill_deadline: HumanDuration(Duration::from_secs(1800)),
     };
     let ups = Upstreams::with_user_agent(std::slice::from_ref(&cfg), crate::upstream::AGENT_USER_AGENT)
         .map_err(|e| AgentError::Usage(e.to_string()))?;

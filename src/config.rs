@@ -294,6 +294,14 @@ pub struct UpstreamConfig {
     /// Most objects fetched from this upstream at once.
     #[serde(default = "default_fills")]
     pub max_concurrent_fills: usize,
+    /// How long a fill may keep resuming while it makes progress, in all
+    /// (the longest of the upstreams' applies to a fill).
+    #[serde(default = "default_fill_deadline")]
+    pub fill_deadline: HumanDuration,
+}
+
+fn default_fill_deadline() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30 * 60))
 }
 
 fn default_fills() -> usize {

@@ -62,7 +62,7 @@ async fn two_hundred_agents_share_one_streaming_fill() {
 }
 
 #[actix_web::test]
-async fn cut_and_stalled_transfers_resume_from_the_verified_offset() {
+async fn cut_and_stalled_transfers_resume_where_they_broke() {
     let repo = TestRepo::new();
     let Some(nginx) = start_nginx(&repo.repo).await else { return };
     let proxy = FaultProxy::start(format!("127.0.0.1:{}", nginx.port), "/v1/objects/").await;

@@ -202,3 +202,30 @@ async fn a_failed_first_sync_is_retried_soon() {
     let Some(_nginx) = start_nginx_with(&repo.repo, "", Some(port)).await else { return };
     assert!(wait_ready(&relay.url(), Duration::from_secs(15)).await, "the relay did not retry its sync");
 }
+
+/// One upstream whose connections are cut every 4 MiB. A 24 MiB fill keeps
+/// resuming from its verified mark while it makes progress, and the agent
+/// gets the whole object, not a truncated 200.
+#[actix_web::test]
+async fn a_fill_persists_through_a_flaky_single_upstream() {
+    use common::faults::{Fault, FaultProxy};
+    let mut repo = TestRepo::bare();
+    // Blocks as large as what a connection carries before it is cut: no
+    // attempt ends a block, and yet every attempt makes progress.
+    repo.chunk_size = 4 << 20;
+    let big = noise(11, 24 << 20);
+    repo.add_version("big", "1", &big);
+    repo.publish();
+    let Some(nginx) = start_nginx(&repo.repo).await else { return };
+    let proxy = FaultProxy::start(format!("127.0.0.1:{}", nginx.port), "/v1/objects/").await;
+    proxy.plan(std::iter::repeat_n(Fault::CutAfter(4 << 20), 12));
+    let storage = tempfile::tempdir().unwrap();
+    let relay = start_relay(&[&proxy.url], &repo.public, storage.path()).await;
+    assert!(wait_ready(&relay.url(), Duration::from_secs(10)).await);
+    match get_outcome(&format!("{}/v1/components/big/latest", relay.url())).await {
+        Outcome::Complete(200, body) => assert!(body[..] == big[..], "wrong bytes"),
+        other => panic!("{other:?}"),
+    }
+    let requests = proxy.seen("/v1/objects/");
+    assert!(requests.len() >= 6, "{requests:?}");
+}

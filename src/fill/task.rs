@@ -5,10 +5,15 @@
 //! 2. Re-verify whatever a partial file from an earlier attempt (or before a
 //!    restart) holds, block by block, and keep only the verified prefix.
 //! 3. Fetch the rest, trying upstreams in health order. A transfer that breaks
-//!    after making progress is resumed from the verified offset on the same
-//!    upstream (`Range`, with `If-Range` when we hold that upstream's ETag),
-//!    with a short backoff; one that breaks without progress moves on to the
-//!    next upstream, which also resumes from the verified offset.
+//!    after receiving bytes is resumed on the same upstream (`Range`, with
+//!    `If-Range` when we hold that upstream's ETag) from the last byte it
+//!    sent: the bytes of a block in flight are kept, since the block is still
+//!    checked whole, so a link cut more often than a block is long still gets
+//!    through. Progress is judged over the attempt (did bytes arrive?), not
+//!    over verified blocks. An upstream that gives nothing twice in a row (the
+//!    first may be a stale pooled connection) is left for the next, which
+//!    resumes from the verified mark. Rounds over the upstreams go on while
+//!    some attempt in the round made progress, until `fill_deadline`.
 //! 4. A block that fails verification is cut off (the file is truncated to the
 //!    verified mark), counted against its upstream, which becomes suspect, and
 //!    the fill continues from the next upstream. Waiters never saw those bytes,
@@ -22,7 +27,7 @@
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::{FillError, FillRequest, Filler, Progress, Shared, Verify};
 use crate::digest::{Digest, Hasher};
@@ -31,8 +36,12 @@ use crate::telemetry;
 use crate::upstream::{ErrorKind, Upstream};
 
 /// Most consecutive resumes on one upstream, each after progress, before
-/// moving on: a link that drops every few KiB is better served elsewhere.
+/// trying the others: a link that drops every few KiB may be better served
+/// elsewhere (and comes round again if it is not).
 const MAX_RESUMES_PER_UPSTREAM: u32 = 50;
+/// Attempts in a row that receive nothing before an upstream is left: the
+/// first may have gone out on a pooled connection the other end had closed.
+const EMPTY_ATTEMPTS_PER_UPSTREAM: u32 = 2;
 
 /// Verification state of the bytes received so far.
 struct Verifier {
@@ -50,8 +59,9 @@ struct Verifier {
 }
 
 enum Fault {
-    /// The transfer broke; retry (here or elsewhere).
-    Transfer(String, bool),
+    /// The transfer broke; retry (here or elsewhere). Whether every wait
+    /// timed out, and how many body bytes this attempt received.
+    Transfer { why: String, timeout: bool, received: u64 },
     /// Bytes failed verification: the upstream is suspect.
     Integrity(String),
     /// Our own disk failed: retrying elsewhere will not help.
@@ -153,47 +163,66 @@ pub(super) async fn run(filler: &Arc<Filler>, shared: &Arc<Shared>, req: &FillRe
     let mut attempts = Vec::new();
     let mut timeouts_only = true;
     let mut last_upstream: Option<Arc<Upstream>> = None;
+    let deadline = Instant::now() + filler.upstreams.fill_deadline();
     // An empty object needs no upstream: its digest is checked below.
     if v.verified < v.len {
         let mut complete = false;
-        'upstreams: for up in filler.upstreams.candidates() {
-            let Some(_slot) = up.fill_slot().await else { continue };
-            let mut etag: Option<String> = None;
-            let mut resumes = 0;
-            loop {
-                let before = v.verified;
-                match transfer(&up, shared, req, &mut v, &mut etag).await {
-                    Ok(()) => {
-                        last_upstream = Some(up.clone());
-                        complete = true;
-                        break 'upstreams;
+        'rounds: loop {
+            let mut round_progress = false;
+            'upstreams: for up in filler.upstreams.candidates() {
+                let Some(_slot) = up.fill_slot().await else { continue };
+                // Whatever another upstream left unverified is not this one's to finish.
+                v.rewind();
+                truncate(shared, &v)?;
+                let mut etag: Option<String> = None;
+                let (mut resumes, mut empty) = (0u32, 0u32);
+                loop {
+                    if Instant::now() >= deadline {
+                        attempts.push(format!("gave up after fill_deadline ({:?})", filler.upstreams.fill_deadline()));
+                        break 'rounds;
                     }
-                    Err(Fault::Local(e)) => return Err(FillError::Store(e)),
-                    Err(Fault::Integrity(why)) => {
-                        up.record_integrity_failure(&format!("{}: {why}", req.path));
-                        // Forget every unverified byte this upstream sent (its
-                        // hasher state too) before anyone else continues.
-                        v.rewind();
-                        truncate(shared, &v)?;
-                        timeouts_only = false;
-                        attempts.push(format!("upstream {}: {why}", up.name));
-                        continue 'upstreams;
-                    }
-                    Err(Fault::Transfer(why, timeout)) => {
-                        v.rewind();
-                        timeouts_only &= timeout;
-                        if v.verified > before && resumes < MAX_RESUMES_PER_UPSTREAM {
-                            resumes += 1;
-                            metrics::counter!(telemetry::FILL_RESUMES, "upstream" => up.name.clone()).increment(1);
-                            tracing::info!(upstream = %up.name, object = %req.path, at = v.verified, "transfer broke after progress; resuming: {why}");
-                            tokio::time::sleep(Duration::from_millis(100 * u64::from(resumes.min(10)))).await;
-                            continue;
+                    match transfer(&up, shared, req, &mut v, &mut etag).await {
+                        Ok(()) => {
+                            last_upstream = Some(up.clone());
+                            complete = true;
+                            break 'rounds;
                         }
-                        tracing::warn!(upstream = %up.name, object = %req.path, at = v.verified, "trying the next upstream: {why}");
-                        attempts.push(why);
-                        continue 'upstreams;
+                        Err(Fault::Local(e)) => return Err(FillError::Store(e)),
+                        Err(Fault::Integrity(why)) => {
+                            up.record_integrity_failure(&format!("{}: {why}", req.path));
+                            // Forget every unverified byte this upstream sent (its
+                            // hasher state too) before anyone else continues.
+                            v.rewind();
+                            truncate(shared, &v)?;
+                            timeouts_only = false;
+                            attempts.push(format!("upstream {}: {why}", up.name));
+                            continue 'upstreams;
+                        }
+                        Err(Fault::Transfer { why, timeout, received }) => {
+                            timeouts_only &= timeout;
+                            if received > 0 && resumes < MAX_RESUMES_PER_UPSTREAM {
+                                round_progress = true;
+                                resumes += 1;
+                                empty = 0;
+                                metrics::counter!(telemetry::FILL_RESUMES, "upstream" => up.name.clone()).increment(1);
+                                tracing::info!(upstream = %up.name, object = %req.path, at = v.written, verified = v.verified, "transfer broke after progress; resuming: {why}");
+                                tokio::time::sleep(Duration::from_millis(100 * u64::from(resumes.min(10)))).await;
+                                continue;
+                            }
+                            empty += 1;
+                            if received == 0 && empty < EMPTY_ATTEMPTS_PER_UPSTREAM {
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                continue;
+                            }
+                            tracing::warn!(upstream = %up.name, object = %req.path, at = v.verified, "trying the next upstream: {why}");
+                            attempts.push(why);
+                            continue 'upstreams;
+                        }
                     }
                 }
+            }
+            if !round_progress {
+                break;
             }
         }
         if !complete {
@@ -230,7 +259,8 @@ fn truncate(shared: &Shared, v: &Verifier) -> Result<(), FillError> {
     shared.file.set_len(v.verified).map_err(|e| FillError::Store(format!("truncate partial {}: {e}", shared.path)))
 }
 
-/// One upstream request, from the verified offset to the end.
+/// One upstream request, from the last byte written to the end (or from 0
+/// for objects verified only whole).
 async fn transfer(
     up: &Arc<Upstream>,
     shared: &Shared,
@@ -238,33 +268,39 @@ async fn transfer(
     v: &mut Verifier,
     etag: &mut Option<String>,
 ) -> Result<(), Fault> {
-    // Whatever the last attempt left unverified is discarded: a transfer starts
-    // exactly at the verified mark, with hashers in the matching state.
-    v.rewind();
-    let from = if v.chunked() { v.verified } else { 0 };
-    let mut body = up.get_from(&req.path, from, etag.as_deref()).await.map_err(|e| {
-        let timeout = matches!(e.kind, ErrorKind::Timeout(_));
-        Fault::Transfer(e.to_string(), timeout)
-    })?;
+    // A block in flight is continued (it is checked whole when it ends); an
+    // object checked only whole starts over.
+    if !v.chunked() {
+        v.rewind();
+    }
+    let from = v.written;
+    let broke = |why: String, timeout: bool, received: u64| Fault::Transfer { why, timeout, received };
+    let mut body = up
+        .get_from(&req.path, from, etag.as_deref())
+        .await
+        .map_err(|e| broke(e.to_string(), matches!(e.kind, ErrorKind::Timeout(_)), 0))?;
     if body.etag.is_some() {
         etag.clone_from(&body.etag);
     }
     if let Some(cl) = body.content_length
         && cl != req.len - body.start
     {
-        return Err(Fault::Transfer(
+        return Err(broke(
             format!("upstream {}: {} has Content-Length {cl}, expected {}", up.name, req.path, req.len - body.start),
             false,
+            0,
         ));
     }
     shared.progress.send_replace(Progress::Running { verified: v.servable() });
     let mut pos = body.start;
+    let mut received = 0u64;
     loop {
         let chunk = match body.next_chunk().await {
             Ok(Some(c)) => c,
             Ok(None) => break,
-            Err(e) => return Err(Fault::Transfer(e.to_string(), matches!(e.kind, ErrorKind::Timeout(_)))),
+            Err(e) => return Err(broke(e.to_string(), matches!(e.kind, ErrorKind::Timeout(_)), received)),
         };
+        received += chunk.len() as u64;
         let mut data = &chunk[..];
         // A 200 after a resume restarts at 0: skip what we already have.
         if pos < v.written {
@@ -289,9 +325,10 @@ async fn transfer(
         }
     }
     if v.written != req.len {
-        return Err(Fault::Transfer(
+        return Err(broke(
             format!("upstream {}: {} ended at byte {}, expected {}", up.name, req.path, v.written, req.len),
             false,
+            received,
         ));
     }
     if !v.chunked() {

@@ -106,6 +106,8 @@ pub struct Upstream {
     pub name: String,
     pub url: UpstreamUrl,
     pub read_timeout: Duration,
+    /// How long a fill may keep resuming (see `fill::task`).
+    pub fill_deadline: Duration,
     client: HttpsClient,
     user_agent: &'static str,
     health: Health,
@@ -178,6 +180,7 @@ impl Upstreams {
                     name,
                     url: c.url.clone(),
                     read_timeout: c.read_timeout.0,
+                    fill_deadline: c.fill_deadline.0,
                     client,
                     user_agent,
                     health: Health::default(),
@@ -201,6 +204,11 @@ impl Upstreams {
         waiting.sort_by_key(|u| u.health.next_try(now));
         ready.append(&mut waiting);
         ready
+    }
+
+    /// How long a fill may take in all: the longest `fill_deadline`.
+    pub fn fill_deadline(&self) -> Duration {
+        self.list.iter().map(|u| u.fill_deadline).max().unwrap_or(Duration::from_secs(1800))
     }
 
     /// Whether every upstream is currently backed off.
