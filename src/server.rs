@@ -11,7 +11,7 @@ use actix::{Actor, Addr};
 use actix_web::{App, HttpServer, web};
 
 use crate::actors::deltas::{DeltaBuilder, DeltaService, Objects};
-use crate::actors::housekeeping::Housekeeping;
+use crate::actors::housekeeping::{Housekeeping, RelayParts};
 use crate::actors::prefetch::Prefetcher;
 use crate::actors::reload::OriginReload;
 use crate::actors::status::StatusSource;
@@ -46,7 +46,8 @@ pub enum StartError {
 }
 
 enum ControlPlane {
-    Origin(Addr<OriginReload>),
+    /// The reload actor, and housekeeping when the origin keeps deltas.
+    Origin(Addr<OriginReload>, Option<Addr<Housekeeping>>),
     Relay(Addr<RelaySync>, Addr<Housekeeping>),
 }
 
@@ -103,7 +104,12 @@ impl RunningServer {
 
 fn stop_actors(control: &ControlPlane) {
     match control {
-        ControlPlane::Origin(a) => a.do_send(Stop),
+        ControlPlane::Origin(a, h) => {
+            a.do_send(Stop);
+            if let Some(h) = h {
+                h.do_send(Stop);
+            }
+        }
         ControlPlane::Relay(a, h) => {
             a.do_send(Stop);
             h.do_send(Stop);
@@ -158,13 +164,13 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
             let key = config.trust.as_ref().map(|t| t.public_key.0.clone());
             // An origin keeps the deltas it computes in a store of its own, if
             // it has [storage]; without one it serves full files only.
-            let deltas = match (&config.storage, config.delta.enabled) {
+            let (deltas, delta_store) = match (&config.storage, config.delta.enabled) {
                 (Some(storage), true) => {
                     let store = open_store(config, storage)?;
                     weak_store = Some(store.downgrade());
-                    Some(open_deltas(config, store, Objects::Origin(repo.clone()))?)
+                    (Some(open_deltas(config, store.clone(), Objects::Origin(repo.clone()))?), Some(store))
                 }
-                _ => None,
+                _ => (None, None),
             };
             let mut reload = OriginReload::new(
                 repo.clone(),
@@ -180,10 +186,15 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
                 .map(|s| (s.memory_cache.0, s.memory_object_max.0, s.mmap))
                 .unwrap_or((256 << 20, 64 << 10, true));
             let addr = reload.start();
+            // The delta store's budget, precompute and index pruning.
+            let housekeeping = delta_store.map(|store| {
+                Housekeeping::new(store, None, published.clone(), deltas.clone().map(|d| (d, config.sync.retain)))
+                    .start()
+            });
             let sync = addr.clone().recipient::<SyncNow>();
             (
                 Source::Origin { repo, memory: MemoryCache::new(cache, max_object, mmap) },
-                ControlPlane::Origin(addr),
+                ControlPlane::Origin(addr, housekeeping),
                 sync,
                 None,
                 deltas,
@@ -214,8 +225,7 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
             let addr = RelaySync::new(sync_ctx, config.sync.interval.0).start();
             let housekeeping = Housekeeping::new(
                 store.clone(),
-                filler.clone(),
-                prefetcher.clone(),
+                Some(RelayParts { filler: filler.clone(), prefetcher: prefetcher.clone() }),
                 published.clone(),
                 deltas.clone().map(|d| (d, config.sync.retain)),
             )

@@ -26,9 +26,23 @@ fn blob(version: u64) -> Vec<u8> {
     b
 }
 
+/// A 12 MiB component whose versions differ in one place: a delta between two
+/// takes a second or so to build.
+fn big_blob(version: u64) -> Vec<u8> {
+    let mut b = noise(5, 12 << 20);
+    b[(version as usize) * 1_000_000..][..50_000].copy_from_slice(&noise(version, 50_000));
+    b
+}
+
 fn origin_with_deltas(repo: &TestRepo, storage: &Path) -> Config {
+    origin_with_deltas_and(repo, storage, "", "")
+}
+
+/// An origin keeping deltas in `storage`, with `storage_extra` in its
+/// `[storage]` and `extra` appended.
+fn origin_with_deltas_and(repo: &TestRepo, storage: &Path, storage_extra: &str, extra: &str) -> Config {
     let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 1\n[origin]\nrepository = {:?}\nreload_interval = \"100ms\"\n[storage]\ndir = {:?}\n[trust]\npublic_key = \"{}\"\n[admin]\ntoken = \"{ADMIN_TOKEN}\"\n",
+        "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 1\n[origin]\nrepository = {:?}\nreload_interval = \"100ms\"\n[storage]\ndir = {:?}\n{storage_extra}\n[trust]\npublic_key = \"{}\"\n[admin]\ntoken = \"{ADMIN_TOKEN}\"\n{extra}",
         repo.repo.display().to_string(),
         storage.display().to_string(),
         repo.public
@@ -432,4 +446,229 @@ async fn a_relay_refuses_delta_sync_plans_the_manifest_does_not_allow() {
     }
     let r = client().get(format!("{}/v1/components/blob/latest", relay.url())).send().await.unwrap();
     assert_eq!(Digest::of(&r.bytes().await.unwrap()).to_hex(), sha2);
+}
+
+/// Deltas go forward between listed versions only; anything else is refused
+/// before any work.
+#[actix_web::test]
+async fn deltas_only_from_older_to_newer_listed_versions() {
+    let repo = TestRepo::bare();
+    for v in 1..=2 {
+        repo.add_version("blob", &v.to_string(), &blob(v));
+    }
+    repo.publish();
+    let dirs = tempfile::tempdir().unwrap();
+    let origin = start(&origin_with_deltas(&repo, &dirs.path().join("o"))).await;
+    for (pair, code) in [("2/1", 404), ("1/1", 404), ("1/9", 404), ("0/2", 404), ("1/2", 200)] {
+        let r = client().get(format!("{}/v1/components/blob/deltas/{pair}", origin.url())).send().await.unwrap();
+        assert_eq!(r.status(), code, "{pair}: {}", r.text().await.unwrap());
+    }
+    let built = std::fs::read_dir(dirs.path().join("o/state/deltas")).unwrap().count();
+    assert_eq!(built, 1, "only 1 -> 2 was built");
+}
+
+/// With `delta.queue = 1`, five requests for five different deltas at once:
+/// one builds, the others are told to come back (503 with Retry-After) at
+/// once instead of waiting in an unbounded queue.
+#[actix_web::test]
+async fn delta_builds_beyond_the_queue_are_refused_at_once() {
+    let repo = TestRepo::bare();
+    for v in 1..=6 {
+        repo.add_version("blob", &v.to_string(), &big_blob(v));
+    }
+    repo.publish();
+    let dirs = tempfile::tempdir().unwrap();
+    let origin = start(&origin_with_deltas_and(&repo, &dirs.path().join("o"), "", "[delta]\nqueue = 1\n")).await;
+    let c = client();
+    let asks = (2..=6).map(|to| {
+        let url = format!("{}/v1/components/blob/deltas/1/{to}", origin.url());
+        let c = c.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let r = c.get(url).send().await.unwrap();
+            let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
+            (r.status().as_u16(), retry, started.elapsed(), r.bytes().await.unwrap())
+        })
+    });
+    let asks: Vec<_> = asks.collect();
+    let mut ok = 0;
+    let mut busy = 0;
+    for a in asks {
+        let (status, retry, took, body) = a.await.unwrap();
+        match status {
+            200 => ok += 1,
+            503 => {
+                busy += 1;
+                assert!(retry.is_some_and(|s| s >= 1), "no Retry-After");
+                assert!(took < Duration::from_secs(1), "a refused build waited {took:?}");
+                assert!(String::from_utf8_lossy(&body).contains("\"busy\""));
+            }
+            other => panic!("{other}: {}", String::from_utf8_lossy(&body)),
+        }
+    }
+    assert!(ok >= 1 && busy >= 1, "{ok} built, {busy} refused");
+}
+
+/// A delta is a download: an agent at its concurrency limit is refused
+/// (429) before the delta is built.
+#[actix_web::test]
+async fn delta_requests_are_admitted_before_they_are_built() {
+    let repo = TestRepo::bare();
+    for v in 1..=2 {
+        repo.add_version("blob", &v.to_string(), &blob(v));
+    }
+    repo.publish();
+    let dirs = tempfile::tempdir().unwrap();
+    let limits = "[[limits.policy]]\nname = \"all\"\nrate = \"64KiB/s\"\nmax_concurrent = 1\n";
+    let origin = start(&origin_with_deltas_and(&repo, &dirs.path().join("o"), "", limits)).await;
+    // The agent's one download slot: a 2 MiB version at 64 KiB/s.
+    let mut slow = client()
+        .get(format!("{}/v1/components/blob/versions/1", origin.url()))
+        .header("x-agent-id", "ws-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(slow.status(), 200);
+    slow.chunk().await.unwrap();
+    let r = client()
+        .get(format!("{}/v1/components/blob/deltas/1/2", origin.url()))
+        .header("x-agent-id", "ws-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429, "{}", r.text().await.unwrap());
+    assert_eq!(std::fs::read_dir(dirs.path().join("o/state/deltas")).unwrap().count(), 0, "built before admission");
+    drop(slow);
+}
+
+/// An origin keeps its deltas within `storage.max_size` like a relay.
+#[actix_web::test]
+async fn an_origin_keeps_its_deltas_within_its_budget() {
+    let repo = TestRepo::bare();
+    for v in 1..=6 {
+        repo.add_version("blob", &v.to_string(), &blob(v));
+    }
+    repo.publish();
+    let dirs = tempfile::tempdir().unwrap();
+    let store = dirs.path().join("o");
+    let origin = start(&origin_with_deltas_and(&repo, &store, "max_size = \"150KB\"", "")).await;
+    for to in 2..=6 {
+        let r = client().get(format!("{}/v1/components/blob/deltas/1/{to}", origin.url())).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    }
+    let used = || -> u64 {
+        let mut n = 0;
+        for fan in std::fs::read_dir(store.join("objects")).unwrap().flatten() {
+            for f in std::fs::read_dir(fan.path()).unwrap().flatten() {
+                n += f.metadata().unwrap().len();
+            }
+        }
+        n
+    };
+    let before = used();
+    assert!(before > 150_000, "the deltas ({before} bytes) do not exceed the budget; the test proves nothing");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while used() > 150_000 {
+        assert!(Instant::now() < deadline, "still {} bytes of deltas over a 150 KB budget", used());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Requests keep every request build slot busy while a critical pattern gets
+/// a new version: its deltas are still precomputed (they have a slot of
+/// their own).
+#[actix_web::test]
+async fn critical_precompute_is_not_starved_by_requests() {
+    let repo = TestRepo::bare();
+    repo.write_meta("engine", "kind = \"pattern\"\ncritical = true\n");
+    for v in 1..=2 {
+        repo.add_version("engine", &v.to_string(), &TestRepo::engine_bytes(v));
+    }
+    // Deltas between these take over a second each to build: the requests
+    // below keep the request slot busy for half a minute.
+    for v in 1..=8 {
+        repo.add_version("blob", &v.to_string(), &big_blob(v));
+    }
+    repo.publish();
+    let dirs = tempfile::tempdir().unwrap();
+    let origin = start(&origin_with_deltas_and(&repo, &dirs.path().join("o"), "", "[delta]\nqueue = 1\n")).await;
+    wait_for_delta_plan(&origin.url(), "engine", "1").await;
+    // Keep the one request slot busy: four agents asking for deltas back to back.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..4u64)
+        .map(|i| {
+            let (url, stop, c) = (origin.url(), stop.clone(), client());
+            tokio::spawn(async move {
+                let mut pairs = (1..8u64).flat_map(|a| ((a + 1)..=8).map(move |b| (a, b))).cycle().skip(i as usize * 5);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (a, b) = pairs.next().unwrap();
+                    let _ = c.get(format!("{url}/v1/components/blob/deltas/{a}/{b}")).send().await;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    repo.add_version("engine", "3", &TestRepo::engine_bytes(3));
+    repo.publish();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let p = plan(&origin.url(), "engine", "2").await;
+        if p["to"] == "3" && p["steps"][0]["kind"] == "delta" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the critical delta 2 -> 3 was not precomputed within 15 s: {p}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+}
+
+/// The delta index forgets deltas between versions the manifest no longer
+/// lists (and their bytes), and entries whose bytes were evicted.
+#[actix_web::test]
+async fn the_delta_index_is_pruned() {
+    use patchrelay::actors::deltas::{DeltaBuilder, DeltaService, Objects};
+    use patchrelay::repo::{RepoDir, read_pair, verify};
+    use patchrelay::store::{Store, StoreOptions};
+    let repo = TestRepo::bare();
+    for v in 1..=3 {
+        repo.add_version("blob", &v.to_string(), &blob(v));
+    }
+    repo.publish();
+    let key = patchrelay::repo::sign::PublicKey::parse(&repo.public).unwrap();
+    let catalog = |r: &TestRepo| {
+        let (m, s) = read_pair(&RepoDir::new(&r.repo)).unwrap().unwrap();
+        verify(&key, m, s).unwrap()
+    };
+    let full = catalog(&repo);
+    let dir = tempfile::tempdir().unwrap();
+    let opts = StoreOptions { memory_cache: 1 << 20, memory_object_max: 1024, max_size: None, mmap: false };
+    let (store, _) = Store::open(dir.path(), &opts).unwrap();
+    let builder = DeltaBuilder::start(1, Default::default());
+    let deltas =
+        DeltaService::open(store.clone(), Objects::Origin(RepoDir::new(&repo.repo)), builder, 4, 1 << 30).unwrap();
+    let obj = |c: &patchrelay::repo::catalog::Catalog, v: &str| c.version("blob", v).unwrap().1.clone();
+    let d12 = deltas.build(&obj(&full, "1"), &obj(&full, "2")).await.unwrap();
+    let d23 = deltas.build(&obj(&full, "2"), &obj(&full, "3")).await.unwrap();
+    assert_eq!(deltas.prune(&full), 0, "nothing to prune yet");
+
+    // Version 1 is withdrawn: 1 -> 2 goes, index entry and bytes.
+    let mut m: serde_json::Value = serde_json::from_slice(&full.manifest_bytes).unwrap();
+    m["serial"] = 2.into();
+    m["components"]["blob"]["versions"].as_array_mut().unwrap().retain(|v| v["version"] != "1");
+    let bytes = serde_json::to_vec(&m).unwrap();
+    let sig = repo.key.sign(&bytes);
+    let withdrawn = verify(&key, bytes.into(), sig.into()).unwrap();
+    assert_eq!(deltas.prune(&withdrawn), 1);
+    assert!(!store.contains(&d12.sha256));
+    assert!(deltas.get(&obj(&full, "2").sha256, &obj(&full, "3").sha256).is_some());
+    assert_eq!(std::fs::read_dir(dir.path().join("state/deltas")).unwrap().count(), 1);
+
+    // 2 -> 3's bytes evicted: its entry goes too.
+    store.remove(&d23.sha256);
+    assert_eq!(deltas.prune(&withdrawn), 1);
+    assert_eq!(std::fs::read_dir(dir.path().join("state/deltas")).unwrap().count(), 0);
 }

@@ -229,3 +229,36 @@ async fn a_fill_persists_through_a_flaky_single_upstream() {
     let requests = proxy.seen("/v1/objects/");
     assert!(requests.len() >= 6, "{requests:?}");
 }
+
+/// Partial files take disk too: they count in `storage.max_size`, and
+/// objects are evicted to make room for them.
+#[actix_web::test]
+async fn partial_files_count_in_the_disk_budget() {
+    let repo = TestRepo::bare();
+    repo.add_version("a", "1", &noise(1, 1_500_000));
+    repo.add_version("b", "1", &noise(2, 1_500_000));
+    repo.add_version("c", "1", &noise(3, 3_000_000));
+    repo.publish();
+    let Some(nginx) = start_nginx(&repo.repo).await else { return };
+    let storage = tempfile::tempdir().unwrap();
+    let toml = relay_toml(&[&nginx.url], &repo.public, storage.path(), "")
+        .replace("[storage]\n", "[storage]\nmax_size = \"4MiB\"\n");
+    let relay = start(&patchrelay::config::Config::from_toml(&toml, "relay.toml").unwrap()).await;
+    assert!(wait_ready(&relay.url(), Duration::from_secs(10)).await);
+    for c in ["a", "b"] {
+        let r = client().get(format!("{}/v1/components/{c}/latest", relay.url())).send().await.unwrap();
+        assert_eq!(r.bytes().await.unwrap().len(), 1_500_000);
+    }
+    let cached = |c: &str| {
+        let sha = repo.sha(c, "1");
+        storage.path().join("objects").join(&sha[..2]).join(sha).exists()
+    };
+    assert!(cached("a") && cached("b"));
+    // A fill of c in progress (or left by a restart) holds 3 MB.
+    std::fs::write(storage.path().join("partial").join(repo.sha("c", "1")), noise(9, 3_000_000)).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while cached("a") || cached("b") {
+        assert!(std::time::Instant::now() < deadline, "objects kept although partial files fill the budget");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

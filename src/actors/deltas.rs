@@ -2,9 +2,14 @@
 //! threads, stored as content-addressed objects, and remembered.
 //!
 //! - **Building** happens on [`DeltaBuilder`], a `SyncArbiter` actor (its own
-//!   threads, `delta.workers` of them). Its mailbox is unbounded, so a semaphore
-//!   in front of it bounds the builds queued at once; concurrent requests for
-//!   one pair share one build.
+//!   threads, `delta.workers` of them). Its mailbox is unbounded, so slots in
+//!   front of it bound the builds running or waiting: `delta.queue` for builds
+//!   that requests ask for (a request that finds them all taken is answered
+//!   503 with `Retry-After` at once, never left waiting), and one more that
+//!   only the precompute of critical components uses, so requests cannot
+//!   starve it. Concurrent requests for one pair share one build (and one
+//!   slot). On a relay a build also fetches both ends over the WAN, inside
+//!   its slot.
 //! - **Storing**: a delta is an object like any other (the store's key is its
 //!   SHA-256), so it is served with the same range/ETag semantics, evicted under
 //!   the same budget, and rebuilt if asked for after eviction. The pair ->
@@ -90,6 +95,10 @@ pub enum DeltaBuildError {
     Store(String),
     #[error("the delta builder is not running")]
     NoBuilder,
+    #[error(
+        "{0} delta builds are running or waiting, the most this server takes; ask again shortly (the full file is always a correct plan)"
+    )]
+    Busy(usize),
 }
 
 /// Where a delta's two ends are read from.
@@ -102,12 +111,25 @@ pub enum Objects {
 
 type BuildFuture = Shared<BoxFuture<'static, Result<DeltaInfo, DeltaBuildError>>>;
 
+/// Which build slots a build may take.
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    /// One of `delta.queue`: a request asked for it.
+    Request,
+    /// The one kept for precomputing critical components' deltas.
+    Precompute,
+}
+
 pub struct DeltaService {
     store: Store,
     index_dir: PathBuf,
     index: RwLock<HashMap<(Digest, Digest), DeltaInfo>>,
     builder: Addr<DeltaBuilder>,
+    /// Builds that requests may start (`delta.queue`).
     slots: Arc<Semaphore>,
+    queue: usize,
+    /// The one build slot of critical precompute.
+    precompute_slot: Arc<Semaphore>,
     inflight: Mutex<HashMap<(Digest, Digest), BuildFuture>>,
     objects: Objects,
     max_size: u64,
@@ -147,6 +169,8 @@ impl DeltaService {
             index: RwLock::new(index),
             builder,
             slots: Arc::new(Semaphore::new(queue.max(1))),
+            queue: queue.max(1),
+            precompute_slot: Arc::new(Semaphore::new(1)),
             inflight: Mutex::new(HashMap::new()),
             objects,
             max_size,
@@ -179,60 +203,71 @@ impl DeltaService {
     }
 
     /// The delta `base -> target`: the stored one, or built now (sharing a
-    /// build already running for the pair).
+    /// build already running for the pair). [`DeltaBuildError::Busy`] when
+    /// it would have to wait for a slot.
     pub async fn build(self: &Arc<Self>, base: &ObjectInfo, target: &ObjectInfo) -> Result<DeltaInfo, DeltaBuildError> {
+        self.start(base, target, Slot::Request)?.await
+    }
+
+    /// The stored delta, the build running for the pair, or a new build in
+    /// one of `slot`'s kind (taken now or not at all).
+    fn start(
+        self: &Arc<Self>,
+        base: &ObjectInfo,
+        target: &ObjectInfo,
+        slot: Slot,
+    ) -> Result<BuildFuture, DeltaBuildError> {
         if let Some(info) = self.get(&base.sha256, &target.sha256) {
-            return Ok(info);
+            return Ok(futures_util::future::ready(Ok(info)).boxed().shared());
         }
         if target.size > self.max_size {
             return Err(DeltaBuildError::TooLarge { size: target.size, limit: self.max_size });
         }
         let key = (base.sha256, target.sha256);
-        let fut = {
-            let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-            match inflight.get(&key) {
-                Some(f) => f.clone(),
-                None => {
-                    let (this, b, t) = (self.clone(), base.clone(), target.clone());
-                    let task = crate::upstream::runtime::spawn(async move {
-                        let r = this.build_now(&b, &t).await;
-                        this.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(&(b.sha256, t.sha256));
-                        r
-                    });
-                    let f = async move { task.await.unwrap_or(Err(DeltaBuildError::NoBuilder)) }.boxed().shared();
-                    inflight.insert(key, f.clone());
-                    f
-                }
-            }
+        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = inflight.get(&key) {
+            return Ok(f.clone());
+        }
+        let pool = match slot {
+            Slot::Request => &self.slots,
+            Slot::Precompute => &self.precompute_slot,
         };
-        fut.await
+        let permit = pool.clone().try_acquire_owned().map_err(|_| DeltaBuildError::Busy(self.queue))?;
+        let (this, b, t) = (self.clone(), base.clone(), target.clone());
+        let task = crate::upstream::runtime::spawn(async move {
+            let r = this.build_now(&b, &t).await;
+            drop(permit);
+            this.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(&(b.sha256, t.sha256));
+            r
+        });
+        let f = async move { task.await.unwrap_or(Err(DeltaBuildError::NoBuilder)) }.boxed().shared();
+        inflight.insert(key, f.clone());
+        Ok(f)
     }
 
     /// Start building `base -> target` unless it exists, is being built, or
-    /// the build queue is full (then a later sweep tries again).
-    pub fn build_in_background(self: &Arc<Self>, base: &ObjectInfo, target: &ObjectInfo) {
-        if base.sha256 == target.sha256
-            || target.size > self.max_size
-            || self.get(&base.sha256, &target.sha256).is_some()
-        {
+    /// no slot of `slot`'s kind is free (then a later request or sweep tries
+    /// again).
+    fn build_in_background_as(self: &Arc<Self>, base: &ObjectInfo, target: &ObjectInfo, slot: Slot) {
+        if base.sha256 == target.sha256 {
             return;
         }
-        if self.inflight.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&(base.sha256, target.sha256)) {
-            return;
-        }
-        if self.slots.available_permits() == 0 {
-            return;
-        }
-        let (this, b, t) = (self.clone(), base.clone(), target.clone());
+        let Ok(build) = self.start(base, target, slot) else { return };
+        let (b, t) = (base.sha256, target.sha256);
         crate::upstream::runtime::spawn(async move {
-            if let Err(e) = this.build(&b, &t).await {
-                tracing::warn!(base = %b.sha256, target = %t.sha256, error = %e, "background delta build failed");
+            if let Err(e) = build.await {
+                tracing::warn!(base = %b, target = %t, error = %e, "background delta build failed");
             }
         });
     }
 
+    /// [`Self::build_in_background_as`] for a request (a plan that found no
+    /// direct delta).
+    pub fn build_in_background(self: &Arc<Self>, base: &ObjectInfo, target: &ObjectInfo) {
+        self.build_in_background_as(base, target, Slot::Request);
+    }
+
     async fn build_now(&self, base: &ObjectInfo, target: &ObjectInfo) -> Result<DeltaInfo, DeltaBuildError> {
-        let _slot = self.slots.acquire().await.map_err(|_| DeltaBuildError::NoBuilder)?;
         let started = std::time::Instant::now();
         let base_bytes = self.read(base, "base").await?;
         let target_bytes = self.read(target, "target").await?;
@@ -296,6 +331,42 @@ impl DeltaService {
         .map_err(err)
     }
 
+    /// Forget the deltas nobody can ask for any more: those whose bytes were
+    /// evicted (the planner ignores them already), and those between
+    /// versions the manifest no longer lists (their bytes go too). Blocking
+    /// (file removals): housekeeping runs it off its thread.
+    pub fn prune(&self, catalog: &Catalog) -> usize {
+        let stale: Vec<((Digest, Digest), DeltaInfo)> = {
+            let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+            index
+                .iter()
+                .filter(|((b, t), info)| {
+                    !self.store.contains(&info.sha256) || catalog.object(b).is_none() || catalog.object(t).is_none()
+                })
+                .map(|(k, v)| (*k, *v))
+                .collect()
+        };
+        for ((b, t), info) in &stale {
+            self.index.write().unwrap_or_else(|p| p.into_inner()).remove(&(*b, *t));
+            let path = self.index_dir.join(index_name(b, t));
+            if let Err(e) = std::fs::remove_file(&path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove a delta index entry");
+            }
+            // Its bytes, unless another pair or a payload has the same digest.
+            let shared = catalog.object(&info.sha256).is_some()
+                || self.index.read().unwrap_or_else(|p| p.into_inner()).values().any(|i| i.sha256 == info.sha256);
+            if !shared {
+                self.store.remove(&info.sha256);
+            }
+        }
+        if !stale.is_empty() {
+            tracing::info!(entries = stale.len(), "pruned the delta index");
+        }
+        stale.len()
+    }
+
     /// Whether both ends of a delta can be read without a WAN fetch.
     fn local(&self, obj: &ObjectInfo) -> bool {
         match &self.objects {
@@ -321,7 +392,7 @@ impl DeltaService {
             pairs.extend(kept.windows(2).map(|w| (w[0], w[1])));
             for (b, t) in pairs {
                 if b.sha256 != t.sha256 && self.local(b) && self.local(t) {
-                    self.build_in_background(b, t);
+                    self.build_in_background_as(b, t, Slot::Precompute);
                 }
             }
         }

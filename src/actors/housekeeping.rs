@@ -1,9 +1,11 @@
-//! The relay's housekeeping actor: keep the store within its budget, retry
-//! failed prefetches, and clear partial files nobody will resume.
+//! The housekeeping actor: keep the store within its budget, precompute
+//! critical deltas, prune the delta index, and (on a relay) retry failed
+//! prefetches and clear partial files nobody will resume.
 //!
 //! Runs on a short tick because checking the budget is one atomic load; the
 //! work itself (deleting files) happens only when there is some, off the
-//! actor's thread.
+//! actor's thread. An origin runs one too when it keeps deltas in a store of
+//! its own: its budget binds as a relay's does.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,18 +24,25 @@ const TICK: Duration = Duration::from_secs(2);
 const PREFETCH_EVERY: u64 = 15;
 /// Delta precompute sweep every this many ticks (cheap when nothing is new).
 const DELTAS_EVERY: u64 = 3;
+/// Delta index pruning every this many ticks.
+const PRUNE_EVERY: u64 = 150;
 /// Partial-file cleanup every this many ticks.
 const PARTIALS_EVERY: u64 = 300;
 /// A partial file of an object no longer in the manifest is kept this long,
 /// in case an upstream manifest briefly went back and forth.
 const PARTIAL_GRACE: Duration = Duration::from_secs(3600);
 
+/// What only a relay has to look after.
+pub struct RelayParts {
+    pub filler: Arc<Filler>,
+    pub prefetcher: Arc<Prefetcher>,
+}
+
 pub struct Housekeeping {
     store: Store,
     /// Deltas to precompute, and how many versions are retained.
     deltas: Option<(Arc<DeltaService>, usize)>,
-    filler: Arc<Filler>,
-    prefetcher: Arc<Prefetcher>,
+    relay: Option<RelayParts>,
     published: Arc<Published>,
     ticks: u64,
     evicting: bool,
@@ -42,29 +51,39 @@ pub struct Housekeeping {
 impl Housekeeping {
     pub fn new(
         store: Store,
-        filler: Arc<Filler>,
-        prefetcher: Arc<Prefetcher>,
+        relay: Option<RelayParts>,
         published: Arc<Published>,
         deltas: Option<(Arc<DeltaService>, usize)>,
     ) -> Self {
-        Housekeeping { store, deltas, filler, prefetcher, published, ticks: 0, evicting: false }
+        Housekeeping { store, deltas, relay, published, ticks: 0, evicting: false }
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
         self.ticks += 1;
+        self.store.count_partial_bytes();
         if self.store.over_budget() && !self.evicting {
             self.evicting = true;
             let store = self.store.clone();
             let work = async move { tokio::task::spawn_blocking(move || store.evict_over_budget()).await };
             ctx.spawn(work.into_actor(self).map(|_, act, _| act.evicting = false));
         }
-        if self.ticks.is_multiple_of(PREFETCH_EVERY) {
-            self.prefetcher.sweep(false);
-        }
-        if self.ticks.is_multiple_of(DELTAS_EVERY)
-            && let (Some((deltas, retain)), Some(catalog)) = (&self.deltas, self.published.current())
+        if let Some(relay) = &self.relay
+            && self.ticks.is_multiple_of(PREFETCH_EVERY)
         {
-            deltas.precompute(&catalog, *retain);
+            relay.prefetcher.sweep(false);
+        }
+        if let (Some((deltas, retain)), Some(catalog)) = (&self.deltas, self.published.current()) {
+            if self.ticks.is_multiple_of(DELTAS_EVERY) {
+                deltas.precompute(&catalog, *retain);
+            }
+            if self.ticks.is_multiple_of(PRUNE_EVERY) {
+                let deltas = deltas.clone();
+                ctx.spawn(
+                    async move { tokio::task::spawn_blocking(move || deltas.prune(&catalog)).await }
+                        .into_actor(self)
+                        .map(|_, _, _| ()),
+                );
+            }
         }
         if self.ticks.is_multiple_of(PARTIALS_EVERY) {
             self.clean_partials();
@@ -72,9 +91,10 @@ impl Housekeeping {
     }
 
     fn clean_partials(&self) {
+        let Some(relay) = &self.relay else { return };
         let catalog = self.published.current();
         for (digest, _, modified) in self.store.partials() {
-            if self.filler.is_filling(&digest) {
+            if relay.filler.is_filling(&digest) {
                 continue;
             }
             let complete = self.store.contains(&digest);

@@ -49,6 +49,7 @@ impl ApiError {
             ApiError::BadRequest(_) => "bad_request",
             ApiError::Delta(DeltaBuildError::TooLarge { .. }) => "no_delta",
             ApiError::Delta(DeltaBuildError::Object { .. }) => "upstream_failed",
+            ApiError::Delta(DeltaBuildError::Busy(_)) => "busy",
             ApiError::Delta(_) => "delta_failed",
             ApiError::NotReady => "not_ready",
             ApiError::Source(SourceError::Store(_)) => "store_error",
@@ -81,6 +82,7 @@ impl ResponseError for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Delta(DeltaBuildError::TooLarge { .. }) => StatusCode::NOT_FOUND,
             ApiError::Delta(DeltaBuildError::Object { .. }) => StatusCode::BAD_GATEWAY,
+            ApiError::Delta(DeltaBuildError::Busy(_)) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Delta(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::NotReady | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Source(SourceError::Store(_)) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -107,6 +109,12 @@ impl ResponseError for ApiError {
         match self {
             ApiError::NotReady | ApiError::Unavailable(_) => {
                 res.insert_header((header::RETRY_AFTER, HeaderValue::from_static("5")));
+            }
+            ApiError::Delta(DeltaBuildError::Busy(_)) => {
+                // Spread, so a refused wave does not come back in step.
+                let mut b = [0u8; 1];
+                let _ = getrandom::fill(&mut b);
+                res.insert_header((header::RETRY_AFTER, (5 + u64::from(b[0] % 26)).to_string()));
             }
             ApiError::Limited(r) => {
                 res.insert_header((header::RETRY_AFTER, r.retry_after.as_secs().to_string()));

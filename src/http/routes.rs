@@ -14,7 +14,7 @@ use super::{AppState, Route};
 use crate::actors::SyncNow;
 use crate::delta::plan;
 use crate::digest::Digest;
-use crate::limits::Caller;
+use crate::limits::{Caller, Permit};
 use crate::repo::catalog::{Catalog, ObjectInfo};
 use crate::source::{Content, Target};
 use crate::state::unix_now;
@@ -78,14 +78,27 @@ fn peer_ip(req: &HttpRequest) -> std::net::IpAddr {
     req.peer_addr().map(|a| a.ip()).unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]))
 }
 
+/// How a download is admitted under the limits.
+enum Admission {
+    /// In `serve`, once it knows a body is due (and whether it can go at once).
+    Later(Option<Caller>),
+    /// Already, before work that only a download should cause (a delta
+    /// build): the permit, if a policy applies. Dropped if no body is sent.
+    Done(Option<Permit>),
+}
+
 async fn serve(
     req: &HttpRequest,
     state: &AppState,
     route: Route,
-    caller: Option<Caller>,
+    admission: Admission,
     rep: Representation,
     src: Bytesource,
 ) -> Result<HttpResponse, ApiError> {
+    let caller = match admission {
+        Admission::Later(caller) => caller,
+        Admission::Done(permit) => return serve_admitted(req, state, route, permit, rep, src).await,
+    };
     let decision = respond::decide(req, &rep)?;
     let needs_body = respond::needs_body(req, &decision);
     // What is already here is looked up first (nothing is fetched for it), so
@@ -97,17 +110,7 @@ async fn serve(
                 Some(blob) => Have::Here(Content::Stored(blob)),
                 None => Have::Missing(t),
             },
-            Bytesource::Delta(d) => {
-                let store = state
-                    .deltas
-                    .as_ref()
-                    .map(|x| x.store())
-                    .ok_or_else(|| ApiError::NotFound("deltas are off".into()))?;
-                match store.get(&d).map_err(|e| ApiError::Source(e.into()))? {
-                    Some(blob) => Have::Here(Content::Stored(blob)),
-                    None => return Err(ApiError::NotFound("that delta was evicted a moment ago; ask again".into())),
-                }
-            }
+            Bytesource::Delta(d) => Have::Here(stored_delta(state, &d)?),
         })
     } else {
         None
@@ -138,6 +141,43 @@ async fn serve(
         max_piece: state.max_piece,
     };
     Ok(respond::build(&rep, decision, blob.as_ref(), ctx))
+}
+
+/// [`serve`] for a download admitted already (see [`Admission::Done`]).
+async fn serve_admitted(
+    req: &HttpRequest,
+    state: &AppState,
+    route: Route,
+    permit: Option<Permit>,
+    rep: Representation,
+    src: Bytesource,
+) -> Result<HttpResponse, ApiError> {
+    let decision = respond::decide(req, &rep)?;
+    let blob = if respond::needs_body(req, &decision) {
+        Some(match src {
+            Bytesource::Memory(b) => Content::Stored(Blob::Memory(b)),
+            Bytesource::Target(t) => state.source.open(&t).await?,
+            Bytesource::Delta(d) => stored_delta(state, &d)?,
+        })
+    } else {
+        None
+    };
+    let ctx = ResponseCtx {
+        boundary: &state.boundary,
+        sent_counter: state.route(route).bytes,
+        permit: permit.filter(|_| blob.is_some()),
+        max_piece: state.max_piece,
+    };
+    Ok(respond::build(&rep, decision, blob.as_ref(), ctx))
+}
+
+/// A stored delta's bytes.
+fn stored_delta(state: &AppState, digest: &Digest) -> Result<Content, ApiError> {
+    let store = state.deltas.as_ref().map(|x| x.store()).ok_or_else(|| ApiError::NotFound("deltas are off".into()))?;
+    match store.get(digest).map_err(|e| ApiError::Source(e.into()))? {
+        Some(blob) => Ok(Content::Stored(blob)),
+        None => Err(ApiError::NotFound("that delta was evicted a moment ago; ask again".into())),
+    }
 }
 
 fn catalog(state: &AppState) -> Result<std::sync::Arc<Catalog>, ApiError> {
@@ -186,7 +226,15 @@ async fn manifest(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse 
             critical: false,
             immutable: false,
         };
-        serve(&req, &state, Route::Manifest, None, rep, Bytesource::Memory(cat.manifest_bytes.clone())).await
+        serve(
+            &req,
+            &state,
+            Route::Manifest,
+            Admission::Later(None),
+            rep,
+            Bytesource::Memory(cat.manifest_bytes.clone()),
+        )
+        .await
     };
     finish(&state, Route::Manifest, result.await)
 }
@@ -227,7 +275,8 @@ async fn serve_signature(req: HttpRequest, of: Option<String>, state: web::Data<
             critical: false,
             immutable: false,
         };
-        serve(&req, &state, Route::Signature, None, rep, Bytesource::Memory(cat.signature.clone())).await
+        serve(&req, &state, Route::Signature, Admission::Later(None), rep, Bytesource::Memory(cat.signature.clone()))
+            .await
     };
     finish(&state, Route::Signature, result.await)
 }
@@ -305,7 +354,7 @@ async fn object(req: HttpRequest, path: String, state: web::Data<AppState>, call
             .object(&digest)
             .ok_or_else(|| ApiError::NotFound(format!("object {digest} is not in manifest serial {}", cat.serial())))?;
         let (rep, src) = payload(obj, None, None);
-        serve(&req, &state, Route::Object, caller, rep, src).await
+        serve(&req, &state, Route::Object, Admission::Later(caller), rep, src).await
     };
     finish(&state, Route::Object, result.await)
 }
@@ -330,7 +379,8 @@ async fn chunks(req: HttpRequest, path: String, state: web::Data<AppState>) -> H
             critical: false,
             immutable: true,
         };
-        serve(&req, &state, Route::Chunks, None, rep, Bytesource::Target(Target::chunk_list(obj))).await
+        serve(&req, &state, Route::Chunks, Admission::Later(None), rep, Bytesource::Target(Target::chunk_list(obj)))
+            .await
     };
     finish(&state, Route::Chunks, result.await)
 }
@@ -359,7 +409,7 @@ async fn version(
             ))
         })?;
         let (rep, src) = payload(obj, None, Some(entry.version.to_string()));
-        serve(&req, &state, Route::Version, caller, rep, src).await
+        serve(&req, &state, Route::Version, Admission::Later(caller), rep, src).await
     };
     finish(&state, Route::Version, result.await)
 }
@@ -370,7 +420,7 @@ async fn latest(req: HttpRequest, path: String, state: web::Data<AppState>, call
         let (entry, obj) = cat.latest(&path).ok_or_else(|| unknown_component(&cat, &path))?;
         // `latest` moves: cache it only as long as the manifest.
         let (rep, src) = payload(obj, Some(state.short_cache.clone()), Some(entry.version.to_string()));
-        serve(&req, &state, Route::Latest, caller, rep, src).await
+        serve(&req, &state, Route::Latest, Admission::Later(caller), rep, src).await
     };
     finish(&state, Route::Latest, result.await)
 }
@@ -490,8 +540,17 @@ async fn delta(
             return Err(unknown_component(&cat, &name));
         }
         let missing = |v: &str| ApiError::NotFound(format!("component {name:?} has no version {:?}", truncate(v)));
-        let (_, base) = cat.version(&name, &from).ok_or_else(|| missing(&from))?;
+        let (from_entry, base) = cat.version(&name, &from).ok_or_else(|| missing(&from))?;
         let (to_entry, target) = cat.version(&name, &to).ok_or_else(|| missing(&to))?;
+        // Deltas go forward only: nobody updates to an older version, and
+        // every pair a client may name is work (and disk) for this server.
+        if from_entry.version >= to_entry.version {
+            return Err(ApiError::NotFound(format!(
+                "deltas go from an older version to a newer one; {:?} is not older than {:?}",
+                truncate(&from),
+                truncate(&to)
+            )));
+        }
         if base.sha256 == target.sha256 {
             return Err(ApiError::NotFound(format!("{from} and {to} have the same bytes: there is no delta to send")));
         }
@@ -500,6 +559,15 @@ async fn delta(
                 "deltas are off on this server ([delta] enabled = false, or an origin without [storage])".into(),
             )
         })?;
+        // A download like any other: admitted under the limits before it
+        // costs a build (and, on a relay, two fetches over the WAN).
+        let permit = match (state.limits, req.method() == actix_web::http::Method::GET) {
+            (Some(limits), true) => {
+                let caller = caller.unwrap_or_else(|| limits.caller(peer_ip(&req), req.headers()));
+                limits.admit(caller, target.critical, None).map_err(ApiError::Limited)?
+            }
+            _ => None,
+        };
         let info = deltas.build(base, target).await?;
         let rep = Representation {
             etag: info.sha256,
@@ -515,7 +583,7 @@ async fn delta(
             critical: target.critical,
             immutable: false,
         };
-        serve(&req, &state, Route::Delta, caller, rep, Bytesource::Delta(info.sha256)).await
+        serve(&req, &state, Route::Delta, Admission::Done(permit), rep, Bytesource::Delta(info.sha256)).await
     };
     finish(&state, Route::Delta, result.await)
 }

@@ -125,15 +125,18 @@ impl Index {
         self.pins.load().iter().filter_map(|d| self.map.get(d)).map(|e| e.len).sum()
     }
 
-    pub fn over_budget(&self) -> bool {
-        self.budget.is_some_and(|b| self.bytes.load(Ordering::Relaxed) > b)
+    /// Whether the objects and `extra` bytes (partial files, which count but
+    /// cannot be evicted) are over the budget.
+    pub fn over_budget(&self, extra: u64) -> bool {
+        self.budget.is_some_and(|b| self.bytes.load(Ordering::Relaxed).saturating_add(extra) > b)
     }
 
-    /// Least recently used unpinned objects whose removal brings the total to
-    /// 95% of the budget. Empty when under budget.
-    pub fn select_victims(&self) -> Vec<(Digest, u64)> {
+    /// Least recently used unpinned objects whose removal brings the total
+    /// (with `extra` bytes that cannot be evicted) to 95% of the budget.
+    /// Empty when under budget.
+    pub fn select_victims(&self, extra: u64) -> Vec<(Digest, u64)> {
         let Some(budget) = self.budget else { return Vec::new() };
-        let total = self.bytes.load(Ordering::Relaxed);
+        let total = self.bytes.load(Ordering::Relaxed).saturating_add(extra);
         if total <= budget {
             return Vec::new();
         }
@@ -160,7 +163,8 @@ impl Index {
             tracing::warn!(
                 budget,
                 pinned_bytes = self.pinned_bytes(),
-                "storage.max_size is smaller than the pinned objects need; raise it or lower sync.retain"
+                partial_bytes = extra,
+                "storage.max_size is smaller than the pinned objects and fills in progress need; raise it or lower sync.retain"
             );
         }
         out

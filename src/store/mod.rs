@@ -29,6 +29,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
@@ -189,6 +190,9 @@ struct Inner {
     memory: MemoryCache,
     /// Held while the store is open: one process per directory.
     _lock: lock::DirLock,
+    /// Bytes in `partial/` at the last count ([`Store::count_partial_bytes`]):
+    /// they take disk like objects, count in the budget, and are not evicted.
+    partial_bytes: AtomicU64,
 }
 
 /// What [`Store::open`] found.
@@ -214,7 +218,16 @@ impl Store {
         for d in [&objects, &partial, &tmp, &root.join("state")] {
             fs::create_dir_all(d).map_err(io_err("cannot create directory", d))?;
         }
-        let temp_files_removed = clear_dir(&tmp)?;
+        let mut temp_files_removed = clear_dir(&tmp)?;
+        // Other rooms write their state files atomically too; what an
+        // interrupted write left is garbage (nobody else holds the lock).
+        for d in [root.join("state"), root.join("state/deltas")] {
+            match atomic::remove_temp_files(&d) {
+                Ok(n) => temp_files_removed += n,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("cannot clean temp files in", &d)(e)),
+            }
+        }
         let index = Index::new(opts.max_size);
         for fan in fs::read_dir(&objects).map_err(io_err("cannot list", &objects))? {
             let fan_path = fan.map_err(io_err("cannot list", &objects))?.path();
@@ -235,8 +248,17 @@ impl Store {
         let partial_files = fs::read_dir(&partial).map_err(io_err("cannot list", &partial))?.count() as u64;
         let memory = MemoryCache::new(opts.memory_cache, opts.memory_object_max, opts.mmap);
         let (objects_n, bytes) = index.totals();
-        let store =
-            Store(Arc::new(Inner { root: root.to_path_buf(), objects, partial, tmp, index, memory, _lock: lock }));
+        let store = Store(Arc::new(Inner {
+            root: root.to_path_buf(),
+            objects,
+            partial,
+            tmp,
+            index,
+            memory,
+            _lock: lock,
+            partial_bytes: AtomicU64::new(0),
+        }));
+        store.count_partial_bytes();
         let report =
             OpenReport { objects: objects_n, bytes, partial_files, temp_files_removed, elapsed: started.elapsed() };
         Ok((store, report))
@@ -379,10 +401,36 @@ impl Store {
         self.0.index.is_pinned(digest)
     }
 
-    /// Evict least-recently-used unpinned objects until the store is under its
-    /// budget (with 5% headroom, so eviction does not run on every fill).
+    /// Remove an object (one nobody can ask for any more). Blocking.
+    pub fn remove(&self, digest: &Digest) {
+        self.0.index.remove(digest);
+        self.0.memory.invalidate(digest);
+        let path = self.path_of(digest);
+        if let Err(e) = fs::remove_file(&path)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove object");
+        }
+    }
+
+    /// Count the bytes in `partial/` (fills in progress and leftovers), which
+    /// the budget includes from then on. Housekeeping calls it on its tick.
+    pub fn count_partial_bytes(&self) -> u64 {
+        let n: u64 = self.partials().iter().map(|(_, len, _)| len).sum();
+        self.0.partial_bytes.store(n, Ordering::Relaxed);
+        n
+    }
+
+    /// Bytes in `partial/` at the last count.
+    pub fn partial_bytes(&self) -> u64 {
+        self.0.partial_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Evict least-recently-used unpinned objects until the store (partial
+    /// files included) is under its budget (with 5% headroom, so eviction
+    /// does not run on every fill).
     pub fn evict_over_budget(&self) -> EvictReport {
-        let victims = self.0.index.select_victims();
+        let victims = self.0.index.select_victims(self.partial_bytes());
         let mut report = EvictReport::default();
         for (digest, len) in victims {
             self.0.index.remove(&digest);
@@ -407,7 +455,7 @@ impl Store {
     }
 
     pub fn over_budget(&self) -> bool {
-        self.0.index.over_budget()
+        self.0.index.over_budget(self.partial_bytes())
     }
 }
 
