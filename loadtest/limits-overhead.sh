@@ -6,7 +6,8 @@
 #   on       metrics on, and a policy and total cap far above the traffic
 #            (every request carries an agent id drawn from AGENT_IDS, so
 #            requests go through identity, policy match, agent state, buckets
-#            and pacing)
+#            and pacing; all ids come from loopback, so the per-address cap
+#            on ids is off: max_agents_per_address = 0)
 #   off2     a second "off": the control, whose ratio to "off" is the noise of
 #            the method itself
 #
@@ -85,7 +86,7 @@ declare -A extra=(
   [off]=$'[metrics]\nenabled = false\n'
   [off2]=$'[metrics]\nenabled = false\n'
   [metrics]=""
-  [on]=$'[limits]\nidentity = "header"\ntotal_rate = "100GiB/s"\n[[limits.policy]]\nname = "fleet"\nrate = "50GiB/s"\nmax_concurrent = 1000\n'
+  [on]=$'[limits]\nidentity = "header"\ntotal_rate = "100GiB/s"\nmax_agents_per_address = 0\n[[limits.policy]]\nname = "fleet"\nrate = "50GiB/s"\nmax_concurrent = 1000\n'
 )
 # Each relay's files are named by number, not by configuration: paths of
 # different lengths alone (storage dir "off" against "off2") measured 1.5%

@@ -82,7 +82,11 @@ pub struct LimitsConfig {
     pub idle_ttl: HumanDuration,
     /// Time zone of policy windows: `UTC`, or an IANA name like `Europe/Berlin`.
     pub timezone: String,
-    /// First match wins; none configured: nothing is limited.
+    /// Most agent ids one address may hold at once (a new one beyond it is
+    /// refused, 429); 0: no cap.
+    pub max_agents_per_address: u32,
+    /// Policies by address first, then by id, each in order; the first match
+    /// wins; none configured: nothing is limited.
     pub policy: Vec<PolicyConfig>,
 }
 
@@ -95,6 +99,7 @@ impl Default for LimitsConfig {
             total_burst: None,
             idle_ttl: HumanDuration(Duration::from_secs(600)),
             timezone: "UTC".into(),
+            max_agents_per_address: 64,
             policy: Vec::new(),
         }
     }
@@ -204,9 +209,12 @@ pub struct ServerConfig {
     pub keep_alive: HumanDuration,
     /// `Cache-Control: max-age` for the manifest, its signature and `latest`.
     pub manifest_max_age: HumanDuration,
-    /// Peers whose `Forwarded` / `X-Forwarded-For` are believed (reverse
-    /// proxies, load balancers); from anyone else those headers are ignored.
+    /// Peers whose `forwarded_header` is believed (reverse proxies, load
+    /// balancers); from anyone else it is ignored.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The header the trusted proxies set: `x-forwarded-for` or `forwarded`.
+    /// Only that one is read (the other could come from the client itself).
+    pub forwarded_header: String,
     /// How much a connection buffers before asking for more of a response
     /// (actix's write buffer threshold). Small keeps slow connections cheap;
     /// fast ones are unaffected (their pieces grow instead).
@@ -227,6 +235,7 @@ impl Default for ServerConfig {
             keep_alive: HumanDuration(Duration::from_secs(30)),
             manifest_max_age: HumanDuration(Duration::from_secs(60)),
             trusted_proxies: Vec::new(),
+            forwarded_header: "x-forwarded-for".into(),
             write_buffer: ByteSize(2 * 1024),
             send_buffer: None,
         }
@@ -620,6 +629,18 @@ impl Config {
             if !names.insert(&p.name) {
                 return Err(invalid("limits.policy", format!("two policies are named {:?}", p.name)));
             }
+            if !p.agents.is_empty() && !p.cidrs.is_empty() {
+                return Err(invalid(
+                    "limits.policy",
+                    format!(
+                        "policy {:?} has both `agents` and `cidrs`: a policy matches by address or by id, not both (ids are chosen by the client, so one that also required an id could be escaped by sending another); make two policies",
+                        p.name
+                    ),
+                ));
+            }
+        }
+        if let Err(e) = crate::limits::Forwarded::parse(&self.server.forwarded_header) {
+            return Err(invalid("server", format!("server.forwarded_header {e}")));
         }
         if self.delta.workers == 0 || self.delta.queue == 0 {
             return Err(invalid("delta", "delta.workers and delta.queue must be at least 1".into()));

@@ -2,11 +2,21 @@
 //! many downloads at once it may have, and when.
 //!
 //! - **Identity** is the `agent_header` value (default `X-Agent-Id`), or the
-//!   client address; behind reverse proxies the address comes from `Forwarded`
-//!   / `X-Forwarded-For`, but only when the immediate peer is one of
-//!   `server.trusted_proxies` (anyone else could claim any address). An agent
-//!   that sends no header is limited by its address, so leaving the header out
-//!   does not escape a limit.
+//!   client address; behind reverse proxies the address comes from the one
+//!   header the proxies are configured to set (`server.forwarded_header`:
+//!   `X-Forwarded-For` or `Forwarded`), and only when the immediate peer is
+//!   one of `server.trusted_proxies`; the right-most address in it that is not
+//!   a trusted proxy is the client's. A header the client could have sent
+//!   itself (the other one, passed through by the proxy) is never read. An
+//!   agent that sends no header is limited by its address, so leaving the
+//!   header out does not escape a limit.
+//! - **Ids are the client's word, addresses are not.** So a policy matches by
+//!   address (`cidrs`) or by id (`agents`), never both, and address policies
+//!   are looked at first: no id takes an agent out of its network's policy.
+//!   And one address may hold at most `max_agents_per_address` ids at once
+//!   (429 beyond): a client that invents a fresh id per request gets a fresh
+//!   bucket only that many times, and the table's memory is bounded by
+//!   addresses times that cap, not by the ids a client can make up.
 //! - **Rate** is one token bucket per agent, shared by all its connections, so
 //!   opening more connections gets it nothing. Buckets are *reservations*
 //!   (GCRA-like): a stream reserves the bytes of its next piece and waits until
@@ -40,7 +50,7 @@ use ipnet::IpNet;
 
 use self::agents::{AgentTable, Expiring};
 pub use self::clock::Clock;
-use crate::config::{LimitsConfig, PolicyConfig};
+use crate::config::{LimitsConfig, PolicyConfig, ServerConfig};
 use crate::telemetry;
 
 /// GCRA arithmetic for one rate, shared by the process-wide bucket (an atomic)
@@ -167,25 +177,52 @@ impl Window {
 
 /// Per-agent state, shared by the agent's connections. Lives inside the
 /// agents' table and changes only under its shard's lock (see `agents`).
+/// 24 bytes, so that with its key a slot is 32.
 #[derive(Default)]
 struct AgentState {
     /// The agent's token bucket (see [`Rate`]).
     tat_ns: u64,
     /// Downloads in progress.
     active: u32,
-    /// Nanoseconds since the limits' epoch when the agent was last seen.
-    last_seen: u64,
+    /// Seconds since the limits' epoch when the agent was last seen (idle
+    /// expiry needs no finer clock).
+    last_seen_s: u32,
+    /// For an agent known by its id: the key of the address it is counted
+    /// against in [`Limits::addresses`]; 0 for none.
+    address: u64,
 }
+
+const NS_PER_S: u64 = 1_000_000_000;
 
 impl Expiring for AgentState {
     fn last_seen(&self) -> u64 {
-        self.last_seen
+        u64::from(self.last_seen_s) * NS_PER_S
     }
     fn touch(&mut self, now: u64) {
-        self.last_seen = now;
+        self.last_seen_s = u32::try_from(now / NS_PER_S).unwrap_or(u32::MAX);
     }
     fn busy(&self) -> bool {
         self.active > 0
+    }
+}
+
+/// How many agent ids an address holds (see [`Limits::addresses`]).
+#[derive(Default)]
+struct AddressIds {
+    ids: u32,
+    last_seen_s: u32,
+}
+
+impl Expiring for AddressIds {
+    fn last_seen(&self) -> u64 {
+        u64::from(self.last_seen_s) * NS_PER_S
+    }
+    fn touch(&mut self, now: u64) {
+        self.last_seen_s = u32::try_from(now / NS_PER_S).unwrap_or(u32::MAX);
+    }
+    /// Kept while ids are counted against it.
+    fn busy(&self) -> bool {
+        self.ids > 0
     }
 }
 
@@ -206,6 +243,9 @@ pub struct Caller {
     /// The policy that applies (none: the agent is not limited).
     policy: Option<usize>,
     key: u64,
+    /// For an agent known by its id, the address it asks from: an id seen
+    /// for the first time counts against it.
+    id_from: Option<IpAddr>,
 }
 
 /// Why a download may not start now.
@@ -385,6 +425,8 @@ impl Drop for Permit {
 /// Everything the limits need at request time.
 pub struct Limits {
     policies: Vec<Policy>,
+    /// The order policies are matched in: those by address, then the rest.
+    order: Vec<usize>,
     /// Keyed by a 64-bit keyed hash of who the agent is (its id, or its
     /// address when it sends none), not the id itself: a lookup then touches
     /// no string (one cache miss fewer among 100,000 agents) and an agent
@@ -392,20 +434,43 @@ pub struct Limits {
     /// 64 bits of SipHash under a secret key to share a bucket, and no client
     /// can aim at a shard.
     agents: AgentTable<AgentState>,
+    /// Agent ids counted per address (keyed as addresses are in `agents`).
+    addresses: &'static AgentTable<AddressIds>,
+    /// Most ids one address may hold at once; 0: no cap.
+    max_agents_per_address: u32,
     keys: std::hash::RandomState,
     total: Option<Bucket>,
     identity: Identity,
     agent_header: actix_web::http::header::HeaderName,
     trusted_proxies: Vec<IpNet>,
+    forwarded: Forwarded,
     tz: jiff::tz::TimeZone,
     clock: Clock,
     active_agents: metrics::Gauge,
+    tracked_agents: metrics::Gauge,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Identity {
     Header,
     Ip,
+}
+
+/// Which header trusted proxies set (`server.forwarded_header`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forwarded {
+    XForwardedFor,
+    Forwarded,
+}
+
+impl Forwarded {
+    pub fn parse(s: &str) -> Result<Forwarded, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "x-forwarded-for" => Ok(Forwarded::XForwardedFor),
+            "forwarded" => Ok(Forwarded::Forwarded),
+            _ => Err(format!("{s:?}: use \"x-forwarded-for\" or \"forwarded\", whichever your proxies set")),
+        }
+    }
 }
 
 impl Limits {
@@ -415,10 +480,12 @@ impl Limits {
     /// are leaked to a `&'static`: a download then holds a plain reference, not
     /// a reference count that every download on every worker would bump and
     /// drop on one shared cache line.
-    pub fn new(cfg: &LimitsConfig, trusted_proxies: &[IpNet]) -> Result<Option<&'static Limits>, String> {
+    pub fn new(cfg: &LimitsConfig, server: &ServerConfig) -> Result<Option<&'static Limits>, String> {
         if cfg.policy.is_empty() {
             return Ok(None);
         }
+        let forwarded =
+            Forwarded::parse(&server.forwarded_header).map_err(|e| format!("server.forwarded_header {e}"))?;
         let identity = match cfg.identity.as_str() {
             "header" => Identity::Header,
             "ip" => Identity::Ip,
@@ -433,25 +500,42 @@ impl Limits {
             jiff::tz::TimeZone::get(&cfg.timezone).map_err(|e| format!("limits.timezone {:?}: {e}", cfg.timezone))?
         };
         let policies = cfg.policy.iter().map(compile).collect::<Result<Vec<_>, _>>()?;
-        let agents = AgentTable::new(cfg.idle_ttl.0);
+        // Address policies first (see the module comment), each group in
+        // the configured order.
+        let mut order: Vec<usize> = (0..policies.len()).collect();
+        order.sort_by_key(|&i| policies[i].cidrs.is_empty());
+        let addresses: &'static AgentTable<AddressIds> = Box::leak(Box::new(AgentTable::new(cfg.idle_ttl.0)));
+        // An id that expires no longer counts against its address. (Runs
+        // under the id's shard lock and takes the address's: always in that
+        // order, never the other way round.)
+        let agents = AgentTable::new(cfg.idle_ttl.0).on_expire(move |a: &AgentState| {
+            if a.address != 0 {
+                addresses.with(a.address, |e| e.ids = e.ids.saturating_sub(1));
+            }
+        });
         let total = cfg.total_rate.map(|r| Bucket::new(r.0, cfg.total_burst.map_or(r.0, |b| b.0)));
         Ok(Some(Box::leak(Box::new(Limits {
             policies,
+            order,
             agents,
+            addresses,
+            max_agents_per_address: cfg.max_agents_per_address,
             keys: std::hash::RandomState::new(),
             total,
             identity,
             agent_header,
-            trusted_proxies: trusted_proxies.to_vec(),
+            trusted_proxies: server.trusted_proxies.clone(),
+            forwarded,
             tz,
             clock: Clock::new(),
             active_agents: metrics::gauge!(telemetry::LIMIT_ACTIVE_AGENTS),
+            tracked_agents: metrics::gauge!(telemetry::LIMIT_TRACKED_AGENTS),
         }))))
     }
 
     /// The client's address: the peer, or what a trusted proxy says it is.
     pub fn client_ip(&self, peer: IpAddr, headers: &actix_web::http::header::HeaderMap) -> IpAddr {
-        client_ip(peer, headers, &self.trusted_proxies)
+        client_ip(peer, headers, &self.trusted_proxies, self.forwarded)
     }
 
     fn who<'a>(&self, ip: IpAddr, headers: &'a actix_web::http::header::HeaderMap) -> Who<'a> {
@@ -469,19 +553,24 @@ impl Limits {
         Who::Ip(ip)
     }
 
-    /// The first policy that matches.
+    /// The first policy that matches: by address, then by id (see the
+    /// module comment). An agent without an id is matched by id policies on
+    /// its address written out (`agents = ["10.1.*"]`).
     fn policy_for(&self, who: &Who<'_>, ip: IpAddr) -> Option<usize> {
         let mut ip_text = None;
-        self.policies.iter().position(|p| {
-            let agents_ok = p.agents.is_empty()
+        self.order.iter().copied().find(|&i| {
+            let p = &self.policies[i];
+            if !p.cidrs.is_empty() {
+                return p.cidrs.iter().any(|c| c.contains(&ip));
+            }
+            p.agents.is_empty()
                 || match who {
                     Who::Id(id) => std::str::from_utf8(id).is_ok_and(|id| p.agents.iter().any(|g| g.is_match(id))),
                     Who::Ip(ip) => {
                         let text: &String = ip_text.get_or_insert_with(|| ip.to_string());
                         p.agents.iter().any(|g| g.is_match(text.as_str()))
                     }
-                };
-            agents_ok && (p.cidrs.is_empty() || p.cidrs.iter().any(|c| c.contains(&ip)))
+                }
         })
     }
 
@@ -511,17 +600,37 @@ impl Limits {
     pub fn caller(&self, peer: IpAddr, headers: &actix_web::http::header::HeaderMap) -> Caller {
         let ip = self.client_ip(peer, headers);
         let who = self.who(ip, headers);
-        let Some(policy) = self.policy_for(&who, ip) else { return Caller { policy: None, key: 0 } };
+        let Some(policy) = self.policy_for(&who, ip) else { return Caller { policy: None, key: 0, id_from: None } };
         let key = self.key(&who);
         self.agents.prefetch(key);
-        Caller { policy: Some(policy), key }
+        let id_from = matches!(who, Who::Id(_)).then_some(ip);
+        Caller { policy: Some(policy), key, id_from }
+    }
+
+    /// The state of an agent seen for the first time: counted against its
+    /// address when it is known by an id, or `None` when that address holds
+    /// `max_agents_per_address` ids already. Runs under the agent's shard
+    /// lock and takes its address's (see `Limits::new` for the order).
+    fn new_agent(&self, id_from: Option<IpAddr>, now_ns: u64) -> Option<AgentState> {
+        let (Some(ip), cap @ 1..) = (id_from, self.max_agents_per_address) else {
+            return Some(AgentState::default());
+        };
+        let address = nonzero_key(self.key(&Who::Ip(ip)));
+        let counted = self.addresses.update(address, now_ns, AddressIds::default, |a| {
+            if a.ids >= cap {
+                return false;
+            }
+            a.ids += 1;
+            true
+        });
+        counted.then(|| AgentState { address, ..AgentState::default() })
     }
 
     /// Admit a download by `caller`, or say why not and when to come back.
     /// `whole`: the body is this many bytes, in memory, sent whole and small,
     /// so it may go at once (see [`Hold`]).
     pub fn admit(&'static self, caller: Caller, critical: bool, whole: Option<u64>) -> Result<Option<Permit>, Refusal> {
-        let Caller { policy: Some(index), key: agent } = caller else { return Ok(None) };
+        let Caller { policy: Some(index), key: agent, id_from } = caller else { return Ok(None) };
         let policy = &self.policies[index];
         if let Some(w) = policy.window {
             let now = jiff::Timestamp::now().to_zoned(self.tz.clone());
@@ -542,20 +651,37 @@ impl Limits {
         let now_ns = self.clock.coarse();
         let at_once = whole.filter(|&n| self.may_go_at_once(policy, critical, n, now_ns));
         let rate = policy.agent_rate;
-        let admitted = self.agents.update(agent, now_ns, AgentState::default, |a| {
-            if policy.max_concurrent != 0 && a.active >= policy.max_concurrent {
-                return None;
-            }
-            if let Some(n) = at_once {
-                let (next, wait) = rate.take(a.tat_ns, n, now_ns);
-                if wait.is_zero() {
-                    a.tat_ns = next;
-                    return Some(Hold::AtOnce(n));
+        let admitted = self.agents.try_update(
+            agent,
+            now_ns,
+            || self.new_agent(id_from, now_ns),
+            |a| {
+                if policy.max_concurrent != 0 && a.active >= policy.max_concurrent {
+                    return None;
                 }
-            }
-            a.active += 1;
-            Some(Hold::Slot)
-        });
+                if let Some(n) = at_once {
+                    let (next, wait) = rate.take(a.tat_ns, n, now_ns);
+                    if wait.is_zero() {
+                        a.tat_ns = next;
+                        return Some(Hold::AtOnce(n));
+                    }
+                }
+                a.active += 1;
+                Some(Hold::Slot)
+            },
+        );
+        let Some(admitted) = admitted else {
+            // A new id from an address that holds as many as it may.
+            return Err(self.refuse(
+                policy,
+                "agents_per_address",
+                60 + jitter(60),
+                format!(
+                    "{} agent ids at once from one address is the limit (limits.max_agents_per_address); reuse your agent id",
+                    self.max_agents_per_address
+                ),
+            ));
+        };
         let Some(hold) = admitted else {
             return Err(self.refuse(
                 policy,
@@ -594,6 +720,7 @@ impl Limits {
     pub fn publish_gauges(&self) {
         let busy = self.agents.count_where(|a| a.busy());
         self.active_agents.set(busy as f64);
+        self.tracked_agents.set(self.agents.count() as f64);
     }
 
     /// Agents with state right now (for the memory measurement).
@@ -647,40 +774,56 @@ fn compile(p: &PolicyConfig) -> Result<Policy, String> {
     })
 }
 
-/// The client's address. `Forwarded: for=` and `X-Forwarded-For` are read
-/// right to left, skipping trusted proxies, and believed only as far as the
-/// chain of trusted proxies reaches from the immediate peer.
-pub fn client_ip(peer: IpAddr, headers: &actix_web::http::header::HeaderMap, trusted: &[IpNet]) -> IpAddr {
+/// The client's address. Only when the peer is a trusted proxy, and only from
+/// the header the proxies are configured to set (`forwarded`): read right to
+/// left, the first address that is not a trusted proxy is the client's (every
+/// hop appends the address it got the request from; anything to the left of
+/// the first untrusted one was written by the client itself). If every
+/// address in it is trusted, the leftmost; if it has none, the peer.
+pub fn client_ip(
+    peer: IpAddr,
+    headers: &actix_web::http::header::HeaderMap,
+    trusted: &[IpNet],
+    forwarded: Forwarded,
+) -> IpAddr {
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
     if !is_trusted(&peer) {
         return peer;
     }
     let mut hops: Vec<IpAddr> = Vec::new();
-    for v in headers.get_all(actix_web::http::header::FORWARDED).filter_map(|v| v.to_str().ok()) {
-        for elem in v.split(',') {
-            for pair in elem.split(';') {
-                if let Some((k, val)) = pair.trim().split_once('=')
-                    && k.trim().eq_ignore_ascii_case("for")
-                {
-                    let val = val.trim().trim_matches('"');
-                    let val = val
-                        .strip_prefix('[')
-                        .and_then(|s| s.split(']').next())
-                        .unwrap_or_else(|| val.split(':').next().unwrap_or(val));
-                    if let Ok(ip) = val.parse() {
-                        hops.push(ip);
+    match forwarded {
+        Forwarded::Forwarded => {
+            for v in headers.get_all(actix_web::http::header::FORWARDED).filter_map(|v| v.to_str().ok()) {
+                for elem in v.split(',') {
+                    for pair in elem.split(';') {
+                        if let Some((k, val)) = pair.trim().split_once('=')
+                            && k.trim().eq_ignore_ascii_case("for")
+                        {
+                            let val = val.trim().trim_matches('"');
+                            let val = val
+                                .strip_prefix('[')
+                                .and_then(|s| s.split(']').next())
+                                .unwrap_or_else(|| val.split(':').next().unwrap_or(val));
+                            if let Ok(ip) = val.parse() {
+                                hops.push(ip);
+                            }
+                        }
                     }
                 }
             }
         }
-    }
-    if hops.is_empty() {
-        for v in headers.get_all("x-forwarded-for").filter_map(|v| v.to_str().ok()) {
-            hops.extend(v.split(',').filter_map(|s| s.trim().parse::<IpAddr>().ok()));
+        Forwarded::XForwardedFor => {
+            for v in headers.get_all("x-forwarded-for").filter_map(|v| v.to_str().ok()) {
+                hops.extend(v.split(',').filter_map(|s| s.trim().parse::<IpAddr>().ok()));
+            }
         }
     }
-    // Rightmost address that is not one of ours; if all are, the leftmost.
     hops.iter().rev().find(|ip| !is_trusted(ip)).or(hops.first()).copied().unwrap_or(peer)
+}
+
+/// Keys as the agents' table stores them (0 marks a free slot there).
+fn nonzero_key(key: u64) -> u64 {
+    key.max(1)
 }
 
 #[cfg(test)]
@@ -707,7 +850,7 @@ mod tests {
             "[[upstream]]\nurl = \"http://127.0.0.1:1\"\n[storage]\ndir = \"/tmp/x\"\n[trust]\npublic_key = \"11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=\"\n[limits]\n[[limits.policy]]\nname = \"p\"\n{policy}"
         );
         let cfg = crate::config::Config::from_toml(&toml, "test").unwrap();
-        Limits::new(&cfg.limits, &[]).unwrap().unwrap()
+        Limits::new(&cfg.limits, &cfg.server).unwrap().unwrap()
     }
 
     /// A whole small body in memory is reserved at admission and holds no
@@ -813,18 +956,77 @@ mod tests {
 
     #[test]
     fn forwarded_headers_only_from_trusted_peers() {
+        use Forwarded::{Forwarded as Fwd, XForwardedFor as Xff};
         let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let mut h = HeaderMap::new();
         h.insert(HeaderName::from_static("x-forwarded-for"), HeaderValue::from_static("203.0.113.7, 10.0.0.2"));
-        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
-        let stranger: IpAddr = "198.51.100.1".parse().unwrap();
-        assert_eq!(client_ip(proxy, &h, &trusted), "203.0.113.7".parse::<IpAddr>().unwrap());
-        assert_eq!(client_ip(stranger, &h, &trusted), stranger);
+        let proxy = ip("10.0.0.1");
+        let stranger = ip("198.51.100.1");
+        assert_eq!(client_ip(proxy, &h, &trusted, Xff), ip("203.0.113.7"));
+        assert_eq!(client_ip(stranger, &h, &trusted, Xff), stranger);
+        // Whatever the client wrote to the left of the first untrusted hop
+        // is the client's word, not an address.
+        h.insert(
+            HeaderName::from_static("x-forwarded-for"),
+            HeaderValue::from_static("192.0.2.99, 203.0.113.7, 10.0.0.2"),
+        );
+        assert_eq!(client_ip(proxy, &h, &trusted, Xff), ip("203.0.113.7"));
         let mut f = HeaderMap::new();
         f.insert(
             actix_web::http::header::FORWARDED,
             HeaderValue::from_static("for=192.0.2.60;proto=http, for=\"[2001:db8::1]:4711\""),
         );
-        assert_eq!(client_ip(proxy, &f, &trusted), "2001:db8::1".parse::<IpAddr>().unwrap());
+        assert_eq!(client_ip(proxy, &f, &trusted, Fwd), ip("2001:db8::1"));
+        // Only the header the proxies set is read: the other one came from
+        // the client, passed through.
+        assert_eq!(client_ip(proxy, &f, &trusted, Xff), proxy);
+        assert_eq!(client_ip(proxy, &h, &trusted, Fwd), proxy);
+    }
+
+    /// A policy by address applies whatever id the agent sends, even when an
+    /// id policy comes first in the file.
+    #[test]
+    fn address_policies_win_over_ids() {
+        let toml = "[[upstream]]\nurl = \"http://127.0.0.1:1\"\n[storage]\ndir = \"/tmp/x\"\n[trust]\npublic_key = \"11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=\"\n[[limits.policy]]\nname = \"vip\"\nagents = [\"vip-*\"]\n[[limits.policy]]\nname = \"branch\"\ncidrs = [\"10.1.0.0/16\"]\nmax_concurrent = 1\n";
+        let cfg = crate::config::Config::from_toml(toml, "t").unwrap();
+        let l = Limits::new(&cfg.limits, &cfg.server).unwrap().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(HeaderName::from_static("x-agent-id"), HeaderValue::from_static("vip-7"));
+        let policy = |peer: &str| l.caller(peer.parse().unwrap(), &h).policy.map(|i| l.policies[i].name.clone());
+        assert_eq!(policy("10.1.2.3").as_deref(), Some("branch"));
+        assert_eq!(policy("10.2.2.3").as_deref(), Some("vip"));
+        // Both in one policy is refused at load.
+        let both = toml.replace("cidrs = [\"10.1.0.0/16\"]", "cidrs = [\"10.1.0.0/16\"]\nagents = [\"x\"]");
+        let err = crate::config::Config::from_toml(&both, "t").unwrap_err().to_string();
+        assert!(err.contains("both `agents` and `cidrs`"), "{err}");
+    }
+
+    /// One address holds at most `max_agents_per_address` ids; a flood of
+    /// fresh ids from it is refused and costs no memory. (Ids that expire are
+    /// uncounted by the table's `on_expire`: `agents` tests that sweeps call
+    /// it for every entry they drop.)
+    #[test]
+    #[allow(clippy::disallowed_methods)] // a plain #[test]: no async worker to block
+    fn one_address_holds_a_bounded_number_of_ids() {
+        let l = limits("");
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        let other: IpAddr = "10.0.0.2".parse().unwrap();
+        let admit = |peer: IpAddr, id: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(HeaderName::from_static("x-agent-id"), HeaderValue::from_str(id).unwrap());
+            l.admit(l.caller(peer, &h), false, None).map(drop)
+        };
+        for i in 0..64 {
+            admit(peer, &format!("ws-{i}")).unwrap();
+        }
+        let refused = admit(peer, "ws-64").unwrap_err();
+        assert_eq!(refused.reason, "agents_per_address");
+        admit(peer, "ws-3").unwrap();
+        admit(other, "ws-64").unwrap();
+        for i in 0..100_000 {
+            assert!(admit(peer, &format!("flood-{i}")).is_err());
+        }
+        assert_eq!(l.tracked_agents(), 65, "a flood of ids took memory");
     }
 }

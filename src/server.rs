@@ -236,7 +236,7 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
         }
     };
 
-    let limits = Limits::new(&config.limits, &config.server.trusted_proxies).map_err(StartError::Config)?;
+    let limits = Limits::new(&config.limits, &config.server).map_err(StartError::Config)?;
     let mut state = AppState::new(
         published.clone(),
         source,

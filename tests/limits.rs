@@ -290,8 +290,96 @@ async fn forwarded_addresses_count_only_from_trusted_proxies() {
     let three = c.get(&url).header("X-Forwarded-For", "192.0.2.3").send().await.unwrap();
     let four = d.get(&url).header("X-Forwarded-For", "192.0.2.4").send().await.unwrap();
     assert_eq!((three.status().as_u16(), four.status().as_u16()), (200, 200));
+    // The proxies set X-Forwarded-For (the default): a Forwarded header is
+    // the client's own, passed through, and names nobody.
     let five = d.get(&url).header("Forwarded", "for=192.0.2.3").send().await.unwrap();
-    assert_eq!(five.status(), 429, "RFC 7239 Forwarded names the same agent");
+    assert_eq!(five.status(), 200, "a Forwarded header was believed");
+    drop((three, four, five));
+
+    // Proxies configured to set RFC 7239 Forwarded: that one is read.
+    let (_repo, _origin, relay, _s) =
+        relay_with(limits, "trusted_proxies = [\"127.0.0.2/32\"]\nforwarded_header = \"forwarded\"").await;
+    let url = format!("{}/v1/components/big/latest", relay.url());
+    let six = c.get(&url).header("Forwarded", "for=192.0.2.3").send().await.unwrap();
+    let seven =
+        d.get(&url).header("Forwarded", "for=192.0.2.3").header("X-Forwarded-For", "192.0.2.8").send().await.unwrap();
+    assert_eq!((six.status().as_u16(), seven.status().as_u16()), (200, 429), "Forwarded names the agent");
+}
+
+/// A real nginx in front, setting X-Forwarded-For and passing the client's
+/// own Forwarded and X-Forwarded-For through: the agent is the address nginx
+/// saw, whatever the client claims.
+#[actix_web::test]
+async fn through_a_real_reverse_proxy_the_client_cannot_choose_its_address() {
+    let limits = "[limits]\n[[limits.policy]]\nname = \"site\"\ncidrs = [\"127.0.0.0/8\"]\nrate = \"256KiB/s\"\nmax_concurrent = 1\n";
+    let (repo, _origin, relay, _s) = relay_with(limits, "trusted_proxies = [\"127.0.0.1/32\"]").await;
+    let proxy_conf = format!(
+        "location / {{ proxy_pass {}; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; proxy_buffering off; }}",
+        relay.url()
+    );
+    let Some(nginx) = start_nginx_with(&repo.repo, &proxy_conf, None).await else { return };
+    let url = format!("{}/v1/components/big/latest", nginx.url);
+    let from =
+        |ip: &str| reqwest::Client::builder().no_proxy().local_address(ip.parse::<IpAddr>().unwrap()).build().unwrap();
+    let agent = from("127.0.0.3");
+    let first = agent.get(&url).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    for (name, value) in [("Forwarded", "for=192.0.2.9"), ("X-Forwarded-For", "192.0.2.10")] {
+        let again = agent.get(&url).header(name, value).send().await.unwrap();
+        assert_eq!(again.status(), 429, "{name}: {value} escaped the agent's limit");
+    }
+    // Another address behind the same proxy is another agent.
+    let other = from("127.0.0.4").get(&url).send().await.unwrap();
+    assert_eq!(other.status(), 200);
+    drop(first);
+}
+
+/// A policy by address applies whatever id an agent sends: here the site's
+/// window is closed, and an id that an earlier policy in the file matches
+/// does not open it.
+#[actix_web::test]
+async fn an_id_does_not_take_an_agent_out_of_its_networks_policy() {
+    let now = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC);
+    let start = (now.hour() as u32 + 6) % 24;
+    let limits = format!(
+        "[limits]\n[[limits.policy]]\nname = \"vip\"\nagents = [\"vip-*\"]\n[[limits.policy]]\nname = \"site\"\ncidrs = [\"127.0.0.0/8\"]\nwindow = \"{start:02}:00-{:02}:00\"\n",
+        (start + 1) % 24
+    );
+    let (_repo, _origin, relay, _s) = relay_with(&limits, "").await;
+    let r = client()
+        .get(format!("{}/v1/components/big/latest", relay.url()))
+        .header("X-Agent-Id", "vip-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let j: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(j["error"], "outside_window");
+}
+
+/// One address may hold `max_agents_per_address` agent ids at once; a new
+/// one beyond is refused (429, `too_many_agents`), and a flood of fresh ids
+/// leaves the relay's agent table at the cap.
+#[actix_web::test]
+async fn one_address_cannot_invent_agents_without_end() {
+    let limits = "[limits]\nmax_agents_per_address = 3\n[[limits.policy]]\nname = \"all\"\nrate = \"10MiB/s\"\n";
+    let (_repo, _origin, relay, _s) = relay_with(limits, "").await;
+    let url = format!("{}/v1/components/small/latest", relay.url());
+    let c = client();
+    for i in 0..3 {
+        let r = c.get(&url).header("X-Agent-Id", format!("ws-{i}")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    for i in 3..500 {
+        let r = c.get(&url).header("X-Agent-Id", format!("ws-{i}")).send().await.unwrap();
+        assert_eq!(r.status(), 429);
+        assert!(r.headers().contains_key("retry-after"));
+        let j: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(j["error"], "too_many_agents");
+    }
+    let r = c.get(&url).header("X-Agent-Id", "ws-1").send().await.unwrap();
+    assert_eq!(r.status(), 200, "a known id is still served");
+    assert_eq!(metric(&relay.url(), "patchrelay_limit_tracked_agents", &[]).await, 3.0);
 }
 
 #[actix_web::test]

@@ -61,6 +61,7 @@ impl ApiError {
             ApiError::RangeNotSatisfiable(_) => "range_not_satisfiable",
             ApiError::PreconditionFailed => "precondition_failed",
             ApiError::Limited(r) if r.reason == "window" => "outside_window",
+            ApiError::Limited(r) if r.reason == "agents_per_address" => "too_many_agents",
             ApiError::Limited(_) => "too_many_downloads",
         }
     }

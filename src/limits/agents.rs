@@ -125,18 +125,33 @@ impl<V: Default> Slots<V> {
     }
 
     fn get_or_insert_with(&mut self, key: u64, make: impl FnOnce() -> V) -> &mut V {
+        let i = self.slot_for(key, || Some(make())).unwrap_or_else(|i| i);
+        &mut self.slots[i].value
+    }
+
+    /// The entry for `key`, or a new one from `make`; none if `make` refuses.
+    fn get_or_try_insert_with(&mut self, key: u64, make: impl FnOnce() -> Option<V>) -> Option<&mut V> {
+        let i = self.slot_for(key, make).ok()?;
+        Some(&mut self.slots[i].value)
+    }
+
+    /// The index of `key`'s slot, filled by `make` if it was free; `Err`
+    /// with the free slot if `make` refused.
+    fn slot_for(&mut self, key: u64, make: impl FnOnce() -> Option<V>) -> Result<usize, usize> {
         if self.needs_room() {
             self.grow();
         }
-        let i = match self.probe(key) {
-            Ok(i) => i,
-            Err(i) => {
-                self.slots[i] = Slot { key, value: make() };
-                self.len += 1;
-                i
-            }
-        };
-        &mut self.slots[i].value
+        match self.probe(key) {
+            Ok(i) => Ok(i),
+            Err(i) => match make() {
+                Some(value) => {
+                    self.slots[i] = Slot { key, value };
+                    self.len += 1;
+                    Ok(i)
+                }
+                None => Err(i),
+            },
+        }
     }
 
     /// Keep the entries for which `keep` holds, in `cap` slots (a power of
@@ -157,12 +172,15 @@ impl<V: Default> Slots<V> {
         }
     }
 
-    /// Drop the entries for which `keep` fails, and give back the memory of
-    /// a shard that is now mostly empty.
-    fn retain(&mut self, keep: impl Fn(&V) -> bool) {
+    /// Drop the entries for which `keep` fails (telling `dropped` of each),
+    /// and give back the memory of a shard that is now mostly empty.
+    fn retain(&mut self, keep: impl Fn(&V) -> bool, mut dropped: impl FnMut(&V)) {
         let live = self.values().filter(|v| keep(v)).count();
         if live == self.len {
             return;
+        }
+        for v in self.values().filter(|v| !keep(v)) {
+            dropped(v);
         }
         let cap = if live == 0 { 0 } else { (live * 4).next_power_of_two().max(MIN_SLOTS).min(self.slots.len()) };
         if cap == 0 {
@@ -203,6 +221,9 @@ impl<V> Hint<V> {
     }
 }
 
+/// See [`AgentTable::on_expire`].
+type OnExpire<V> = Box<dyn Fn(&V) + Send + Sync>;
+
 /// Keys are already uniformly random 64-bit values (a keyed hash of who the
 /// agent is), so the table hashes them no further.
 pub struct AgentTable<V> {
@@ -211,6 +232,9 @@ pub struct AgentTable<V> {
     /// The next shard to sweep (written once per sweep, not per lookup).
     next_sweep: AtomicUsize,
     ttl_ns: u64,
+    /// Told of each entry a sweep drops, under its shard's lock (so it must
+    /// not lock this table again).
+    on_expire: Option<OnExpire<V>>,
 }
 
 impl<V: Expiring + Default> AgentTable<V> {
@@ -222,7 +246,14 @@ impl<V: Expiring + Default> AgentTable<V> {
                 .collect(),
             next_sweep: AtomicUsize::new(0),
             ttl_ns: u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX),
+            on_expire: None,
         }
+    }
+
+    /// Have sweeps tell `f` of every entry they drop.
+    pub fn on_expire(mut self, f: impl Fn(&V) + Send + Sync + 'static) -> Self {
+        self.on_expire = Some(Box::new(f));
+        self
     }
 
     fn shard(&self, key: u64) -> MutexGuard<'_, Slots<V>> {
@@ -254,6 +285,36 @@ impl<V: Expiring + Default> AgentTable<V> {
     /// marks it seen `now`.
     pub fn update<R>(&self, key: u64, now: u64, make: impl FnOnce() -> V, f: impl FnOnce(&mut V) -> R) -> R {
         let key = nonzero(key);
+        let mut shard = self.shard_with_room(key, now);
+        let entry = shard.get_or_insert_with(key, make);
+        // Under the lock: see `try_update`.
+        entry.touch(now);
+        f(entry)
+    }
+
+    /// [`AgentTable::update`], where `make` may refuse to make a new entry
+    /// (then `None`, and nothing is stored). `make` runs under the shard's
+    /// lock: it may lock another table, never this one.
+    pub fn try_update<R>(
+        &self,
+        key: u64,
+        now: u64,
+        make: impl FnOnce() -> Option<V>,
+        f: impl FnOnce(&mut V) -> R,
+    ) -> Option<R> {
+        let key = nonzero(key);
+        let mut shard = self.shard_with_room(key, now);
+        let entry = shard.get_or_try_insert_with(key, make)?;
+        // Under the lock: a sweep must never see the old time for an entry
+        // that is being handed out (it would drop it, and the agent's next
+        // request would get a fresh bucket and concurrency count).
+        entry.touch(now);
+        Some(f(entry))
+    }
+
+    /// `key`'s shard, locked, with room for one more entry (and a sweep of
+    /// some shard first, every [`SWEEP_EVERY`] lookups on this thread).
+    fn shard_with_room(&self, key: u64, now: u64) -> MutexGuard<'_, Slots<V>> {
         let n = LOOKUPS.with(|c| {
             let n = c.get();
             c.set(n.wrapping_add(1));
@@ -277,12 +338,7 @@ impl<V: Expiring + Default> AgentTable<V> {
                 self.hints[i].publish(&mut shard);
             }
         }
-        let entry = shard.get_or_insert_with(key, make);
-        // Under the lock: a sweep must never see the old time for an entry
-        // that is being handed out (it would drop it, and the agent's next
-        // request would get a fresh bucket and concurrency count).
-        entry.touch(now);
-        f(entry)
+        shard
     }
 
     /// Runs `f` on the entry for `key`, if there is one.
@@ -294,7 +350,11 @@ impl<V: Expiring + Default> AgentTable<V> {
     fn sweep(&self, i: usize, now: u64) {
         let ttl = self.ttl_ns;
         let mut shard = self.lock(i);
-        shard.retain(|v| v.busy() || now.saturating_sub(v.last_seen()) < ttl);
+        let keep = |v: &V| v.busy() || now.saturating_sub(v.last_seen()) < ttl;
+        match &self.on_expire {
+            Some(told) => shard.retain(keep, |v| told(v)),
+            None => shard.retain(keep, |_| {}),
+        }
         self.hints[i].publish(&mut shard);
     }
 
@@ -381,7 +441,7 @@ mod tests {
             *slots.get_or_insert_with(k, || 0) += 1;
             *model.entry(k).or_insert(0u32) += 1;
             if round % 5000 == 4999 {
-                slots.retain(|v| v % 2 == 0);
+                slots.retain(|v| v % 2 == 0, |_| {});
                 model.retain(|_, v| *v % 2 == 0);
             }
             assert_eq!(slots.len, model.len());
@@ -391,7 +451,7 @@ mod tests {
             assert_eq!(slots.get_mut(*k).copied(), Some(*v));
         }
         assert_eq!(slots.values().count(), model.len());
-        slots.retain(|_| false);
+        slots.retain(|_| false, |_| {});
         assert!(slots.slots.is_empty(), "an empty shard holds no memory");
         assert_eq!(slots.get_mut(1), None);
     }
@@ -426,6 +486,27 @@ mod tests {
         assert_eq!(t.count(), 1);
         check(&t);
         t.prefetch(key(7));
+    }
+
+    #[test]
+    fn sweeps_tell_of_every_entry_they_drop() {
+        use std::sync::Arc;
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let told = dropped.clone();
+        let t: AgentTable<Entry> =
+            AgentTable::new(std::time::Duration::from_nanos(1000)).on_expire(move |e: &Entry| {
+                assert!(!e.busy);
+                told.fetch_add(1, Ordering::Relaxed);
+            });
+        t.update(key(1), 0, Entry::default, |e| e.busy = true);
+        for i in 0..1000u64 {
+            t.update(key(i + 10), 100, Entry::default, |_| ());
+        }
+        for _ in 0..SHARDS * SWEEP_EVERY {
+            t.update(key(5), 1_000_000, Entry::default, |_| ());
+        }
+        assert_eq!(dropped.load(Ordering::Relaxed), 1000, "one call per entry dropped, none for the busy one");
+        assert_eq!(t.count(), 2);
     }
 
     #[test]
