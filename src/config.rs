@@ -223,6 +223,13 @@ pub struct ServerConfig {
     /// thousands of slow agents, kernel socket memory runs out before the
     /// relay's; absent: the kernel's own tuning.
     pub send_buffer: Option<ByteSize>,
+    /// A connection whose client acknowledges nothing for this long (it
+    /// stopped reading, or vanished) is closed (TCP_USER_TIMEOUT); "0s": the
+    /// kernel's own retransmission limits.
+    pub send_timeout: HumanDuration,
+    /// Connections one client address may hold at once (trusted proxies
+    /// excepted); 0: no cap.
+    pub max_connections_per_address: u32,
 }
 
 impl Default for ServerConfig {
@@ -238,6 +245,8 @@ impl Default for ServerConfig {
             forwarded_header: "x-forwarded-for".into(),
             write_buffer: ByteSize(2 * 1024),
             send_buffer: None,
+            send_timeout: HumanDuration(Duration::from_secs(60)),
+            max_connections_per_address: 256,
         }
     }
 }

@@ -20,6 +20,7 @@ use crate::actors::{Stop, SyncNow};
 use crate::config::{Config, Role};
 use crate::delta::EncodeOptions;
 use crate::fill::Filler;
+use crate::http::conn::{ConnectionRules, PerAddress};
 use crate::http::{self, AppState, Services};
 use crate::limits::Limits;
 use crate::repo::RepoDir;
@@ -254,20 +255,18 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
         0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
         n => n,
     };
-    let send_buffer = config.server.send_buffer.map(|b| b.0 as usize);
+    let rules = ConnectionRules {
+        send_buffer: config.server.send_buffer.map(|b| b.0 as usize),
+        send_timeout: Some(config.server.send_timeout.0).filter(|t| !t.is_zero()),
+        per_address: match config.server.max_connections_per_address {
+            0 => None,
+            n => Some(PerAddress::new(n, &config.server.trusted_proxies)),
+        },
+    };
     let mut server = HttpServer::new(move || App::new().app_data(state.clone()).configure(http::configure))
-        .on_connect(move |conn, _ext| {
-            let Some(tcp) = conn.downcast_ref::<actix_rt::net::TcpStream>() else { return };
-            // A response goes out in several writes (headers, then pieces);
-            // with Nagle on, the last small one waits for the client's delayed
-            // ACK, 40 ms per response.
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-            }
-            if let Some(size) = send_buffer
-                && let Err(e) = socket2::SockRef::from(tcp).set_send_buffer_size(size)
-            {
-                tracing::debug!(error = %e, "cannot set SO_SNDBUF");
+        .on_connect(move |conn, ext| {
+            if let Some(tcp) = conn.downcast_ref::<actix_rt::net::TcpStream>() {
+                rules.apply(tcp, ext);
             }
         })
         .workers(workers)

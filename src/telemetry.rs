@@ -54,6 +54,7 @@ pub const AGENT_UNKNOWN: &str = "patchrelay_agent_unknown_version_total";
 pub const PLANS: &str = "patchrelay_plans_total";
 pub const LIMIT_ACTIVE_AGENTS: &str = "patchrelay_limit_active_agents";
 pub const LIMIT_TRACKED_AGENTS: &str = "patchrelay_limit_tracked_agents";
+pub const CONNECTIONS_REFUSED: &str = "patchrelay_connections_refused_total";
 pub const LIMIT_REFUSALS: &str = "patchrelay_limit_refusals_total";
 pub const LIMIT_EGRESS: &str = "patchrelay_limit_egress_bytes_total";
 pub const LIMIT_THROTTLED_BYTES: &str = "patchrelay_limit_throttled_bytes_total";
@@ -141,6 +142,10 @@ fn describe() {
     describe_counter!(AGENT_UNKNOWN, "Plan requests from a version not in the manifest, by component.");
     describe_counter!(PLANS, "Update plans served, by kind of cheapest first step (none, delta, full).");
     describe_gauge!(LIMIT_ACTIVE_AGENTS, "Agents with a download in progress (under a limit policy).");
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Connections shut as they were accepted (per_address: over server.max_connections_per_address)."
+    );
     describe_gauge!(LIMIT_TRACKED_AGENTS, "Agents whose state the limits hold (seen within limits.idle_ttl).");
     describe_counter!(LIMIT_REFUSALS, "Downloads refused with 429, by policy and reason (concurrency, window).");
     describe_counter!(LIMIT_EGRESS, Unit::Bytes, "Bytes sent under each limit policy.");

@@ -262,3 +262,104 @@ async fn partial_files_count_in_the_disk_budget() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A connection from `ip` (a loopback address) to `url`'s host, with a small
+/// receive buffer.
+async fn connect_from(ip: &str, url: &str) -> tokio::net::TcpStream {
+    let addr: std::net::SocketAddr = url.trim_start_matches("http://").parse().unwrap();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+    sock.connect(addr).await.unwrap()
+}
+
+/// A client that asks for a large download and then stops reading holds its
+/// connection, its download slot and its buffers only until
+/// `server.send_timeout`: then the relay closes the connection and the
+/// agent's slot is free again.
+#[actix_web::test]
+async fn a_client_that_stops_reading_is_let_go() {
+    use tokio::io::AsyncWriteExt;
+    let repo = TestRepo::bare();
+    repo.add_version("big", "1", &noise(5, 48 << 20));
+    repo.publish();
+    let Some(nginx) = start_nginx(&repo.repo).await else { return };
+    let storage = tempfile::tempdir().unwrap();
+    let toml = relay_toml(
+        &[&nginx.url],
+        &repo.public,
+        storage.path(),
+        "[[limits.policy]]\nname = \"all\"\nmax_concurrent = 1\n",
+    )
+    .replace("[server]\n", "[server]\nsend_timeout = \"2s\"\n");
+    let relay = start(&patchrelay::config::Config::from_toml(&toml, "relay.toml").unwrap()).await;
+    assert!(wait_ready(&relay.url(), Duration::from_secs(10)).await);
+    let url = format!("{}/v1/components/big/latest", relay.url());
+    // Fetched once, so that the stuck download below is served from the store.
+    assert_eq!(client().get(&url).send().await.unwrap().bytes().await.unwrap().len(), 48 << 20);
+
+    let mut stuck = connect_from("127.0.0.1", &relay.url()).await;
+    stuck
+        .write_all(b"GET /v1/components/big/latest HTTP/1.1\r\nHost: relay\r\nX-Agent-Id: ws-1\r\n\r\n")
+        .await
+        .unwrap();
+    // It reads nothing from now on. Meanwhile its one slot is taken.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let again = || async { client().get(&url).header("X-Agent-Id", "ws-1").send().await.unwrap().status().as_u16() };
+    assert_eq!(again().await, 429);
+    let started = std::time::Instant::now();
+    loop {
+        let status = again().await;
+        if status == 200 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "the stuck connection still holds the slot");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    drop(stuck);
+}
+
+/// One address may hold `server.max_connections_per_address` connections;
+/// the next is shut as it is accepted; closing one makes room; a trusted
+/// proxy's connections are not counted.
+#[actix_web::test]
+async fn one_address_cannot_hold_every_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let repo = TestRepo::new();
+    let origin = start_origin(&repo).await;
+    let storage = tempfile::tempdir().unwrap();
+    let toml = relay_toml(&[&origin.url()], &repo.public, storage.path(), "")
+        .replace("[server]\n", "[server]\nmax_connections_per_address = 3\ntrusted_proxies = [\"127.0.0.9/32\"]\n");
+    let relay = start(&patchrelay::config::Config::from_toml(&toml, "relay.toml").unwrap()).await;
+    assert!(wait_ready(&relay.url(), Duration::from_secs(10)).await);
+    // Whether a connection is served: a request on it gets a response.
+    let served = |mut c: tokio::net::TcpStream| async move {
+        if c.write_all(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n").await.is_err() {
+            return (false, c);
+        }
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await.unwrap().unwrap_or(0);
+        (n > 0 && buf.starts_with(b"HTTP/1.1 200"), c)
+    };
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let (ok, c) = served(connect_from("127.0.0.5", &relay.url()).await).await;
+        assert!(ok);
+        held.push(c);
+    }
+    let (ok, _) = served(connect_from("127.0.0.5", &relay.url()).await).await;
+    assert!(!ok, "a fourth connection from one address was served");
+    let (ok, other) = served(connect_from("127.0.0.6", &relay.url()).await).await;
+    assert!(ok, "another address was refused");
+    drop(held.pop());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (ok, _) = served(connect_from("127.0.0.5", &relay.url()).await).await;
+    assert!(ok, "a closed connection was not uncounted");
+    let mut proxy = Vec::new();
+    for _ in 0..6 {
+        let (ok, c) = served(connect_from("127.0.0.9", &relay.url()).await).await;
+        assert!(ok, "a trusted proxy's connections were capped");
+        proxy.push(c);
+    }
+    drop((held, other, proxy));
+}

@@ -8,6 +8,7 @@
 
 pub mod body;
 pub mod conditional;
+pub mod conn;
 pub mod error;
 pub mod range;
 pub mod respond;
