@@ -232,7 +232,12 @@ pub fn main() -> ExitCode {
 /// does not justify starting an async runtime and a client.
 fn admin_sync(config: &Config) -> Result<String, String> {
     use std::io::{Read, Write};
-    let token = config.admin.as_ref().ok_or("the config has no [admin] token; the admin API is off")?.token.0.clone();
+    let token = config
+        .admin_token
+        .as_ref()
+        .ok_or("the config has no [admin] token (nor is PATCHRELAY_ADMIN_TOKEN set); the admin API is off")?
+        .0
+        .clone();
     let mut addr = config.server.listen;
     if addr.ip().is_unspecified() {
         addr.set_ip(if addr.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() });

@@ -50,6 +50,10 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// The admin token, wherever it came from (see [`AdminConfig`]); `None`:
+    /// the admin API is off.
+    #[serde(skip)]
+    pub admin_token: Option<AdminToken>,
 }
 
 /// `[metrics]`.
@@ -381,11 +385,19 @@ impl Default for SyncConfig {
     }
 }
 
+/// `[admin]`: the admin API's credentials. The token comes from exactly one
+/// of `token`, `token_file` (a file holding only the token, so the config
+/// itself can be world-readable) or the environment (`PATCHRELAY_ADMIN_TOKEN`,
+/// which wins over both; see [`Config::load`]).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
-    pub token: AdminToken,
+    pub token: Option<AdminToken>,
+    pub token_file: Option<PathBuf>,
 }
+
+/// The environment variable that sets the admin token (over `[admin]`).
+pub const ADMIN_TOKEN_ENV: &str = "PATCHRELAY_ADMIN_TOKEN";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -518,15 +530,31 @@ impl fmt::Debug for AdminToken {
     }
 }
 
+/// Tokens printed in documentation and sample configs: anyone can read them,
+/// so a server must not accept them (matched without case, as parts).
+const SAMPLE_TOKENS: [&str; 4] = ["change-me", "changeme", "example", "0123456789abcdef"];
+
+impl AdminToken {
+    /// Check a token, from wherever it came.
+    pub fn parse(s: &str) -> Result<AdminToken, String> {
+        let s = s.trim();
+        if s.len() < 16 || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(
+                "the admin token must be at least 16 characters with no spaces (try `openssl rand -hex 24`)".into()
+            );
+        }
+        let lower = s.to_ascii_lowercase();
+        if SAMPLE_TOKENS.iter().any(|t| lower.contains(t)) || s.chars().all(|c| Some(c) == s.chars().next()) {
+            return Err("the admin token is a sample or a placeholder that anyone can read; make a real one (`openssl rand -hex 24`)".into());
+        }
+        Ok(AdminToken(s.to_string()))
+    }
+}
+
 impl<'de> Deserialize<'de> for AdminToken {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        if s.len() < 16 || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(serde::de::Error::custom(
-                "the admin token must be at least 16 characters with no spaces (try `openssl rand -hex 24`)",
-            ));
-        }
-        Ok(AdminToken(s))
+        AdminToken::parse(&s).map_err(serde::de::Error::custom)
     }
 }
 
@@ -538,21 +566,68 @@ pub enum Role {
 }
 
 impl Config {
-    /// Read, parse and validate a config file.
+    /// Read, parse and validate a config file; `PATCHRELAY_ADMIN_TOKEN`,
+    /// when set, is the admin token (whatever `[admin]` says).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: file.clone(), source })?;
-        Config::from_toml(&text, &file)
+        let mut config = Config::from_toml(&text, &file)?;
+        if let Some(env) = std::env::var_os(ADMIN_TOKEN_ENV) {
+            let token = AdminToken::parse(&env.to_string_lossy()).map_err(|message| ConfigError::Invalid {
+                file: file.clone(),
+                line: None,
+                message: format!("{ADMIN_TOKEN_ENV}: {message}"),
+            })?;
+            config.admin_token = Some(token);
+        }
+        Ok(config)
     }
 
     /// Parse and validate config text; `file` names it in errors.
     pub fn from_toml(text: &str, file: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| {
+        let mut config: Config = toml::from_str(text).map_err(|e| {
             let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
             ConfigError::Parse { file: file.to_string(), line, column, message: e.message().trim().to_string() }
         })?;
         config.validate(text, file)?;
+        config.admin_token = config.read_admin_token(text, file)?;
         Ok(config)
+    }
+
+    /// The token `[admin]` names: `token`, or the contents of `token_file`.
+    fn read_admin_token(&self, text: &str, file: &str) -> Result<Option<AdminToken>, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            file: file.to_string(),
+            line: section_line(text, "admin"),
+            message,
+        };
+        let Some(admin) = &self.admin else { return Ok(None) };
+        match (&admin.token, &admin.token_file) {
+            (Some(t), None) => Ok(Some(t.clone())),
+            (None, Some(path)) => {
+                // Relative to the config file, as an operator reading it expects.
+                let path = &match Path::new(file).parent() {
+                    Some(dir) if path.is_relative() && !dir.as_os_str().is_empty() => dir.join(path),
+                    _ => path.clone(),
+                };
+                let raw = std::fs::read_to_string(path)
+                    .map_err(|e| invalid(format!("admin.token_file {}: {e}", path.display())))?;
+                #[cfg(unix)]
+                if let Ok(meta) = std::fs::metadata(path) {
+                    use std::os::unix::fs::PermissionsExt;
+                    if meta.permissions().mode() & 0o004 != 0 {
+                        tracing::warn!(path = %path.display(), "admin.token_file is readable by everyone; chmod 600 it");
+                    }
+                }
+                AdminToken::parse(&raw)
+                    .map(Some)
+                    .map_err(|e| invalid(format!("admin.token_file {}: {e}", path.display())))
+            }
+            (Some(_), Some(_)) => Err(invalid("[admin] has both token and token_file: keep one".into())),
+            (None, None) => Err(invalid(format!(
+                "[admin] needs token_file (a file holding the token) or token; or leave [admin] out and set {ADMIN_TOKEN_ENV}"
+            ))),
+        }
     }
 
     pub fn role(&self) -> Role {

@@ -242,7 +242,7 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
         published.clone(),
         source,
         config.server.manifest_max_age.0,
-        config.admin.as_ref().map(|a| a.token.0.clone()),
+        config.admin_token.as_ref().map(|t| t.0.clone()),
         Services { sync: Some(sync), status, deltas, limits },
         metrics.clone(),
     );

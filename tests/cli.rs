@@ -82,18 +82,69 @@ fn serve_fails_clearly_without_a_repository() {
 
 #[test]
 fn the_shipped_configs_are_valid() {
-    // config/*.toml document every key; they must stay loadable.
+    // config/*.toml document every key; they must stay loadable, with their
+    // admin token file where they say (here: a temp directory).
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let tmp = tempfile::tempdir().unwrap();
+    let token_file = tmp.path().join("admin.token");
+    std::fs::write(&token_file, "9f2c4e7a1b3d5f60718293a4b5c6d7e8\n").unwrap();
     let mut n = 0;
     for e in std::fs::read_dir(&dir).unwrap() {
         let path = e.unwrap().path();
         if path.extension().is_some_and(|x| x == "toml") {
-            let o = patchrelay(&["check-config", "--config", p(&path)]);
+            let text_in =
+                std::fs::read_to_string(&path).unwrap().replace("/etc/patchrelay/admin.token", p(&token_file));
+            let copy = tmp.path().join(path.file_name().unwrap());
+            std::fs::write(&copy, text_in).unwrap();
+            let o = patchrelay(&["check-config", "--config", p(&copy)]);
             assert!(o.status.success(), "{}: {}", path.display(), text(&o));
             n += 1;
         }
     }
     assert!(n >= 3, "expected origin.toml, relay.toml and demo.toml in config/");
+}
+
+/// The admin token: sample tokens are refused wherever they come from; it
+/// can live in a file of its own (relative to the config) or in the
+/// environment, which wins.
+#[test]
+fn admin_tokens_from_a_file_or_the_environment_and_never_a_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = "11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=";
+    let cfg = dir.path().join("relay.toml");
+    let write = |admin: &str| {
+        std::fs::write(
+            &cfg,
+            format!("[storage]\ndir = \"/tmp/x\"\n[[upstream]]\nurl = \"http://127.0.0.1:1\"\n[trust]\npublic_key = \"{key}\"\n{admin}"),
+        )
+        .unwrap()
+    };
+    let check = |env: Option<&str>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_patchrelay"));
+        c.args(["check-config", "--config", p(&cfg)]);
+        match env {
+            Some(v) => c.env("PATCHRELAY_ADMIN_TOKEN", v),
+            None => c.env_remove("PATCHRELAY_ADMIN_TOKEN"),
+        };
+        c.output().unwrap()
+    };
+    write("[admin]\ntoken = \"change-me-to-a-long-random-token\"\n");
+    let o = check(None);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("sample or a placeholder") && text(&o).contains("line 8"), "{}", text(&o));
+    write("[admin]\ntoken_file = \"admin.token\"\n");
+    let o = check(None);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("admin.token_file") && text(&o).contains("No such file"), "{}", text(&o));
+    std::fs::write(dir.path().join("admin.token"), "a7c1e9f03b5d24681357ace0\n").unwrap();
+    assert!(check(None).status.success(), "{}", text(&check(None)));
+    std::fs::write(dir.path().join("admin.token"), "EXAMPLE-token-for-the-docs\n").unwrap();
+    assert_eq!(check(None).status.code(), Some(2));
+    write("");
+    let o = check(Some("changeme-changeme-changeme"));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("PATCHRELAY_ADMIN_TOKEN"), "{}", text(&o));
+    assert!(check(Some("f00dfacecafe1234beef5678")).status.success());
 }
 
 /// `kill -9` a publish at arbitrary moments: the repository must always be the

@@ -363,3 +363,37 @@ async fn one_address_cannot_hold_every_connection() {
     }
     drop((held, other, proxy));
 }
+
+/// An error that is this server's fault tells the agent what happened and an
+/// id to find it in the log, never the store's paths, OS errors or upstream
+/// addresses.
+#[actix_web::test]
+async fn error_bodies_do_not_leak_paths_or_upstreams() {
+    let repo = TestRepo::new();
+    let origin = start_origin(&repo).await;
+    let sha = repo.sha("big", "1.0");
+    std::fs::remove_file(repo.repo.join(format!("v1/objects/{sha}"))).unwrap();
+    let r = client().get(format!("{}/v1/objects/{sha}", origin.url())).send().await.unwrap();
+    assert_eq!(r.status(), 500);
+    let body = r.text().await.unwrap();
+    let j: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(j["error"], "store_error");
+    assert!(j["id"].as_str().is_some_and(|id| id.len() == 8), "{body}");
+    for leak in [repo.repo.to_str().unwrap(), "/tmp", "os error", "No such file"] {
+        assert!(!body.contains(leak), "{leak:?} in {body}");
+    }
+
+    // A relay whose upstream is gone: 502/504, without the upstream's address.
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let storage = tempfile::tempdir().unwrap();
+    let up = ScriptedUpstream::start().await;
+    up.files.load_repo(&repo.repo);
+    let relay = start_relay(&[&up.url, &dead], &repo.public, storage.path()).await;
+    assert!(wait_ready(&relay.url(), Duration::from_secs(10)).await);
+    let r = client().get(format!("{}/v1/objects/{sha}", relay.url())).send().await.unwrap();
+    assert!(r.status() == 502 || r.status() == 504, "{}", r.status());
+    let body = r.text().await.unwrap();
+    for leak in ["127.0.0.1", &dead[7..], "Connection refused", "404"] {
+        assert!(!body.contains(leak), "{leak:?} in {body}");
+    }
+}

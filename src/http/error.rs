@@ -43,6 +43,31 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// What a client is told instead of the error itself, when the error is
+    /// about this server or its upstreams rather than the request; `None`
+    /// when the error's own message is for the client (its request, a limit,
+    /// not ready yet) or the caller is the operator (the admin API).
+    fn public_message(&self) -> Option<&'static str> {
+        match self {
+            ApiError::Source(SourceError::Store(_)) | ApiError::Source(SourceError::Fill(FillError::Store(_))) => {
+                Some("this server could not read or write its store; the error is in its log under this id")
+            }
+            ApiError::Source(SourceError::Fill(e)) if all_timeouts(e) => {
+                Some("no upstream answered in time; retry later (the details are in this server's log under this id)")
+            }
+            ApiError::Source(SourceError::Fill(_)) => Some(
+                "no upstream could supply these bytes intact; retry later (the details are in this server's log under this id)",
+            ),
+            ApiError::Delta(DeltaBuildError::Object { .. }) => {
+                Some("an end of this delta could not be fetched; use the full file, or retry later")
+            }
+            ApiError::Delta(DeltaBuildError::Encode(_) | DeltaBuildError::Store(_) | DeltaBuildError::NoBuilder) => {
+                Some("building this delta failed; use the full file (the error is in this server's log under this id)")
+            }
+            _ => None,
+        }
+    }
+
     fn code(&self) -> &'static str {
         match self {
             ApiError::NotFound(_) => "not_found",
@@ -101,10 +126,24 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let status = self.status_code();
-        if status.is_server_error() {
-            tracing::warn!(error = %self, status = status.as_u16(), "request failed");
-        }
-        let body = serde_json::json!({ "error": self.code(), "message": self.to_string() });
+        let body = match self.public_message() {
+            // Our own faults: the details (paths, OS errors, upstream names
+            // and addresses) go to the log, not to whoever asked; the id
+            // ties the two together.
+            Some(message) => {
+                let mut id = [0u8; 4];
+                let _ = getrandom::fill(&mut id);
+                let id = hex::encode(id);
+                tracing::warn!(error = %self, status = status.as_u16(), id = %id, "request failed");
+                serde_json::json!({ "error": self.code(), "message": message, "id": id })
+            }
+            None => {
+                if status.is_server_error() {
+                    tracing::debug!(error = %self, status = status.as_u16(), "request refused");
+                }
+                serde_json::json!({ "error": self.code(), "message": self.to_string() })
+            }
+        };
         let mut res = HttpResponse::build(status);
         res.insert_header((header::CACHE_CONTROL, HeaderValue::from_static("no-store")));
         match self {
