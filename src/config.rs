@@ -544,7 +544,7 @@ impl AdminToken {
             );
         }
         let lower = s.to_ascii_lowercase();
-        if SAMPLE_TOKENS.iter().any(|t| lower.contains(t)) || s.chars().all(|c| Some(c) == s.chars().next()) {
+        if SAMPLE_TOKENS.iter().any(|t| lower.contains(t)) || s.chars().all(|c| s.starts_with(c)) {
             return Err("the admin token is a sample or a placeholder that anyone can read; make a real one (`openssl rand -hex 24`)".into());
         }
         Ok(AdminToken(s.to_string()))
