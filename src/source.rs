@@ -142,6 +142,32 @@ pub enum Source {
 }
 
 impl Source {
+    /// What checks the stored object `digest` (`len` bytes) when a response
+    /// from it ends early: a relay drops a damaged object from its store (the
+    /// next request fetches it again); an origin forgets its mapping, so the
+    /// next request finds the damage and answers 500. Counted either way
+    /// (`store_faults_total`). Runs off the event loop (a `stat`).
+    pub fn checker(&self, target: &Target) -> crate::http::body::OnShort {
+        let (digest, len) = (target.digest, target.len);
+        match self {
+            Source::Relay { store, .. } => store.checker(digest),
+            Source::Origin { repo, memory } => {
+                let (path, memory) = (repo.root().join(target.repo_path()), memory.clone());
+                Box::new(move |read_failed| {
+                    let kind = match std::fs::metadata(&path) {
+                        Ok(m) if m.len() == len && !read_failed => return,
+                        Ok(m) if m.len() != len => "length",
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "missing",
+                        _ => "read_error",
+                    };
+                    tracing::error!(path = %path.display(), kind, "a repository object is damaged or gone; answering 500 for it until it is put back");
+                    metrics::counter!(telemetry::STORE_FAULTS, "kind" => kind).increment(1);
+                    memory.invalidate(&digest);
+                })
+            }
+        }
+    }
+
     /// Open the target's bytes, starting (or joining) a fill if this is a relay
     /// that does not hold them yet. Returns once the fill has an upstream
     /// response, so a request for an object no upstream can supply gets an

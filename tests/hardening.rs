@@ -397,3 +397,130 @@ async fn error_bodies_do_not_leak_paths_or_upstreams() {
         assert!(!body.contains(leak), "{leak:?} in {body}");
     }
 }
+
+/// Read a response from `conn` (after its request is sent) slowly, keeping
+/// the server's socket full: `between` runs once `first` bytes are in.
+/// Returns the bytes of the body received before the server ended it.
+async fn read_slowly_then_all(
+    conn: &mut tokio::net::TcpStream,
+    first: usize,
+    between: impl std::future::Future<Output = ()>,
+) -> usize {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut head = Vec::new();
+    let mut total = 0;
+    let mut between = Some(between);
+    let started = std::time::Instant::now();
+    loop {
+        if total >= first
+            && let Some(b) = between.take()
+        {
+            b.await;
+        }
+        match tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => {
+                if head.len() < 4096 {
+                    head.extend_from_slice(&buf[..n.min(4096)]);
+                }
+                total += n;
+            }
+            Err(_) => panic!("the response stalled instead of ending"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the response did not end");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let head_end = head.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    total - head_end
+}
+
+/// An object file cut short under a running server (an operator's `cp` over
+/// it, a failing disk): the server serves it from a read-only mapping, and a
+/// page past the new end cannot be read. The download in progress ends
+/// short; the process stays up (it used to die of SIGBUS); the damage is
+/// found and counted; a relay fetches the object again, an origin answers 500.
+#[actix_web::test]
+async fn an_object_truncated_under_the_server_does_not_take_it_down() {
+    // Ahead of where the download is, and inside a body piece: the server
+    // sends the piece's start and then meets the pages past the cut.
+    const CUT: u64 = (8 << 20) + 100 * 1024 + 123;
+    use tokio::io::AsyncWriteExt;
+    let mut repo = TestRepo::bare();
+    repo.chunk_size = 1 << 20;
+    let big = noise(21, 24 << 20);
+    repo.add_version("big", "1", &big);
+    repo.publish();
+    let sha = repo.sha("big", "1");
+    let Some(nginx) = start_nginx(&repo.repo).await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let relay_cfg = dir.path().join("relay.toml");
+    std::fs::write(&relay_cfg, relay_toml(&[&nginx.url], &repo.public, &dir.path().join("cache"), "")).unwrap();
+    let relay = RelayProcess::start(&relay_cfg);
+    assert!(wait_ready(&relay.url, Duration::from_secs(10)).await);
+    let url = format!("{}/v1/objects/{sha}", relay.url);
+    assert_eq!(client().get(&url).send().await.unwrap().bytes().await.unwrap().len(), big.len());
+
+    let stored = dir.path().join("cache/objects").join(&sha[..2]).join(&sha);
+    let mut conn = connect_from("127.0.0.1", &relay.url).await;
+    conn.write_all(format!("GET /v1/objects/{sha} HTTP/1.1\r\nHost: r\r\n\r\n").as_bytes()).await.unwrap();
+    let got = read_slowly_then_all(&mut conn, 200_000, async {
+        std::fs::OpenOptions::new().write(true).open(&stored).unwrap().set_len(CUT).unwrap();
+    })
+    .await;
+    assert!(got < big.len(), "a truncated object was served whole");
+    let mut relay = relay;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(relay.child.try_wait().unwrap().is_none(), "the relay died");
+    // The damage is found: the object is fetched again and served whole.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Outcome::Complete(200, body) = get_outcome(&url).await {
+            assert!(body[..] == big[..]);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the truncated object was never fetched again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(metric(&relay.url, "patchrelay_store_faults_total", &[]).await >= 1.0);
+    relay.kill9();
+
+    // The origin, whose files operators manage: the same cut, and then 500
+    // for that object (and the rest of the repository still served).
+    let origin_cfg = dir.path().join("origin.toml");
+    std::fs::write(
+        &origin_cfg,
+        format!("[server]\nlisten = \"127.0.0.1:0\"\n[origin]\nrepository = {:?}\n", repo.repo.display().to_string()),
+    )
+    .unwrap();
+    let origin = RelayProcess::start(&origin_cfg);
+    let url = format!("{}/v1/objects/{sha}", origin.url);
+    assert_eq!(client().get(&url).send().await.unwrap().bytes().await.unwrap().len(), big.len());
+    let file = repo.repo.join(format!("v1/objects/{sha}"));
+    let mut conn = connect_from("127.0.0.1", &origin.url).await;
+    conn.write_all(format!("GET /v1/objects/{sha} HTTP/1.1\r\nHost: o\r\n\r\n").as_bytes()).await.unwrap();
+    let got = read_slowly_then_all(&mut conn, 200_000, async {
+        std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(CUT).unwrap();
+    })
+    .await;
+    assert!(got < big.len());
+    let mut origin = origin;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(origin.child.try_wait().unwrap().is_none(), "the origin died");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match get_outcome(&url).await {
+            Outcome::Error(500, body) => {
+                assert!(body.contains("store_error"), "{body}");
+                break;
+            }
+            Outcome::Complete(..) => panic!("a damaged object was served whole"),
+            _ => {}
+        }
+        assert!(std::time::Instant::now() < deadline, "the damage was never noticed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = client().get(format!("{}/v1/manifest", origin.url)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    origin.kill9();
+}

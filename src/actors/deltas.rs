@@ -40,8 +40,8 @@ use crate::repo::RepoDir;
 use crate::repo::catalog::{Catalog, ObjectInfo};
 use crate::repo::manifest::Kind;
 use crate::source::Target;
+use crate::store::Store;
 use crate::store::atomic::write_atomic;
-use crate::store::{Blob, Store};
 use crate::telemetry;
 
 /// Encode one delta (runs on the builder's own threads).
@@ -308,11 +308,14 @@ impl DeltaService {
         let path = match &self.objects {
             Objects::Relay(filler) => {
                 filler.ensure(Target::payload(obj).fill_request()).await.map_err(|e| err(e.to_string()))?;
-                match self.store.get(&obj.sha256).map_err(|e| err(e.to_string()))? {
-                    Some(Blob::Memory(b)) => return Ok(b),
-                    Some(Blob::File { .. }) => self.store.path_of(&obj.sha256),
-                    None => return Err(err("evicted while building".into())),
-                }
+                // From the file, not a mapping (see `Store::read_all`).
+                let (store, digest) = (self.store.clone(), obj.sha256);
+                return match tokio::task::spawn_blocking(move || store.read_all(&digest)).await {
+                    Ok(Ok(Some(b))) => Ok(b),
+                    Ok(Ok(None)) => Err(err("evicted (or found damaged) while building".into())),
+                    Ok(Err(e)) => Err(err(e.to_string())),
+                    Err(_) => Err(err("read task failed".into())),
+                };
             }
             Objects::Origin(repo) => repo.object(&obj.sha256),
         };

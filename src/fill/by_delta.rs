@@ -14,7 +14,6 @@ use super::Filler;
 use crate::delta;
 use crate::digest::Digest;
 use crate::repo::catalog::Catalog;
-use crate::store::Blob;
 use crate::telemetry;
 
 #[derive(Deserialize)]
@@ -64,15 +63,11 @@ fn checked_steps(plan: &Plan, catalog: &Catalog, component: &str, target_size: u
     Ok(Some(()))
 }
 
-/// Bytes of `obj`, from the store.
+/// Bytes of `obj`, from the store (its file, never a mapping).
 async fn read(filler: &Filler, digest: Digest) -> Option<Vec<u8>> {
-    match filler.store().get(&digest).ok()?? {
-        Blob::Memory(b) => Some(b.to_vec()),
-        Blob::File { .. } => {
-            let path = filler.store().path_of(&digest);
-            tokio::task::spawn_blocking(move || std::fs::read(path).ok()).await.ok()?
-        }
-    }
+    let store = filler.store().clone();
+    let bytes = tokio::task::spawn_blocking(move || store.read_all(&digest)).await.ok()?.ok()??;
+    Some(bytes.to_vec())
 }
 
 /// Try to get `component` at `version` by delta. `Ok(Some(bytes fetched))`

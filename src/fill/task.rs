@@ -24,14 +24,12 @@
 //!    and waiters' connections are aborted (they never get a complete response
 //!    with wrong bytes).
 
-use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{FillError, FillRequest, Filler, Progress, Shared, Verify};
 use crate::digest::{Digest, Hasher};
-use crate::store::Blob;
 use crate::telemetry;
 use crate::upstream::{ErrorKind, Upstream};
 
@@ -356,22 +354,13 @@ async fn load_chunk_list(
         });
     }
     filler.ensure(list.clone()).await.map_err(|e| (*e).clone())?;
-    let blob = filler
-        .store
-        .get(&list.digest)
-        .map_err(|e| FillError::Store(e.to_string()))?
-        .ok_or_else(|| FillError::Store(format!("chunk list {} vanished after it was stored", list.digest)))?;
-    let bytes = match blob {
-        Blob::Memory(b) => b.to_vec(),
-        // Up to 64 MiB: read off the async threads.
-        Blob::File { file, len } => tokio::task::spawn_blocking(move || {
-            let mut buf = Vec::with_capacity(len as usize);
-            (&*file).take(len).read_to_end(&mut buf).map(|_| buf)
-        })
+    // Up to 64 MiB, from the file (never a mapping): read off the async threads.
+    let (store, digest) = (filler.store.clone(), list.digest);
+    let bytes = tokio::task::spawn_blocking(move || store.read_all(&digest))
         .await
         .map_err(|_| FillError::Aborted(list.path.clone()))?
-        .map_err(|e| FillError::Store(format!("read chunk list: {e}")))?,
-    };
+        .map_err(|e| FillError::Store(format!("read chunk list: {e}")))?
+        .ok_or_else(|| FillError::Store(format!("chunk list {} vanished after it was stored", list.digest)))?;
     if bytes.len() as u64 != list.len {
         return Err(FillError::Store(format!(
             "chunk list {} is {} bytes on disk, expected {}",

@@ -146,7 +146,15 @@ pub struct PieceStream {
     pace: Pace,
     /// Bytes of a filling object sent since this stream last gave way.
     since_yield: usize,
+    /// Told, off the event loop, when the stream ends before its last piece
+    /// (whether reading the file failed): see [`PieceStream::on_short`].
+    on_short: Option<OnShort>,
+    /// Reading the response's file failed.
+    read_failed: bool,
 }
+
+/// See [`PieceStream::on_short`].
+pub type OnShort = Box<dyn FnOnce(bool) + Send>;
 
 impl PieceStream {
     pub fn new(pieces: VecDeque<Piece>, sent_counter: &'static Tally, permit: Option<Permit>) -> Self {
@@ -160,7 +168,18 @@ impl PieceStream {
             file_pos: None,
             pace: Pace::new(READ_SIZE),
             since_yield: 0,
+            on_short: None,
+            read_failed: false,
         }
+    }
+
+    /// Have `f` told when the response ends early. Most such ends are a
+    /// client hanging up; some are the store failing under it (a mapped page
+    /// the kernel could not read ends the connection with nothing else to
+    /// show), and `f` is where the source checks its object (`Source::checker`).
+    pub fn on_short(mut self, f: Option<OnShort>) -> Self {
+        self.on_short = f;
+        self
     }
 
     /// The largest piece to produce at once: the read size, or less when a
@@ -353,7 +372,7 @@ impl PieceStream {
                             // Ends the response early; the client sees a short
                             // body against Content-Length, never wrong bytes.
                             tracing::error!(error = %e, "reading an object file failed mid-response");
-                            this.pieces.clear();
+                            this.read_failed = true;
                             return Poll::Ready(Some(Err(e)));
                         }
                     }
@@ -367,6 +386,17 @@ impl PieceStream {
 impl Drop for PieceStream {
     fn drop(&mut self) {
         self.sent_counter.add(self.sent);
+        if (self.read_failed || !self.pieces.is_empty())
+            && let Some(check) = self.on_short.take()
+        {
+            let failed = self.read_failed;
+            // A `stat`, but on a failing disk even that may block: off the
+            // event loop when there is a runtime to hand it to.
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(rt.spawn_blocking(move || check(failed))),
+                Err(_) => check(failed),
+            }
+        }
     }
 }
 

@@ -95,7 +95,7 @@ fn common_headers(res: &mut HttpResponseBuilder, rep: &Representation) {
 
 fn slice(content: &Content, r: ByteRange) -> Piece {
     match content {
-        Content::Stored(Blob::Memory(b)) => Piece::Bytes(b.slice(r.start as usize..=r.end as usize)),
+        Content::Stored(Blob::Memory(b) | Blob::Mapped(b)) => Piece::Bytes(b.slice(r.start as usize..=r.end as usize)),
         Content::Stored(Blob::File { file, .. }) => Piece::File { file: file.clone(), offset: r.start, len: r.len() },
         Content::Filling(handle) => Piece::Growing { handle: Box::new(handle.clone()), offset: r.start, len: r.len() },
     }
@@ -123,6 +123,9 @@ pub struct ResponseCtx<'a> {
     pub permit: Option<Permit>,
     /// The largest body piece (see `body::piece_cap`).
     pub max_piece: usize,
+    /// What to tell when a response from a stored object ends early
+    /// (`body::PieceStream::on_short`).
+    pub on_short: Option<super::body::OnShort>,
 }
 
 /// The body being assembled: its exact length always, its pieces only when
@@ -218,6 +221,6 @@ pub fn build(
     });
     res.body(SizedStream::new(
         body.len,
-        PieceStream::new(body.pieces, ctx.sent_counter, permit).with_max_piece(ctx.max_piece),
+        PieceStream::new(body.pieces, ctx.sent_counter, permit).with_max_piece(ctx.max_piece).on_short(ctx.on_short),
     ))
 }

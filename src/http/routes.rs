@@ -100,6 +100,7 @@ async fn serve(
         Admission::Done(permit) => return serve_admitted(req, state, route, permit, rep, src).await,
     };
     let decision = respond::decide(req, &rep)?;
+    let kept = src.kept();
     let needs_body = respond::needs_body(req, &decision);
     // What is already here is looked up first (nothing is fetched for it), so
     // that admission knows whether a small body can go at once.
@@ -139,8 +140,40 @@ async fn serve(
         sent_counter: state.route(route).bytes,
         permit,
         max_piece: state.max_piece,
+        on_short: checker(state, blob.as_ref(), kept),
     };
     Ok(respond::build(&rep, decision, blob.as_ref(), ctx))
+}
+
+/// Where a body's bytes are kept, to check them when a response ends early.
+#[derive(Clone, Copy)]
+enum Kept {
+    Nowhere,
+    Target(Target),
+    Delta(Digest),
+}
+
+impl Bytesource {
+    fn kept(&self) -> Kept {
+        match self {
+            Bytesource::Memory(_) => Kept::Nowhere,
+            Bytesource::Target(t) => Kept::Target(*t),
+            Bytesource::Delta(d) => Kept::Delta(*d),
+        }
+    }
+}
+
+/// For a body read from a stored file or mapping, what checks the object
+/// when the response ends early (`Source::checker`, `Store::checker`).
+fn checker(state: &AppState, blob: Option<&Content>, kept: Kept) -> Option<super::body::OnShort> {
+    if !matches!(blob, Some(Content::Stored(Blob::Mapped(_) | Blob::File { .. }))) {
+        return None;
+    }
+    match kept {
+        Kept::Nowhere => None,
+        Kept::Target(t) => Some(state.source.checker(&t)),
+        Kept::Delta(d) => state.deltas.as_ref().map(|x| x.store().checker(d)),
+    }
 }
 
 /// [`serve`] for a download admitted already (see [`Admission::Done`]).
@@ -153,6 +186,7 @@ async fn serve_admitted(
     src: Bytesource,
 ) -> Result<HttpResponse, ApiError> {
     let decision = respond::decide(req, &rep)?;
+    let kept = src.kept();
     let blob = if respond::needs_body(req, &decision) {
         Some(match src {
             Bytesource::Memory(b) => Content::Stored(Blob::Memory(b)),
@@ -167,6 +201,7 @@ async fn serve_admitted(
         sent_counter: state.route(route).bytes,
         permit: permit.filter(|_| blob.is_some()),
         max_piece: state.max_piece,
+        on_short: checker(state, blob.as_ref(), kept),
     };
     Ok(respond::build(&rep, decision, blob.as_ref(), ctx))
 }

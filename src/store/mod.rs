@@ -64,6 +64,11 @@ fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) ->
 pub enum Blob {
     /// Small objects are kept in memory and served without a system call.
     Memory(Bytes),
+    /// Larger ones, read-only mapped from their file (`storage.mmap`): served
+    /// without a copy, but only ever read by the kernel (a page that cannot
+    /// be read would raise SIGBUS in user space; see `mapped`). Code that
+    /// needs the bytes themselves reads the file ([`Store::read_all`]).
+    Mapped(Bytes),
     /// Larger ones are read from their file while the response is sent. The file
     /// stays readable even if the object is evicted meanwhile (unlink keeps the
     /// inode alive while it is open).
@@ -73,7 +78,7 @@ pub enum Blob {
 impl Blob {
     pub fn len(&self) -> u64 {
         match self {
-            Blob::Memory(b) => b.len() as u64,
+            Blob::Memory(b) | Blob::Mapped(b) => b.len() as u64,
             Blob::File { len, .. } => *len,
         }
     }
@@ -118,7 +123,7 @@ impl MemoryCache {
             return Ok(Blob::Memory(bytes));
         }
         if let Some(bytes) = self.maps.as_ref().and_then(|m| m.get(digest)) {
-            return Ok(Blob::Memory(bytes));
+            return Ok(Blob::Mapped(bytes));
         }
         let file = File::open(path).map_err(io_err("cannot open", path))?;
         let actual = file.metadata().map_err(io_err("cannot stat", path))?.len();
@@ -138,13 +143,9 @@ impl MemoryCache {
         if let Some(maps) = &self.maps {
             let bytes = mapped::map(&file).map_err(io_err("cannot map", path))?;
             maps.insert(*digest, bytes.clone());
-            return Ok(Blob::Memory(bytes));
+            return Ok(Blob::Mapped(bytes));
         }
         Ok(Blob::File { file: Arc::new(file), len })
-    }
-
-    pub fn get(&self, digest: &Digest) -> Option<Bytes> {
-        self.cache.get(digest).or_else(|| self.maps.as_ref()?.get(digest))
     }
 
     pub fn invalidate(&self, digest: &Digest) {
@@ -308,11 +309,78 @@ impl Store {
             Err(StoreError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
                 // Removed behind our back (an operator cleaning up): forget it and
                 // let the caller fetch it again.
-                self.0.index.remove(digest);
-                self.0.memory.invalidate(digest);
+                self.forget(digest, "missing");
                 Ok(None)
             }
-            Err(e) => Err(e),
+            // Cut short behind our back: the same (it was verified whole when
+            // it was stored, so its name no longer fits its bytes).
+            Err(StoreError::Length { .. }) => {
+                self.forget(digest, "length");
+                Ok(None)
+            }
+            Err(e) => {
+                metrics::counter!(crate::telemetry::STORE_FAULTS, "kind" => "read_error").increment(1);
+                Err(e)
+            }
+        }
+    }
+
+    /// Drop a damaged object from the index (and its file, if any is left),
+    /// so that the next request fetches it again instead of failing; counted.
+    fn forget(&self, digest: &Digest, kind: &'static str) {
+        tracing::warn!(object = %digest, kind, "a stored object is damaged or gone; dropping it (it will be fetched again)");
+        metrics::counter!(crate::telemetry::STORE_FAULTS, "kind" => kind).increment(1);
+        self.remove(digest);
+    }
+
+    /// After a response from this object ended early: is the object still
+    /// whole on disk? A mapped page that cannot be read fails the kernel's
+    /// write (EFAULT) and ends the connection, which is all the HTTP room
+    /// sees; checking the file then finds a truncated or vanished object, and
+    /// it is dropped (and fetched again on the next request). `read_error`:
+    /// the response itself failed to read the file. Blocking (a `stat`).
+    pub fn check(&self, digest: &Digest, read_error: bool) {
+        let Some(entry) = self.0.index.get(digest) else { return };
+        match fs::metadata(self.path_of(digest)) {
+            Ok(m) if m.len() == entry.len && !read_error => {}
+            Ok(m) if m.len() != entry.len => self.forget(digest, "length"),
+            Ok(_) => self.forget(digest, "read_error"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => self.forget(digest, "missing"),
+            Err(_) => self.forget(digest, "read_error"),
+        }
+    }
+
+    /// [`Store::check`] of `digest`, to run when a response from it ends early.
+    pub fn checker(&self, digest: Digest) -> Box<dyn FnOnce(bool) + Send> {
+        let store = self.clone();
+        Box::new(move |read_failed| store.check(&digest, read_failed))
+    }
+
+    /// The object's bytes, read from its file (never from a mapping: code
+    /// that reads the bytes itself must not touch a mapped page that may
+    /// fail). `None` if it is not here (or was found damaged). Blocking.
+    pub fn read_all(&self, digest: &Digest) -> Result<Option<Bytes>, StoreError> {
+        match self.get(digest)? {
+            None => Ok(None),
+            Some(Blob::Memory(b)) => Ok(Some(b)),
+            Some(blob) => {
+                let path = self.path_of(digest);
+                match fs::read(&path) {
+                    Ok(data) if data.len() as u64 == blob.len() => Ok(Some(Bytes::from(data))),
+                    Ok(_) => {
+                        self.forget(digest, "length");
+                        Ok(None)
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        self.forget(digest, "missing");
+                        Ok(None)
+                    }
+                    Err(source) => {
+                        metrics::counter!(crate::telemetry::STORE_FAULTS, "kind" => "read_error").increment(1);
+                        Err(StoreError::Io { action: "cannot read", path, source })
+                    }
+                }
+            }
         }
     }
 

@@ -52,41 +52,61 @@ fn initial_write_buffer(h1_write_buffer_size: usize) -> usize {
     h1_write_buffer_size.clamp(LW_WRITE_BUFFER_SIZE, HW_BUFFER_SIZE)
 }
 
-/// patchrelay: the smallest body piece written straight to the socket (see `write_through`).
-/// Smaller pieces cost less to copy and batch than to send with a write of their own.
-const WRITE_THROUGH_MIN: usize = 16 * 1024;
-
-/// patchrelay: writes what `write_buf` holds and then `data` with vectored writes, so a large
-/// body piece reaches the socket without first being copied into `write_buf` (serving a 24 MiB
-/// file, that copy was a fifth of the server's time). Whatever the socket does not take now is
-/// appended to `write_buf`: every other path still finds all unsent bytes there, and "nothing
-/// left to send" is still `write_buf.is_empty()`.
+/// patchrelay: writes what `write_buf` holds and then `data` with vectored writes, so a body
+/// piece reaches the socket without being copied into `write_buf` (serving a 24 MiB file, that
+/// copy was a fifth of the server's time). Whatever of `data` the socket does not take now is
+/// kept as it is in `pending` (which must be empty on entry), not copied either: body pieces of
+/// sized responses are then only ever read by the kernel. patchrelay serves large objects from
+/// read-only file mappings, and a page of one that cannot be read (the file was truncated under
+/// it, or the disk failed) makes a copy in user space raise SIGBUS, which kills the process,
+/// where the kernel's own copy fails the write with EFAULT, which only ends the connection.
+/// While `pending` holds bytes, nothing is appended to `write_buf` (`poll_response` waits for
+/// `poll_flush` to send them), so the order on the wire is `write_buf`, then `pending`.
 fn write_through<T: AsyncWrite + Unpin>(
     io: &mut T,
     cx: &mut Context<'_>,
     write_buf: &mut BytesMut,
+    pending: &mut Option<Bytes>,
     mut data: Bytes,
 ) -> io::Result<()> {
+    debug_assert!(pending.is_none());
     // The socket takes bytes in order, so `data` only shrinks once `write_buf` is empty.
     while !data.is_empty() {
-        let bufs = [io::IoSlice::new(write_buf), io::IoSlice::new(&data)];
-        match Pin::new(&mut *io).poll_write_vectored(cx, &bufs) {
-            Poll::Ready(Ok(0)) => {
-                error!("write zero; closing");
-                return Err(io::Error::new(io::ErrorKind::WriteZero, ""));
-            }
-            Poll::Ready(Ok(n)) => {
-                let from_buf = n.min(write_buf.len());
-                write_buf.advance(from_buf);
-                data.advance(n - from_buf);
-            }
+        match write_both(io, cx, write_buf, &mut data) {
+            Poll::Ready(Ok(())) => {}
             Poll::Ready(Err(err)) => return Err(err),
             // The waker is registered; `poll_flush` sends the rest when the socket drains.
-            Poll::Pending => break,
+            Poll::Pending => {
+                *pending = Some(data);
+                return Ok(());
+            }
         }
     }
-    write_buf.extend_from_slice(&data);
     Ok(())
+}
+
+/// patchrelay: one vectored write of `write_buf` and then `data`, advancing both by what the
+/// socket took.
+fn write_both<T: AsyncWrite + Unpin>(
+    io: &mut T,
+    cx: &mut Context<'_>,
+    write_buf: &mut BytesMut,
+    data: &mut Bytes,
+) -> Poll<io::Result<()>> {
+    let bufs = [io::IoSlice::new(write_buf), io::IoSlice::new(data)];
+    match ready!(Pin::new(&mut *io).poll_write_vectored(cx, &bufs)) {
+        Ok(0) => {
+            error!("write zero; closing");
+            Poll::Ready(Err(io::Error::new(io::ErrorKind::WriteZero, "")))
+        }
+        Ok(n) => {
+            let from_buf = n.min(write_buf.len());
+            write_buf.advance(from_buf);
+            data.advance(n - from_buf);
+            Poll::Ready(Ok(()))
+        }
+        Err(err) => Poll::Ready(Err(err)),
+    }
 }
 
 const MAX_PIPELINED_MESSAGES: usize = 16;
@@ -236,6 +256,9 @@ pin_project! {
         pub(super) io: Option<T>,
         read_buf: BytesMut,
         write_buf: BytesMut,
+        // patchrelay: body bytes the socket has not taken yet, sent after `write_buf` (see
+        // `write_through`).
+        pending: Option<Bytes>,
 
         // Number of bytes to busy-buffer before flushing.
         h1_write_buffer_size: usize,
@@ -359,6 +382,7 @@ where
                     write_buf: BytesMut::with_capacity(initial_write_buffer(
                         config.h1_write_buffer_size(),
                     )),
+                    pending: None,
                     h1_write_buffer_size: config.h1_write_buffer_size(),
                     write_buf_needs_reset: false,
                     codec: Codec::new(config),
@@ -415,10 +439,22 @@ where
         let InnerDispatcherProj {
             io,
             write_buf,
+            pending,
             h1_write_buffer_size,
             write_buf_needs_reset,
             ..
         } = self.project();
+
+        // patchrelay: body bytes kept back by `write_through` go after `write_buf`, without a
+        // copy.
+        if let Some(data) = pending.as_mut() {
+            let io = io.as_mut().unwrap();
+            while !data.is_empty() {
+                ready!(write_both(io, cx, write_buf, data))?;
+            }
+            *pending = None;
+        }
+
         let mut io = Pin::new(io.as_mut().unwrap());
 
         // Allow normal buffer growth, but do not retain allocations caused by large response
@@ -654,6 +690,11 @@ where
     ) -> Result<PollResponse, DispatchError> {
         'res: loop {
             let mut this = self.as_mut().project();
+            // patchrelay: nothing may be written after body bytes the socket has not taken yet
+            // (see `write_through`): send them first.
+            if this.pending.is_some() {
+                return Ok(PollResponse::DrainWriteBuf);
+            }
             match this.state.as_mut().project() {
                 StateProj::None if this.flags.contains(Flags::DRAINING) => {
                     this.messages.clear();
@@ -736,15 +777,15 @@ where
                 StateProj::SendPayload { mut body } => {
                     // keep populate writer buffer until buffer size limit hit,
                     // get blocked or finished.
-                    while this.write_buf.len() < *this.h1_write_buffer_size {
+                    while this.pending.is_none()
+                        && this.write_buf.len() < *this.h1_write_buffer_size
+                    {
                         match body.as_mut().poll_next(cx) {
                             Poll::Ready(Some(Ok(item))) => {
-                                // patchrelay: large pieces go straight to the socket.
-                                if let (true, Some(io)) =
-                                    (item.len() >= WRITE_THROUGH_MIN, this.io.as_mut())
-                                {
+                                // patchrelay: body pieces go to the socket as they are.
+                                if let Some(io) = this.io.as_mut() {
                                     if let Some(data) = this.codec.take_unframed(&item) {
-                                        write_through(io, cx, this.write_buf, data)?;
+                                        write_through(io, cx, this.write_buf, this.pending, data)?;
                                         continue;
                                     }
                                 }
@@ -1530,7 +1571,7 @@ where
                     }
 
                     // keep-alive and stream errors
-                    if state_is_none && inner_p.write_buf.is_empty() {
+                    if state_is_none && inner_p.write_buf.is_empty() && inner_p.pending.is_none() {
                         if let Some(err) = inner_p.error.take() {
                             error!("stream error: {}", &err);
                             return Poll::Ready(Err(err));
