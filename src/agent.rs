@@ -132,6 +132,22 @@ pub async fn update(args: UpdateArgs) -> Result<Report, AgentError> {
         "fetch_failed" => AgentError::Network(why),
         _ => AgentError::Trust(why),
     })?;
+    // No going back: a validly signed but older manifest (replayed on the
+    // way, or from a stale or hostile server) would otherwise take the file
+    // back to an older version.
+    let serial_file = serial_path(&args.file);
+    let seen = read_serial(&serial_file);
+    if seen.is_some_and(|s| catalog.serial() < s) {
+        return Err(AgentError::Trust(format!(
+            "the server offers manifest serial {}, older than the {} this agent has verified (rollback refused)",
+            catalog.serial(),
+            seen.unwrap_or_default()
+        )));
+    }
+    if seen != Some(catalog.serial()) {
+        crate::store::atomic::write_atomic(&serial_file, format!("{}\n", catalog.serial()).as_bytes())
+            .map_err(|e| local(&serial_file, e))?;
+    }
     let (_, component) = catalog
         .component(&args.component)
         .ok_or_else(|| AgentError::Trust(format!("the manifest has no component {:?}", args.component)))?;
@@ -349,6 +365,18 @@ fn client(url: UpstreamUrl) -> Result<Arc<Upstream>, AgentError> {
     let ups = Upstreams::with_user_agent(std::slice::from_ref(&cfg), crate::upstream::AGENT_USER_AGENT)
         .map_err(|e| AgentError::Usage(e.to_string()))?;
     ups.list().first().cloned().ok_or_else(|| AgentError::Usage("no server".into()))
+}
+
+/// `PATH.patchrelay-serial`: the highest manifest serial this agent has
+/// verified for `PATH`, so that an older manifest is refused.
+pub fn serial_path(file: &Path) -> PathBuf {
+    let mut name = file.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".patchrelay-serial");
+    file.with_file_name(name)
+}
+
+fn read_serial(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
 /// `PATH.patchrelay-download/`: partial downloads, kept across runs so an

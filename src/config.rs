@@ -571,26 +571,34 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: file.clone(), source })?;
-        let mut config = Config::from_toml(&text, &file)?;
-        if let Some(env) = std::env::var_os(ADMIN_TOKEN_ENV) {
-            let token = AdminToken::parse(&env.to_string_lossy()).map_err(|message| ConfigError::Invalid {
+        let env = match std::env::var_os(ADMIN_TOKEN_ENV) {
+            None => None,
+            Some(v) => Some(AdminToken::parse(&v.to_string_lossy()).map_err(|message| ConfigError::Invalid {
                 file: file.clone(),
                 line: None,
                 message: format!("{ADMIN_TOKEN_ENV}: {message}"),
-            })?;
-            config.admin_token = Some(token);
-        }
-        Ok(config)
+            })?),
+        };
+        Config::parse(&text, &file, env)
     }
 
     /// Parse and validate config text; `file` names it in errors.
     pub fn from_toml(text: &str, file: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, file, None)
+    }
+
+    /// [`Config::from_toml`], with the admin token from the environment
+    /// (which wins: `[admin]` is then not read for one).
+    fn parse(text: &str, file: &str, env_token: Option<AdminToken>) -> Result<Config, ConfigError> {
         let mut config: Config = toml::from_str(text).map_err(|e| {
             let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
             ConfigError::Parse { file: file.to_string(), line, column, message: e.message().trim().to_string() }
         })?;
         config.validate(text, file)?;
-        config.admin_token = config.read_admin_token(text, file)?;
+        config.admin_token = match env_token {
+            Some(t) => Some(t),
+            None => config.read_admin_token(text, file)?,
+        };
         Ok(config)
     }
 

@@ -39,6 +39,7 @@ pub const MANIFEST_REJECTED: &str = "patchrelay_manifest_rejected_total";
 pub const SYNCS: &str = "patchrelay_syncs_total";
 pub const LAST_GOOD_SYNC: &str = "patchrelay_last_good_sync_timestamp_seconds";
 pub const SINCE_GOOD_SYNC: &str = "patchrelay_seconds_since_last_good_sync";
+pub const MANIFEST_AGE: &str = "patchrelay_manifest_age_seconds";
 pub const STORE_OBJECTS: &str = "patchrelay_store_objects";
 pub const STORE_BYTES: &str = "patchrelay_store_bytes";
 pub const STORE_EVICTIONS: &str = "patchrelay_store_evictions_total";
@@ -119,6 +120,11 @@ fn describe() {
     describe_counter!(SYNCS, "Sync attempts, by result (updated, unchanged, failed).");
     describe_gauge!(LAST_GOOD_SYNC, Unit::Seconds, "Unix time of the last sync that got a verified manifest.");
     describe_gauge!(SINCE_GOOD_SYNC, Unit::Seconds, "Seconds since the last sync that got a verified manifest.");
+    describe_gauge!(
+        MANIFEST_AGE,
+        Unit::Seconds,
+        "Seconds since the manifest being served was published (its generated_at)."
+    );
     describe_gauge!(STORE_OBJECTS, "Complete objects in the local store.");
     describe_gauge!(STORE_BYTES, Unit::Bytes, "Bytes of complete objects in the local store.");
     describe_counter!(STORE_EVICTIONS, "Objects evicted to stay under storage.max_size.");

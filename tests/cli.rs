@@ -145,6 +145,13 @@ fn admin_tokens_from_a_file_or_the_environment_and_never_a_sample() {
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).contains("PATCHRELAY_ADMIN_TOKEN"), "{}", text(&o));
     assert!(check(Some("f00dfacecafe1234beef5678")).status.success());
+    // The environment wins: [admin] is then not read for a token.
+    write("[admin]\ntoken_file = \"nowhere.token\"\n");
+    assert!(
+        check(Some("f00dfacecafe1234beef5678")).status.success(),
+        "{}",
+        text(&check(Some("f00dfacecafe1234beef5678")))
+    );
 }
 
 /// `kill -9` a publish at arbitrary moments: the repository must always be the

@@ -374,6 +374,29 @@ async fn the_agent_refuses_plans_the_manifest_does_not_allow() {
     assert!(!std::fs::read_dir(dirs.path()).unwrap().any(|e| e.unwrap().path().is_dir()), "download dir left");
 }
 
+/// An agent that has verified serial 2 refuses a validly signed serial 1
+/// (replayed, or from a stale server) instead of going back to its latest.
+#[actix_web::test]
+async fn the_agent_refuses_an_older_manifest() {
+    let repo = TestRepo::bare();
+    repo.add_version("blob", "1", &blob(1));
+    repo.publish();
+    let old = ScriptedUpstream::start().await;
+    old.files.load_repo(&repo.repo);
+    repo.add_version("blob", "2", &blob(2));
+    repo.publish();
+    let origin = start_origin(&repo).await;
+    let dirs = tempfile::tempdir().unwrap();
+    let file = dirs.path().join("blob.bin");
+    let run = agent(&origin.url(), "blob", &file, &repo.public).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(std::fs::read(&file).unwrap(), blob(2));
+    let run = agent(&old.url, "blob", &file, &repo.public).await;
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert!(run.stderr.contains("rollback refused"), "{}", run.stderr);
+    assert_eq!(std::fs::read(&file).unwrap(), blob(2), "the file went back to an older version");
+}
+
 /// The demo prints `--file lpt.sig`: a bare relative name. The agent updates
 /// it in place, exits 0 and cleans up after itself.
 #[actix_web::test]
@@ -399,8 +422,9 @@ async fn the_agent_updates_a_bare_relative_file_name() {
     .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(std::fs::read(dir.path().join("blob.bin")).unwrap(), blob(2));
-    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(left, ["blob.bin"], "left behind: {left:?}");
+    let mut left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    left.sort();
+    assert_eq!(left, ["blob.bin", "blob.bin.patchrelay-serial"], "left behind: {left:?}");
 }
 
 /// An upstream patchrelay whose plan for a delta sync claims a terabyte step,

@@ -87,7 +87,7 @@ pub struct DeltaInfo {
 pub enum DeltaBuildError {
     #[error("cannot get {what} {digest}: {why}")]
     Object { what: &'static str, digest: Digest, why: String },
-    #[error("deltas are only built for targets up to {limit} bytes; this one is {size}")]
+    #[error("deltas are only built between versions up to {limit} bytes; this pair has one of {size}")]
     TooLarge { size: u64, limit: u64 },
     #[error("building the delta failed: {0}")]
     Encode(String),
@@ -220,8 +220,10 @@ impl DeltaService {
         if let Some(info) = self.get(&base.sha256, &target.sha256) {
             return Ok(futures_util::future::ready(Ok(info)).boxed().shared());
         }
-        if target.size > self.max_size {
-            return Err(DeltaBuildError::TooLarge { size: target.size, limit: self.max_size });
+        // Both ends are held in memory, and the suffix-array diff's memory
+        // grows with the base: the limit is on either.
+        if target.size > self.max_size || base.size > self.max_size {
+            return Err(DeltaBuildError::TooLarge { size: target.size.max(base.size), limit: self.max_size });
         }
         let key = (base.sha256, target.sha256);
         let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());

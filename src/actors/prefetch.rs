@@ -117,7 +117,14 @@ impl Prefetcher {
                 // A newer version of something we hold: try its delta first.
                 let catalog = lock(&this.catalog).clone();
                 if let Some(catalog) = catalog {
-                    match by_delta::sync(&this.filler, &catalog, &component, &version).await {
+                    // Bounded in all, as a fill is: a trickling upstream
+                    // cannot hold this prefetch (and its slot) for ever.
+                    let deadline = this.filler.upstreams().fill_deadline();
+                    let synced =
+                        tokio::time::timeout(deadline, by_delta::sync(&this.filler, &catalog, &component, &version))
+                            .await
+                            .unwrap_or_else(|_| Err(format!("no delta sync within fill_deadline ({deadline:?})")));
+                    match synced {
                         Ok(_) => {}
                         Err(e) => {
                             metrics::counter!(telemetry::DELTA_SYNC, "result" => "fallback").increment(1);

@@ -26,7 +26,7 @@ pub enum ApiError {
     NotReady,
     #[error("{0}")]
     Source(#[from] SourceError),
-    #[error("the admin API is disabled: set [admin] token in the config")]
+    #[error("the admin API is disabled: set [admin] token_file (or token) in the config, or PATCHRELAY_ADMIN_TOKEN")]
     AdminDisabled,
     #[error("missing or wrong `Authorization: Bearer <token>`")]
     Unauthorized,

@@ -680,6 +680,12 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     if let Some(t) = state.published.last_good_sync() {
         metrics::gauge!(telemetry::SINCE_GOOD_SYNC).set(unix_now().saturating_sub(t) as f64);
     }
+    // A sync that keeps finding the same manifest is a good sync: only the
+    // manifest's own age shows an upstream that withholds newer ones.
+    if let Some(cat) = state.published.current() {
+        let age = std::time::SystemTime::now().duration_since(cat.generated_at).unwrap_or_default();
+        metrics::gauge!(telemetry::MANIFEST_AGE).set(age.as_secs_f64());
+    }
     if let Some(limits) = state.limits {
         limits.publish_gauges();
     }
