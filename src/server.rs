@@ -208,7 +208,7 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
             let store = open_store(config, storage)?;
             weak_store = Some(store.downgrade());
             let upstreams = Arc::new(Upstreams::new(&config.upstream)?);
-            let filler = Filler::new(store.clone(), upstreams.clone());
+            let filler = Filler::new(store.clone(), upstreams.clone(), storage.memory_cache.0);
             let deltas = if config.delta.enabled {
                 Some(open_deltas(config, store.clone(), Objects::Relay(filler.clone()))?)
             } else {

@@ -142,6 +142,14 @@ pub enum Source {
 }
 
 impl Source {
+    /// Since when, and why, a relay's store cannot write (`store::full`).
+    pub fn write_fault(&self) -> Option<(std::time::SystemTime, String)> {
+        match self {
+            Source::Relay { store, .. } => store.write_fault(),
+            Source::Origin { .. } => None,
+        }
+    }
+
     /// What checks the stored object `digest` (`len` bytes) when a response
     /// from it ends early: a relay drops a damaged object from its store (the
     /// next request fetches it again); an origin forgets its mapping, so the

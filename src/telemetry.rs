@@ -57,6 +57,7 @@ pub const LIMIT_ACTIVE_AGENTS: &str = "patchrelay_limit_active_agents";
 pub const LIMIT_TRACKED_AGENTS: &str = "patchrelay_limit_tracked_agents";
 pub const CONNECTIONS_REFUSED: &str = "patchrelay_connections_refused_total";
 pub const STORE_FAULTS: &str = "patchrelay_store_faults_total";
+pub const STORE_WRITABLE: &str = "patchrelay_store_writable";
 pub const LIMIT_REFUSALS: &str = "patchrelay_limit_refusals_total";
 pub const LIMIT_EGRESS: &str = "patchrelay_limit_egress_bytes_total";
 pub const LIMIT_THROTTLED_BYTES: &str = "patchrelay_limit_throttled_bytes_total";
@@ -151,8 +152,9 @@ fn describe() {
     describe_gauge!(LIMIT_ACTIVE_AGENTS, "Agents with a download in progress (under a limit policy).");
     describe_counter!(
         STORE_FAULTS,
-        "Stored objects found damaged or gone (missing, length, read_error): dropped and fetched again, or answered 5xx."
+        "Stored objects found damaged or gone (missing, length, read_error), and writes the store could not make (write)."
     );
+    describe_gauge!(STORE_WRITABLE, "1 while the store can write; 0 while misses are passed through from memory.");
     describe_counter!(
         CONNECTIONS_REFUSED,
         "Connections shut as they were accepted (per_address: over server.max_connections_per_address)."

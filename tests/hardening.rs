@@ -524,3 +524,81 @@ async fn an_object_truncated_under_the_server_does_not_take_it_down() {
     assert_eq!(r.status(), 200);
     origin.kill9();
 }
+
+/// The relay's store on a small file system of its own (a tmpfs, mounted in
+/// a namespace of the relay's: no root needed where user namespaces are on).
+/// It fills up in the middle of a fill. The relay keeps serving what it has,
+/// says it is degraded and why, and serves misses whole and verified from
+/// memory instead of failing them; nothing it had is lost.
+#[actix_web::test]
+async fn a_full_disk_degrades_the_relay_but_loses_nothing() {
+    let Some(unshare) = require_tool("unshare", &["/usr/bin/unshare"], "util-linux") else { return };
+    let mut repo = TestRepo::bare();
+    repo.chunk_size = 1 << 20;
+    let (a, b, c) = (noise(31, 100_000), noise(32, 24 << 20), noise(33, 24 << 20));
+    repo.add_version("a", "1", &a);
+    repo.add_version("b", "1", &b);
+    repo.add_version("c", "1", &c);
+    repo.publish();
+    let Some(nginx) = start_nginx(&repo.repo).await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let cfg = dir.path().join("relay.toml");
+    std::fs::write(&cfg, relay_toml(&[&nginx.url], &repo.public, &cache, "")).unwrap();
+    let mut cmd = Command::new(unshare);
+    cmd.args(["--user", "--map-root-user", "--mount", "sh", "-c"]).arg(format!(
+        "mount -t tmpfs -o size=40m tmpfs '{}' && exec '{}' serve --config '{}'",
+        cache.display(),
+        env!("CARGO_BIN_EXE_patchrelay"),
+        cfg.display()
+    ));
+    let relay = RelayProcess::start_command(cmd);
+    assert!(wait_ready(&relay.url, Duration::from_secs(10)).await);
+    let get = |c: &str| {
+        let url = format!("{}/v1/components/{c}/latest", relay.url);
+        async move { get_outcome(&url).await }
+    };
+    for (name, want) in [("a", &a), ("b", &b)] {
+        match get(name).await {
+            Outcome::Complete(200, body) => assert!(body[..] == want[..], "{name}"),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    // 40 MB in all, 24 of them b's: c does not fit. The fill that finds out
+    // is cut (never completed with wrong bytes).
+    match get("c").await {
+        Outcome::Complete(200, body) => assert!(body[..] == c[..], "wrong bytes"),
+        Outcome::Truncated(_) | Outcome::Error(..) => {}
+        other => panic!("{other:?}"),
+    }
+    let ready: serde_json::Value =
+        client().get(format!("{}/readyz", relay.url)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(ready["status"], "degraded", "{ready}");
+    assert!(ready["reasons"].to_string().contains("the store cannot write"), "{ready}");
+    // From now on c is passed through from memory, whole and verified.
+    for _ in 0..2 {
+        match get("c").await {
+            Outcome::Complete(200, body) => assert!(body[..] == c[..], "wrong bytes"),
+            other => panic!("c while the disk is full: {other:?}"),
+        }
+    }
+    let r = client()
+        .get(format!("{}/v1/components/c/latest", relay.url))
+        .header("Range", "bytes=20000000-20000099")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.bytes().await.unwrap(), c[20_000_000..20_000_100]);
+    // What it had is still served, intact.
+    for (name, want) in [("a", &a), ("b", &b)] {
+        match get(name).await {
+            Outcome::Complete(200, body) => assert!(body[..] == want[..], "{name}"),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    assert!(metric(&relay.url, "patchrelay_fills_total", &[("result", "passed_through")]).await >= 2.0);
+    assert_eq!(metric(&relay.url, "patchrelay_store_writable", &[]).await, 0.0);
+    relay.kill9();
+}

@@ -46,6 +46,7 @@ pub struct Housekeeping {
     published: Arc<Published>,
     ticks: u64,
     evicting: bool,
+    probing: bool,
 }
 
 impl Housekeeping {
@@ -55,12 +56,18 @@ impl Housekeeping {
         published: Arc<Published>,
         deltas: Option<(Arc<DeltaService>, usize)>,
     ) -> Self {
-        Housekeeping { store, deltas, relay, published, ticks: 0, evicting: false }
+        Housekeeping { store, deltas, relay, published, ticks: 0, evicting: false, probing: false }
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
         self.ticks += 1;
         self.store.count_partial_bytes();
+        if self.store.write_fault().is_some() && !self.probing {
+            self.probing = true;
+            let store = self.store.clone();
+            let work = async move { tokio::task::spawn_blocking(move || store.probe_writable()).await };
+            ctx.spawn(work.into_actor(self).map(|_, act, _| act.probing = false));
+        }
         if self.store.over_budget() && !self.evicting {
             self.evicting = true;
             let store = self.store.clone();

@@ -99,6 +99,10 @@ impl Prefetcher {
     /// recent failures too (a new manifest may have fixed them).
     pub fn sweep(self: &Arc<Self>, force: bool) {
         let store = self.filler.store();
+        // Nothing fetched now could be kept: wait until the store can write.
+        if store.write_fault().is_some() {
+            return;
+        }
         let targets: Vec<(String, String, Target)> =
             lock(&self.wanted).iter().map(|w| (w.component.clone(), w.version.clone(), w.target)).collect();
         for (component, version, target) in targets {

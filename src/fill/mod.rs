@@ -64,6 +64,10 @@ pub enum FillError {
     AllFailed { path: String, attempts: Vec<String>, timeouts_only: bool },
     #[error("fill task for {0} ended abnormally")]
     Aborted(String),
+    /// The store cannot write, and the memory for passing objects through
+    /// is taken (see `store::full`).
+    #[error("{0}")]
+    StoreFull(String),
 }
 
 /// Where a fill is.
@@ -89,6 +93,22 @@ struct Shared {
     path: String,
     file: Arc<File>,
     progress: watch::Sender<Progress>,
+    /// The file is in memory (the store cannot write): the object is passed
+    /// through, not stored, and its bytes are counted against
+    /// [`Filler::memory_budget`] until the last reader lets go.
+    in_memory: Option<MemoryHeld>,
+}
+
+/// Bytes of an in-memory fill, given back when it is dropped.
+struct MemoryHeld {
+    budget: Arc<std::sync::atomic::AtomicU64>,
+    len: u64,
+}
+
+impl Drop for MemoryHeld {
+    fn drop(&mut self) {
+        self.budget.fetch_add(self.len, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// A request's view of a fill in progress.
@@ -199,17 +219,35 @@ pub struct Filler {
     inflight: Mutex<HashMap<Digest, Arc<Shared>>>,
     in_flight_gauge: metrics::Gauge,
     waiters: metrics::Counter,
+    /// Bytes that fills in memory may still take (while the store cannot
+    /// write): objects passed through are held whole while anyone reads them.
+    memory_budget: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Filler {
-    pub fn new(store: Store, upstreams: Arc<Upstreams>) -> Arc<Filler> {
+    /// `memory` bounds the objects passed through in memory at once while
+    /// the store cannot write (`storage.memory_cache`).
+    pub fn new(store: Store, upstreams: Arc<Upstreams>, memory: u64) -> Arc<Filler> {
         Arc::new(Filler {
             store,
             upstreams,
             inflight: Mutex::new(HashMap::new()),
             in_flight_gauge: metrics::gauge!(telemetry::FILLS_IN_FLIGHT),
             waiters: metrics::counter!(telemetry::FILL_WAITERS),
+            memory_budget: Arc::new(std::sync::atomic::AtomicU64::new(memory)),
         })
+    }
+
+    /// Take `len` bytes of the pass-through budget, or say why not.
+    fn hold_memory(&self, len: u64, path: &str) -> Result<MemoryHeld, FillError> {
+        use std::sync::atomic::Ordering;
+        let taken = self.memory_budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| left.checked_sub(len));
+        match taken {
+            Ok(_) => Ok(MemoryHeld { budget: self.memory_budget.clone(), len }),
+            Err(left) => Err(FillError::StoreFull(format!(
+                "the store cannot write, and passing {path} ({len} bytes) through memory would take more than the {left} bytes left for that; retry later"
+            ))),
+        }
     }
 
     pub fn store(&self) -> &Store {
@@ -232,7 +270,8 @@ impl Filler {
         if let Some(blob) = self.store.get(&req.digest).map_err(|e| FillError::Store(e.to_string()))? {
             return Ok(Opened::Stored(blob));
         }
-        let file = self.store.open_partial(&req.digest).map_err(|e| FillError::Store(e.to_string()))?;
+        let (file, in_memory) = self.store.open_partial(&req.digest).map_err(|e| FillError::Store(e.to_string()))?;
+        let in_memory = if in_memory { Some(self.hold_memory(req.len, &req.path)?) } else { None };
         let (progress, _) = watch::channel(Progress::Starting { verified: 0 });
         let shared = Arc::new(Shared {
             digest: req.digest,
@@ -240,6 +279,7 @@ impl Filler {
             path: req.path.clone(),
             file: Arc::new(file),
             progress,
+            in_memory,
         });
         {
             let mut inflight = self.registry();

@@ -179,7 +179,7 @@ pub(super) async fn run(filler: &Arc<Filler>, shared: &Arc<Shared>, req: &FillRe
                         attempts.push(format!("gave up after fill_deadline ({:?})", filler.upstreams.fill_deadline()));
                         break 'rounds;
                     }
-                    match transfer(&up, shared, req, &mut v, &mut etag).await {
+                    match transfer(&filler.store, &up, shared, req, &mut v, &mut etag).await {
                         Ok(()) => {
                             last_upstream = Some(up.clone());
                             complete = true;
@@ -242,11 +242,23 @@ pub(super) async fn run(filler: &Arc<Filler>, shared: &Arc<Shared>, req: &FillRe
             reason: format!("content hashes to {actual}, not {}; refusing to store it", req.digest),
         });
     }
+    if shared.in_memory.is_some() {
+        // Passed through: verified, served, not stored (the store cannot write).
+        metrics::counter!(telemetry::FILLS, "result" => "passed_through").increment(1);
+        tracing::info!(object = %req.path, bytes = req.len, "passed through from memory (the store cannot write)");
+        return Ok(());
+    }
     let (store, file, digest, len) = (filler.store.clone(), shared.file.clone(), req.digest, req.len);
-    tokio::task::spawn_blocking(move || store.commit_partial(&digest, &file, len))
-        .await
-        .map_err(|_| FillError::Aborted(req.path.clone()))?
-        .map_err(|e| FillError::Store(e.to_string()))?;
+    tokio::task::spawn_blocking(move || {
+        store.commit_partial(&digest, &file, len).inspect_err(|e| {
+            if let crate::store::StoreError::Io { source, .. } = e {
+                store.note_write_error(source, "store a verified object");
+            }
+        })
+    })
+    .await
+    .map_err(|_| FillError::Aborted(req.path.clone()))?
+    .map_err(|e| FillError::Store(e.to_string()))?;
     if let Some(up) = last_upstream {
         tracing::info!(upstream = %up.name, object = %req.path, bytes = req.len, "cached");
     }
@@ -260,6 +272,7 @@ fn truncate(shared: &Shared, v: &Verifier) -> Result<(), FillError> {
 /// One upstream request, from the last byte written to the end (or from 0
 /// for objects verified only whole).
 async fn transfer(
+    store: &crate::store::Store,
     up: &Arc<Upstream>,
     shared: &Shared,
     req: &FillRequest,
@@ -312,7 +325,10 @@ async fn transfer(
         if pos + data.len() as u64 > req.len {
             return Err(Fault::Integrity(format!("sent more than the manifest's {} bytes", req.len)));
         }
-        shared.file.write_all_at(data, pos).map_err(|e| Fault::Local(format!("write partial {}: {e}", req.path)))?;
+        shared.file.write_all_at(data, pos).map_err(|e| {
+            store.note_write_error(&e, "write a partial file");
+            Fault::Local(format!("write partial {}: {e}", req.path))
+        })?;
         pos += data.len() as u64;
         match v.feed(data) {
             Ok(true) => {

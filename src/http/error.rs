@@ -52,6 +52,9 @@ impl ApiError {
             ApiError::Source(SourceError::Store(_)) | ApiError::Source(SourceError::Fill(FillError::Store(_))) => {
                 Some("this server could not read or write its store; the error is in its log under this id")
             }
+            ApiError::Source(SourceError::Fill(FillError::StoreFull(_))) => Some(
+                "this relay cannot store right now and passes what it can through memory; that is taken: retry later",
+            ),
             ApiError::Source(SourceError::Fill(e)) if all_timeouts(e) => {
                 Some("no upstream answered in time; retry later (the details are in this server's log under this id)")
             }
@@ -78,6 +81,7 @@ impl ApiError {
             ApiError::Delta(_) => "delta_failed",
             ApiError::NotReady => "not_ready",
             ApiError::Source(SourceError::Store(_)) => "store_error",
+            ApiError::Source(SourceError::Fill(FillError::StoreFull(_))) => "store_full",
             ApiError::Source(SourceError::Fill(_)) => "upstream_failed",
             ApiError::AdminDisabled => "admin_disabled",
             ApiError::Unauthorized => "unauthorized",
@@ -114,6 +118,7 @@ impl ResponseError for ApiError {
             ApiError::Source(SourceError::Store(_)) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Source(SourceError::Fill(e)) if all_timeouts(e) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Source(SourceError::Fill(FillError::Store(_))) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Source(SourceError::Fill(FillError::StoreFull(_))) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Source(SourceError::Fill(_)) => StatusCode::BAD_GATEWAY,
             ApiError::AdminDisabled => StatusCode::FORBIDDEN,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -150,7 +155,8 @@ impl ResponseError for ApiError {
             ApiError::NotReady | ApiError::Unavailable(_) => {
                 res.insert_header((header::RETRY_AFTER, HeaderValue::from_static("5")));
             }
-            ApiError::Delta(DeltaBuildError::Busy(_)) => {
+            ApiError::Delta(DeltaBuildError::Busy(_))
+            | ApiError::Source(SourceError::Fill(FillError::StoreFull(_))) => {
                 // Spread, so a refused wave does not come back in step.
                 let mut b = [0u8; 1];
                 let _ = getrandom::fill(&mut b);

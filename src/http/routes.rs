@@ -708,18 +708,32 @@ async fn healthz(state: web::Data<AppState>) -> HttpResponse {
 /// (`"status": "degraded"` then says since when): a relay that can serve its
 /// cache should stay in its load balancer.
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    let degraded = state.published.degraded_since();
-    let status = match (state.published.is_ready(), degraded) {
+    use crate::repo::manifest::format_time;
+    let degraded = state.published.degraded_since().map(|t| std::time::UNIX_EPOCH + std::time::Duration::from_secs(t));
+    let store = state.source.write_fault();
+    let mut reasons = Vec::new();
+    if let Some(t) = degraded {
+        reasons.push(format!("no upstream has given an acceptable manifest since {}", format_time(t)));
+    }
+    if let Some((t, why)) = &store {
+        reasons.push(format!(
+            "the store cannot write since {} ({why}): serving what it holds, passing misses through from memory",
+            format_time(*t)
+        ));
+    }
+    let status = match (state.published.is_ready(), reasons.is_empty()) {
         (false, _) => "not_ready",
-        (true, Some(_)) => "degraded",
-        (true, None) => "ok",
+        (true, false) => "degraded",
+        (true, true) => "ok",
     };
+    let since = [degraded, store.map(|(t, _)| t)].into_iter().flatten().min();
     let body = serde_json::json!({
         "ready": state.published.is_ready(),
         "status": status,
         "serial": state.published.serial(),
         "last_good_sync": state.published.last_good_sync(),
-        "degraded_since": degraded.map(|t| crate::repo::manifest::format_time(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t))),
+        "degraded_since": since.map(format_time),
+        "reasons": reasons,
     });
     let mut res = if state.published.is_ready() { HttpResponse::Ok() } else { HttpResponse::ServiceUnavailable() };
     res.insert_header((header::CACHE_CONTROL, HeaderValue::from_static("no-store")));

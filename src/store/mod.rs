@@ -20,6 +20,7 @@
 //! ```
 
 pub mod atomic;
+pub mod full;
 mod index;
 pub mod lock;
 mod mapped;
@@ -194,6 +195,8 @@ struct Inner {
     /// Bytes in `partial/` at the last count ([`Store::count_partial_bytes`]):
     /// they take disk like objects, count in the budget, and are not evicted.
     partial_bytes: AtomicU64,
+    /// Set while the store cannot write (see `full`).
+    write_fault: full::WriteFault,
 }
 
 /// What [`Store::open`] found.
@@ -258,7 +261,9 @@ impl Store {
             memory,
             _lock: lock,
             partial_bytes: AtomicU64::new(0),
+            write_fault: full::WriteFault::default(),
         }));
+        metrics::gauge!(crate::telemetry::STORE_WRITABLE).set(1.0);
         store.count_partial_bytes();
         let report =
             OpenReport { objects: objects_n, bytes, partial_files, temp_files_removed, elapsed: started.elapsed() };
@@ -407,16 +412,37 @@ impl Store {
         self.0.partial.join(digest.to_hex())
     }
 
-    /// Open (or create) the partial file of `digest` for reading and writing.
-    pub fn open_partial(&self, digest: &Digest) -> Result<File, StoreError> {
+    /// Open (or create) the partial file of `digest` for reading and writing;
+    /// while the store cannot write, a file in memory instead (see `full`),
+    /// and `true` with it.
+    pub fn open_partial(&self, digest: &Digest) -> Result<(File, bool), StoreError> {
         let path = self.partial_path(digest);
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(io_err("cannot open", &path))
+        if !self.0.write_fault.is_set() {
+            match OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path) {
+                Ok(f) => return Ok((f, false)),
+                Err(e) if self.0.write_fault.note(&e, "create a partial file") => {}
+                Err(e) => return Err(io_err("cannot open", &path)(e)),
+            }
+        }
+        let f = full::memory_file(&digest.to_hex()).map_err(io_err("cannot create a memory file for", &path))?;
+        Ok((f, true))
+    }
+
+    /// Whether the store can write, and if not since when and why.
+    pub fn write_fault(&self) -> Option<(SystemTime, String)> {
+        self.0.write_fault.get()
+    }
+
+    /// A write failed with `e`: note whether the store cannot write (see
+    /// `full`). Returns whether it was such a fault.
+    pub fn note_write_error(&self, e: &io::Error, what: &str) -> bool {
+        self.0.write_fault.note(e, what)
+    }
+
+    /// While the store cannot write, try whether it can again (housekeeping's
+    /// tick). Blocking.
+    pub fn probe_writable(&self) {
+        self.0.write_fault.probe(&self.0.tmp);
     }
 
     /// The partial file is complete and its digest checked: make it durable and
@@ -641,14 +667,14 @@ mod tests {
         let (store, _) = Store::open(dir.path(), &opts(None)).unwrap();
         let data = vec![3u8; 5000];
         let d = Digest::of(&data);
-        let mut f = store.open_partial(&d).unwrap();
+        let (mut f, _) = store.open_partial(&d).unwrap();
         f.write_all(&data[..2000]).unwrap();
         drop(f);
         drop(store);
         let (store, report) = Store::open(dir.path(), &opts(None)).unwrap();
         assert_eq!(report.partial_files, 1);
         assert_eq!(store.partials()[0].1, 2000);
-        let mut f = store.open_partial(&d).unwrap();
+        let (mut f, _) = store.open_partial(&d).unwrap();
         use std::io::{Seek, SeekFrom};
         f.seek(SeekFrom::End(0)).unwrap();
         f.write_all(&data[2000..]).unwrap();

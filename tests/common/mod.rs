@@ -548,16 +548,16 @@ pub struct RelayProcess {
 impl RelayProcess {
     /// Start `patchrelay serve --config <toml>`; waits for its listening line.
     pub fn start(config_path: &Path) -> RelayProcess {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_patchrelay"));
+        cmd.arg("serve").arg("--config").arg(config_path);
+        RelayProcess::start_command(cmd)
+    }
+
+    /// Run `cmd`, which ends up running `patchrelay serve` (through a wrapper
+    /// such as `unshare`), and wait for its listening line.
+    pub fn start_command(mut cmd: Command) -> RelayProcess {
         use std::io::BufRead;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_patchrelay"))
-            .arg("serve")
-            .arg("--config")
-            .arg(config_path)
-            .env("PATCHRELAY_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = cmd.env("PATCHRELAY_LOG", "info").stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
