@@ -99,18 +99,18 @@ pub struct Report {
 }
 
 #[derive(Deserialize)]
-struct Plan {
-    steps: Vec<PlanStep>,
+pub(crate) struct Plan {
+    pub(crate) steps: Vec<PlanStep>,
 }
 
 #[derive(Deserialize, Clone)]
-struct PlanStep {
-    kind: String,
+pub(crate) struct PlanStep {
+    pub(crate) kind: String,
     from: String,
-    to: String,
+    pub(crate) to: String,
     url: String,
-    size: u64,
-    sha256: Digest,
+    pub(crate) size: u64,
+    pub(crate) sha256: Digest,
 }
 
 fn net(e: impl std::fmt::Display) -> AgentError {
@@ -258,7 +258,7 @@ pub async fn update(args: UpdateArgs) -> Result<Report, AgentError> {
 /// digest); a delta is smaller than the version it builds; and the whole is
 /// not more than the full target. Nothing a hostile server writes in a plan
 /// can then make this agent download more than the manifest allows.
-fn check_plan(
+pub(crate) fn check_plan(
     steps: &[PlanStep],
     catalog: &repo::catalog::Catalog,
     component: &str,

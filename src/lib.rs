@@ -24,6 +24,8 @@ pub mod delta;
 pub mod demo;
 pub mod digest;
 pub mod fill;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod limits;
 pub mod repo;

@@ -217,3 +217,70 @@ async fn large_heads_and_pipelined_requests_are_served() {
         assert!(rest.is_empty(), "slowly: {slowly}");
     }
 }
+
+/// Slowloris: 200 connections that each send a request head a byte at a
+/// time and never finish it. They are closed within the head timeout
+/// (actix-web's 5 s) while other clients are served as usual throughout.
+#[actix_web::test]
+async fn slow_request_heads_are_cut_and_others_still_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let repo = TestRepo::new();
+    let origin = start_origin(&repo).await;
+    let mut slow = Vec::new();
+    for _ in 0..200 {
+        let mut s = tokio::net::TcpStream::connect(origin.addr).await.unwrap();
+        s.write_all(b"GET /v1/manifest HTTP/1.1\r\nHost: x\r\nX-Pad: ").await.unwrap();
+        slow.push(s);
+    }
+    let started = std::time::Instant::now();
+    let mut open = slow.len();
+    let mut closed_at = None;
+    while started.elapsed() < Duration::from_secs(15) {
+        // A byte on each still-open connection, and a real client in between.
+        for s in slow.iter_mut() {
+            let _ = s.write_all(b"a").await;
+        }
+        let r = client().get(format!("{}/v1/manifest", origin.url())).send().await.unwrap();
+        assert_eq!(r.status(), 200, "a normal client was not served during the attack");
+        open = 0;
+        for s in slow.iter_mut() {
+            let mut buf = [0u8; 512];
+            match tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {}
+                Ok(Ok(_)) => {} // an error answer (408) before closing counts as closed too
+                Err(_) => open += 1,
+            }
+        }
+        if open == 0 {
+            closed_at = Some(started.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let closed = closed_at.unwrap_or_else(|| panic!("{open} slow heads still open after 15 s"));
+    assert!(closed < Duration::from_secs(10), "slow heads held for {closed:?}");
+}
+
+/// A head with more headers than the server takes is refused (4xx); one with
+/// a few dozen is served.
+#[actix_web::test]
+async fn too_many_headers_are_refused() {
+    let repo = TestRepo::new();
+    let origin = start_origin(&repo).await;
+    for (n, ok) in [(40, true), (200, false)] {
+        let extra: String = (0..n).map(|i| format!("X-H{i}: v\r\n")).collect();
+        let (status, _) = tokio::task::spawn_blocking({
+            let (addr, req) = (origin.addr, get("/v1/manifest", &extra));
+            move || raw(addr, &req)
+        })
+        .await
+        .unwrap();
+        if ok {
+            assert_eq!(status, 200, "{n} headers");
+        } else {
+            assert!((400..500).contains(&status) || status == 0, "{n} headers: {status}");
+        }
+    }
+    let r = client().get(format!("{}/v1/manifest", origin.url())).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}

@@ -13,7 +13,7 @@
 //! See [`task`] for how a fill fetches: resume, failover, integrity failures.
 
 pub mod by_delta;
-mod task;
+pub(crate) mod task;
 
 use std::collections::HashMap;
 use std::fs::File;

@@ -42,18 +42,18 @@ const MAX_RESUMES_PER_UPSTREAM: u32 = 50;
 const EMPTY_ATTEMPTS_PER_UPSTREAM: u32 = 2;
 
 /// Verification state of the bytes received so far.
-struct Verifier {
-    len: u64,
+pub(crate) struct Verifier {
+    pub(crate) len: u64,
     /// Expected SHA-256 of each block (empty for whole-object verification).
-    blocks: Vec<[u8; 32]>,
-    chunk_size: u64,
+    pub(crate) blocks: Vec<[u8; 32]>,
+    pub(crate) chunk_size: u64,
     /// Bytes `0..verified` are checked.
-    verified: u64,
+    pub(crate) verified: u64,
     /// Bytes `0..written` are in the file (`written >= verified`).
-    written: u64,
-    block: Hasher,
-    whole_at_verified: Hasher,
-    whole: Hasher,
+    pub(crate) written: u64,
+    pub(crate) block: Hasher,
+    pub(crate) whole_at_verified: Hasher,
+    pub(crate) whole: Hasher,
 }
 
 enum Fault {
@@ -73,7 +73,7 @@ impl Verifier {
 
     /// Feed bytes that were just written at `written..`. Returns whether the
     /// verified mark moved.
-    fn feed(&mut self, mut data: &[u8]) -> Result<bool, String> {
+    pub(crate) fn feed(&mut self, mut data: &[u8]) -> Result<bool, String> {
         let mut advanced = false;
         while !data.is_empty() {
             if self.blocks.is_empty() {
@@ -111,7 +111,7 @@ impl Verifier {
     /// How far waiters may read: everything verified, except that the last
     /// block is held back until the whole-object digest has been checked too,
     /// so no waiter can complete a response whose bytes fail that check.
-    fn servable(&self) -> u64 {
+    pub(crate) fn servable(&self) -> u64 {
         if self.chunked() && self.verified == self.len && self.len > 0 {
             let last = self.len - (self.len - 1) / self.chunk_size * self.chunk_size;
             self.len - last
@@ -121,7 +121,7 @@ impl Verifier {
     }
 
     /// Forget unverified bytes (after a broken transfer).
-    fn rewind(&mut self) {
+    pub(crate) fn rewind(&mut self) {
         self.written = self.verified;
         self.block = Hasher::new();
         self.whole = self.whole_at_verified.clone();
