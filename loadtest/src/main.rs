@@ -7,9 +7,12 @@
 //!   files with random drops and resumes, and verify every step (closed or
 //!   open loop, over several processes).
 //! - `slow`: thousands of agents reading slowly; server memory per connection.
+//! - `chaos-proxy`: the relay's upstream path, cutting, stalling, flipping
+//!   bytes and answering 503 at random (for `chaos.sh`).
 //!
 //! Every run is bounded in time and count and prints one JSON object.
 
+mod chaos;
 mod fleet;
 mod http;
 mod slow;
@@ -32,6 +35,8 @@ enum Command {
     Fleet(fleet::Args),
     /// Many agents on slow links: errors and server memory per connection.
     Slow(slow::Args),
+    /// A proxy that cuts, stalls, flips bytes and answers 503 at random.
+    ChaosProxy(chaos::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -48,6 +53,7 @@ fn main() -> std::process::ExitCode {
             Command::Storm(a) => storm::run(a).await,
             Command::Fleet(a) => fleet::run(a).await,
             Command::Slow(a) => slow::run(a).await,
+            Command::ChaosProxy(a) => chaos::run(a).await,
         }
     });
     match result {
