@@ -10,6 +10,7 @@
 #
 #   loadtest/chaos.sh                          # 2,000 agents, 120 s
 #   AGENTS=500 DURATION=60 loadtest/chaos.sh
+#   KEEP=1 loadtest/chaos.sh                   # keep the work directory (logs, store)
 #
 # Prints a JSON report: the agents' requests, errors by kind and corrupted
 # deliveries (must be 0); objects lost from the cache (must be 0) and objects
@@ -25,6 +26,11 @@ AGENTS=${AGENTS:-2000}
 DURATION=${DURATION:-120}
 PROCESSES=${PROCESSES:-2}
 STORE_MB=${STORE_MB:-160}
+# Fault rates: per new upstream connection (503), per 16 KiB piece (the rest).
+ERROR=${ERROR:-0.3}
+CUT=${CUT:-0.002}
+STALL=${STALL:-0.0005}
+FLIP=${FLIP:-0.001}
 BIN=${BIN:-target/release/patchrelay}
 LOAD=${LOAD:-target/release/patchrelay-load}
 for t in python3 unshare nsenter sha256sum "$BIN" "$LOAD"; do
@@ -42,7 +48,7 @@ cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   [ -n "$holder" ] && kill "$holder" 2>/dev/null || true
   wait 2>/dev/null || true
-  rm -rf "$work"
+  if [ -n "${KEEP:-}" ]; then echo "kept: $work" >&2; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -86,6 +92,7 @@ level = "warn"
 EOF
 PATCHRELAY_LOG=warn "$BIN" serve --config "$work/origin.toml" >"$work/origin.log" 2>&1 & pids+=($!)
 "$LOAD" chaos-proxy --listen "127.0.0.1:$pport" --upstream "127.0.0.1:$oport" --stats "$work/proxy.json" \
+  --error "$ERROR" --cut "$CUT" --stall "$STALL" --flip "$FLIP" \
   >"$work/proxy.log" 2>&1 & pids+=($!)
 
 store="$work/store"
@@ -115,7 +122,9 @@ interval = "30s"
 level = "warn"
 EOF
 start_relay() {
-  in_ns env PATCHRELAY_LOG=warn "$BIN" serve --config "$work/relay.toml" >>"$work/relay.log" 2>&1 &
+  # nsenter execs the relay: $! is the relay itself (not a subshell).
+  PATCHRELAY_LOG=warn nsenter --target "$holder" --user --mount --preserve-credentials \
+    "$BIN" serve --config "$work/relay.toml" >>"$work/relay.log" 2>&1 &
   relay_pid=$!
   for _ in $(seq 300); do
     python3 -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$rport/readyz', timeout=1)" 2>/dev/null && return 0
@@ -132,19 +141,34 @@ log "relay up; $AGENTS agents for ${DURATION}s"
 fleet=$!
 
 step=$((DURATION / 6))
-sleep "$step"; log "kill -9 the relay (1 of 2)"; kill -9 "$relay_pid"; wait "$relay_pid" 2>/dev/null || true
+died=0
+kill_relay() {
+  if kill -0 "$relay_pid" 2>/dev/null; then kill -9 "$relay_pid"; else died=$((died + 1)); log "the relay had died!"; fi
+  wait "$relay_pid" 2>/dev/null || true
+}
+# Downloads that need the store besides the fleet's: the installer's two
+# versions (24 MiB each), one now and one while the disk is full.
+installer() {
+  python3 -c "import urllib.request, hashlib; print(hashlib.sha256(urllib.request.urlopen('http://127.0.0.1:$rport/v1/components/installer/versions/$1', timeout=120).read()).hexdigest())" 2>/dev/null || echo failed
+}
+sleep "$step"; log "kill -9 the relay (1 of 2)"; kill_relay
 sleep 1; start_relay; log "relay back"
-# Another download that needs the store: the installer, both versions.
-for v in 1 2; do python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$rport/v1/components/installer/versions/$v', timeout=120).read()" 2>/dev/null || true; done
+got1=$(installer 1)
 sleep "$step"; log "fill the store's file system"
 in_ns sh -c "dd if=/dev/zero of='$store/stranger' bs=1M status=none 2>/dev/null || true"
+got2=$(installer 2); got2b=$(installer 2)
 ready_full=$(python3 -c "import urllib.request,json; print(json.load(urllib.request.urlopen('http://127.0.0.1:$rport/readyz'))['status'])" 2>/dev/null || echo "?")
 sleep "$step"; log "free it again (readyz said: $ready_full)"
 in_ns rm -f "$store/stranger"
 sleep "$step"; before=$(objects); log "kill -9 the relay (2 of 2), holding $(echo "$before" | grep -c . || true) objects"
-kill -9 "$relay_pid"; wait "$relay_pid" 2>/dev/null || true
+kill_relay
 sleep 1; start_relay; log "relay back"
 wait "$fleet" || true
+kill -0 "$relay_pid" 2>/dev/null || died=$((died + 1))
+want1=$(sha256sum "$work/in/installer/1/installer-1.bin" | cut -d' ' -f1)
+want2=$(sha256sum "$work/in/installer/2/installer-2.bin" | cut -d' ' -f1)
+installer_bad=0
+for g in "$got1:$want1" "$got2b:$want2"; do [ "${g%%:*}" = "${g##*:}" ] || installer_bad=$((installer_bad + 1)); done
 after=$(objects)
 lost=$(comm -23 <(echo "$before") <(echo "$after") | grep -c . || true)
 bad=0
@@ -154,14 +178,18 @@ for sha in $after; do
   [ "$got" = "$sha" ] || bad=$((bad + 1))
   ideal=$((ideal + $(in_ns stat -c %s "$store/objects/${sha:0:2}/$sha")))
 done
+# The ideal also has the two installer downloads made while the disk was full:
+# passed through, not stored, each fetched once.
+ideal=$((ideal + 2 * $(stat -c %s "$work/in/installer/2/installer-2.bin")))
 sleep 1.5
-python3 - "$work/fleet.json" "$work/proxy.json" "$lost" "$bad" "$ideal" "$ready_full" <<'EOF'
-import json, sys
+AGENTS=$AGENTS python3 - "$work/fleet.json" "$work/proxy.json" "$lost" "$bad" "$ideal" "$ready_full" "$died" "$installer_bad" "$got2" <<'EOF'
+import json, os, sys
 fleet = json.load(open(sys.argv[1]))
 proxy = json.load(open(sys.argv[2]))
 lost, bad, ideal, ready_full = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+died, installer_bad, first_when_full = int(sys.argv[7]), int(sys.argv[8]), sys.argv[9]
 print(json.dumps({
-    "agents": fleet.get("agents"),
+    "agents": int(os.environ["AGENTS"]),
     "requests": fleet.get("requests"),
     "updates": fleet.get("updates"),
     "download_steps": fleet.get("steps"),
@@ -171,6 +199,9 @@ print(json.dumps({
     "objects_lost_from_the_cache": lost,
     "objects_not_matching_their_name": bad,
     "readyz_while_the_disk_was_full": ready_full,
+    "installer_downloads_not_whole_and_right": installer_bad,
+    "first_installer_download_into_a_full_disk": "ok" if len(first_when_full) == 64 else first_when_full,
+    "relay_deaths_not_ours": died,
     "upstream_bytes": proxy["upstream_bytes"],
     "ideal_bytes": ideal,
     "upstream_over_ideal": round(proxy["upstream_bytes"] / ideal, 3) if ideal else None,

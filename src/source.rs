@@ -208,13 +208,22 @@ impl Source {
         match self {
             // An origin has everything it publishes: nothing to fetch.
             Source::Origin { repo, memory } => Ok(Content::Stored(origin_load(repo, memory, target)?)),
-            Source::Relay { filler, .. } => {
+            Source::Relay { filler, store } => {
                 cache_counter(telemetry::CACHE_MISSES, target).add(1);
-                match filler.attach(target.fill_request())? {
-                    Opened::Stored(blob) => Ok(Content::Stored(checked(blob, target)?)),
-                    Opened::Filling(mut handle) => {
-                        handle.started().await.map_err(|e| SourceError::Fill((*e).clone()))?;
-                        Ok(Content::Filling(handle))
+                let mut tries = 0;
+                loop {
+                    tries += 1;
+                    match filler.attach(target.fill_request())? {
+                        Opened::Stored(blob) => return Ok(Content::Stored(checked(blob, target)?)),
+                        Opened::Filling(mut handle) => match handle.started().await {
+                            Ok(()) => return Ok(Content::Filling(handle)),
+                            // The disk filled up under this fill before it
+                            // sent anything: once more, now in memory.
+                            Err(e) if tries == 1 && !handle.in_memory() && store.write_fault().is_some() => {
+                                tracing::debug!(error = %e, "retrying a fill in memory");
+                            }
+                            Err(e) => return Err(SourceError::Fill((*e).clone())),
+                        },
                     }
                 }
             }

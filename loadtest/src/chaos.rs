@@ -88,6 +88,15 @@ impl Rng {
     }
 }
 
+/// Spreads nearby seeds (connection numbers) over all 64 bits: xorshift's
+/// first outputs from seeds that differ in a few low bits differ little.
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 pub async fn run(args: Args) -> Result<String, String> {
     let listener = TcpListener::bind(args.listen).await.map_err(|e| format!("listen {}: {e}", args.listen))?;
     let counts = Arc::new(Counts::default());
@@ -104,7 +113,7 @@ pub async fn run(args: Args) -> Result<String, String> {
     loop {
         let (client, _) = listener.accept().await.map_err(|e| format!("accept: {e}"))?;
         n += 1;
-        let seed = args.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(n) | 1;
+        let seed = splitmix(args.seed.wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15))) | 1;
         let (args, counts) = (args.clone(), counts.clone());
         tokio::spawn(async move {
             let _ = connection(client, &args, &counts, Rng(seed)).await;

@@ -150,6 +150,12 @@ impl FillHandle {
         &self.shared.file
     }
 
+    /// Whether the fill is in memory (the store cannot write): its file is
+    /// then the only copy of the bytes.
+    pub fn in_memory(&self) -> bool {
+        self.shared.in_memory.is_some()
+    }
+
     /// Bytes that may be served now, or why there will be no more.
     pub fn available(&self) -> Result<u64, Arc<FillError>> {
         match &*self.rx.borrow() {

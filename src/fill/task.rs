@@ -174,6 +174,7 @@ pub(super) async fn run(filler: &Arc<Filler>, shared: &Arc<Shared>, req: &FillRe
                 truncate(shared, &v)?;
                 let mut etag: Option<String> = None;
                 let (mut resumes, mut empty) = (0u32, 0u32);
+                let verified_at_visit = v.verified;
                 loop {
                     if Instant::now() >= deadline {
                         attempts.push(format!("gave up after fill_deadline ({:?})", filler.upstreams.fill_deadline()));
@@ -193,6 +194,11 @@ pub(super) async fn run(filler: &Arc<Filler>, shared: &Arc<Shared>, req: &FillRe
                             v.rewind();
                             truncate(shared, &v)?;
                             timeouts_only = false;
+                            // Blocks it sent before the bad one were good: that is
+                            // progress, and another round may come back to it (a
+                            // byte flipped on the way, not by the upstream), the
+                            // others first, since it is now suspect.
+                            round_progress |= v.verified > verified_at_visit;
                             attempts.push(format!("upstream {}: {why}", up.name));
                             continue 'upstreams;
                         }
@@ -369,14 +375,29 @@ async fn load_chunk_list(
             ),
         });
     }
-    filler.ensure(list.clone()).await.map_err(|e| (*e).clone())?;
+    // The list's own fill is held on to until it is read: while the store
+    // cannot write, that fill is in memory and its file is the only copy.
+    let fill = match filler.attach(list.clone())? {
+        super::Opened::Stored(_) => None,
+        super::Opened::Filling(mut h) => {
+            h.done().await.map_err(|e| (*e).clone())?;
+            Some(h)
+        }
+    };
     // Up to 64 MiB, from the file (never a mapping): read off the async threads.
-    let (store, digest) = (filler.store.clone(), list.digest);
-    let bytes = tokio::task::spawn_blocking(move || store.read_all(&digest))
-        .await
-        .map_err(|_| FillError::Aborted(list.path.clone()))?
-        .map_err(|e| FillError::Store(format!("read chunk list: {e}")))?
-        .ok_or_else(|| FillError::Store(format!("chunk list {} vanished after it was stored", list.digest)))?;
+    let (store, digest, want) = (filler.store.clone(), list.digest, list.len);
+    let memory = fill.filter(|h| h.in_memory()).map(|h| h.file().clone());
+    let bytes = tokio::task::spawn_blocking(move || match memory {
+        Some(file) => {
+            let mut buf = vec![0u8; want as usize];
+            file.read_exact_at(&mut buf, 0).map(|()| Some(bytes::Bytes::from(buf))).map_err(|e| e.to_string())
+        }
+        None => store.read_all(&digest).map_err(|e| e.to_string()),
+    })
+    .await
+    .map_err(|_| FillError::Aborted(list.path.clone()))?
+    .map_err(|e| FillError::Store(format!("read chunk list: {e}")))?
+    .ok_or_else(|| FillError::Store(format!("chunk list {} vanished after it was stored", list.digest)))?;
     if bytes.len() as u64 != list.len {
         return Err(FillError::Store(format!(
             "chunk list {} is {} bytes on disk, expected {}",
