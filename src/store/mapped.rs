@@ -6,14 +6,22 @@
 //! 24 MiB objects, and cached mappings put patchrelay level with nginx).
 //!
 //! This is the one place patchrelay uses `unsafe`, and why it is sound here: a
-//! mapping is only undefined behaviour if the file changes (or shrinks, which
-//! raises SIGBUS) while mapped. Object files never change after they are
-//! renamed into place: the store and `publish` create them whole, by rename,
-//! and only ever unlink them (eviction), which leaves a mapped inode intact.
-//! Partial files, which fills do truncate, are never mapped. What remains is an
-//! operator editing files under `objects/` in place; the README says not to,
-//! and `storage.mmap = false` turns mappings off for anyone who cannot promise
-//! that.
+//! mapping is only undefined behaviour if the file changes while mapped.
+//! Object files never change after they are renamed into place: the store and
+//! `publish` create them whole, by rename, and only ever unlink them
+//! (eviction), which leaves a mapped inode intact. Partial files, which fills
+//! do truncate, are never mapped.
+//!
+//! What remains is the world: an operator who copies over a file in place, a
+//! disk that fails. A page past a file's new end, or one the disk cannot
+//! read, raises SIGBUS when user space reads it, and that kills the process.
+//! So nothing in user space reads a mapping: a mapped object is a
+//! [`super::Blob::Mapped`], whose bytes only the kernel reads, when the patched
+//! actix-http writes them to a socket (vendor/README.md); a bad page then
+//! fails that write with EFAULT and ends one connection. Code that needs an
+//! object's bytes reads its file ([`super::Store::read_all`]). A file changed
+//! in place at the same length is not caught (it is not caught without a
+//! mapping either: the store verifies an object once, when it is stored).
 
 #![allow(unsafe_code)]
 
