@@ -154,8 +154,10 @@ fn open_deltas(config: &Config, store: Store, objects: Objects) -> Result<Arc<De
 
 /// Start a server for `config`.
 pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer, StartError> {
-    let metrics =
-        if config.metrics.enabled { Some(telemetry::metrics_handle().map_err(StartError::Metrics)?) } else { None };
+    // Everything this server records goes to its own recorder: set-up here,
+    // and its threads and tasks after (`telemetry::scope`).
+    let (scope, metrics) = telemetry::new_scope(config.metrics.enabled).map_err(StartError::Metrics)?;
+    let _in = telemetry::enter(scope);
     let published = Published::new();
     let mut weak_store = None;
     let (source, control, sync, status, deltas) = match config.role() {
@@ -263,19 +265,23 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
             n => Some(PerAddress::new(n, &config.server.trusted_proxies)),
         },
     };
-    let mut server = HttpServer::new(move || App::new().app_data(state.clone()).configure(http::configure))
-        .on_connect(move |conn, ext| {
-            if let Some(tcp) = conn.downcast_ref::<actix_rt::net::TcpStream>() {
-                rules.apply(tcp, ext);
-            }
-        })
-        .workers(workers)
-        .backlog(config.server.backlog)
-        .max_connections(config.server.max_connections_per_worker)
-        .keep_alive(config.server.keep_alive.0)
-        .h1_write_buffer_size(config.server.write_buffer.0 as usize)
-        .listen(listener)
-        .map_err(|source| StartError::Listen { addr, source })?;
+    let mut server = HttpServer::new(move || {
+        // Runs on each worker thread as it starts: the worker is this server's.
+        telemetry::scope::set_thread(scope);
+        App::new().app_data(state.clone()).configure(http::configure)
+    })
+    .on_connect(move |conn, ext| {
+        if let Some(tcp) = conn.downcast_ref::<actix_rt::net::TcpStream>() {
+            rules.apply(tcp, ext);
+        }
+    })
+    .workers(workers)
+    .backlog(config.server.backlog)
+    .max_connections(config.server.max_connections_per_worker)
+    .keep_alive(config.server.keep_alive.0)
+    .h1_write_buffer_size(config.server.write_buffer.0 as usize)
+    .listen(listener)
+    .map_err(|source| StartError::Listen { addr, source })?;
     if !opts.handle_signals {
         server = server.disable_signals();
     }

@@ -120,17 +120,26 @@ fn checked(blob: Blob, target: &Target) -> Result<Blob, SourceError> {
     }
 }
 
-/// Hit and miss counters, resolved once (a label lookup per request is not free).
+/// Hit and miss counters, resolved once per thread and server (a label
+/// lookup per request is not free; a worker serves one server for good).
 fn cache_counter(name: &'static str, target: &Target) -> &'static telemetry::Tally {
-    use std::sync::OnceLock;
-    static COUNTERS: OnceLock<[&'static telemetry::Tally; 4]> = OnceLock::new();
-    let c = COUNTERS.get_or_init(|| {
-        [
-            telemetry::tally(telemetry::CACHE_HITS, &[("kind", "object")]),
-            telemetry::tally(telemetry::CACHE_HITS, &[("kind", "chunks")]),
-            telemetry::tally(telemetry::CACHE_MISSES, &[("kind", "object")]),
-            telemetry::tally(telemetry::CACHE_MISSES, &[("kind", "chunks")]),
-        ]
+    type Tallies = [&'static telemetry::Tally; 4];
+    thread_local! {
+        static COUNTERS: std::cell::Cell<Option<(telemetry::Scope, Tallies)>> = const { std::cell::Cell::new(None) };
+    }
+    let scope = telemetry::scope::current();
+    let c = COUNTERS.with(|cell| match cell.get() {
+        Some((s, c)) if s == scope => c,
+        _ => {
+            let c = [
+                telemetry::tally(telemetry::CACHE_HITS, &[("kind", "object")]),
+                telemetry::tally(telemetry::CACHE_HITS, &[("kind", "chunks")]),
+                telemetry::tally(telemetry::CACHE_MISSES, &[("kind", "object")]),
+                telemetry::tally(telemetry::CACHE_MISSES, &[("kind", "chunks")]),
+            ];
+            cell.set(Some((scope, c)));
+            c
+        }
     });
     let miss = usize::from(name == telemetry::CACHE_MISSES) * 2;
     c[miss + usize::from(target.kind_label() == "chunks")]

@@ -2,14 +2,15 @@
 //! its help text and unit, so `/metrics` is documented in one place (and the
 //! README's table can be checked against it).
 //!
-//! The Prometheus recorder is process-global (the `metrics` crate has one global
-//! recorder); several servers in one process, as in the integration tests, share
-//! it and tell their series apart by labels.
+//! Each server has a Prometheus recorder of its own (see [`scope`]), so
+//! `/metrics` shows that server's counts even when a process runs several, as
+//! the integration tests do.
 
-use std::sync::OnceLock;
 use std::time::Duration;
 
+pub mod scope;
 mod tally;
+pub use scope::{Scope, enter, scoped, spawn_blocking};
 pub use tally::{Tally, publish as publish_tallies, tally};
 
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
@@ -64,28 +65,45 @@ pub const LIMIT_THROTTLED_BYTES: &str = "patchrelay_limit_throttled_bytes_total"
 pub const LIMIT_WAIT: &str = "patchrelay_limit_wait_seconds";
 pub const BUILD_INFO: &str = "patchrelay_build_info";
 
-static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+fn recorder() -> Result<metrics_exporter_prometheus::PrometheusRecorder, String> {
+    let builder = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Suffix("_seconds".into()),
+            &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0],
+        )
+        .map_err(|e| e.to_string())?
+        .set_buckets_for_metric(Matcher::Full(AGENT_LAG.into()), &[0.0, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0])
+        .map_err(|e| e.to_string())?;
+    Ok(builder.build_recorder())
+}
 
-/// Install the Prometheus recorder once per process and return its handle.
-pub fn metrics_handle() -> Result<PrometheusHandle, String> {
-    HANDLE
-        .get_or_init(|| {
-            let builder = PrometheusBuilder::new()
-                .set_buckets_for_metric(
-                    Matcher::Suffix("_seconds".into()),
-                    &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0],
-                )
-                .map_err(|e| e.to_string())?
-                .set_buckets_for_metric(
-                    Matcher::Full(AGENT_LAG.into()),
-                    &[0.0, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0],
-                )
-                .map_err(|e| e.to_string())?;
-            let handle = builder.install_recorder().map_err(|e| e.to_string())?;
-            describe();
-            Ok(handle)
-        })
-        .clone()
+/// A new server's metrics: its scope, and the handle that renders them
+/// (`None`, and the scope that records nothing, when `enabled` is false).
+pub fn new_scope(enabled: bool) -> Result<(Scope, Option<PrometheusHandle>), String> {
+    if !enabled {
+        return Ok((scope::OFF, None));
+    }
+    let mut first = None;
+    let router = scope::Router::get(|| {
+        let r = recorder();
+        let fallback = PrometheusBuilder::new().build_recorder();
+        match r {
+            Ok(r) => r,
+            Err(e) => {
+                first = Some(e);
+                fallback
+            }
+        }
+    })?;
+    if let Some(e) = first {
+        return Err(e);
+    }
+    let rec = recorder()?;
+    let handle = rec.handle();
+    let scope = router.add(rec);
+    let _in = enter(scope);
+    describe();
+    Ok((scope, Some(handle)))
 }
 
 fn describe() {

@@ -327,11 +327,11 @@ async fn relays_sync_new_versions_from_each_other_by_delta() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let full = blob(2).len() as f64;
-    // Metrics are per process here; each relay's upstream label tells them apart.
-    for upstream in [&origin, &relay1] {
+    // Each relay reports what it synced from its own upstream.
+    for (relay, upstream) in [(&relay1, &origin), (&relay2, &relay1)] {
         let label = format!("up0-{}", upstream.addr.port());
-        let saved = metric(&relay2.url(), "patchrelay_delta_sync_saved_bytes_total", &[("upstream", &label)]).await;
-        let fetched = metric(&relay2.url(), "patchrelay_delta_sync_bytes_total", &[("upstream", &label)]).await;
+        let saved = metric(&relay.url(), "patchrelay_delta_sync_saved_bytes_total", &[("upstream", &label)]).await;
+        let fetched = metric(&relay.url(), "patchrelay_delta_sync_bytes_total", &[("upstream", &label)]).await;
         assert!(fetched > 0.0 && fetched * 10.0 < full, "from {label}: fetched {fetched} of {full}");
         assert!(saved > 0.0);
         eprintln!("sync from {label}: {fetched} delta bytes instead of {full} (saved {saved})");

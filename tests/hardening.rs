@@ -602,3 +602,40 @@ async fn a_full_disk_degrades_the_relay_but_loses_nothing() {
     assert_eq!(metric(&relay.url, "patchrelay_store_writable", &[]).await, 0.0);
     relay.kill9();
 }
+
+/// Two servers in one process each report their own counts: `/metrics` of
+/// one shows nothing of the other's requests (each server has a recorder of
+/// its own, whatever threads and tasks do the recording).
+#[actix_web::test]
+async fn each_server_reports_only_its_own_metrics() {
+    let repo = TestRepo::new();
+    let origin = start_origin(&repo).await;
+    let (sa, sb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start_relay(&[&origin.url()], &repo.public, sa.path()).await;
+    let b = start_relay(&[&origin.url()], &repo.public, sb.path()).await;
+    assert!(wait_ready(&a.url(), Duration::from_secs(10)).await && wait_ready(&b.url(), Duration::from_secs(10)).await);
+    let sha = repo.sha("big", "1.0");
+    for _ in 0..3 {
+        let r = client().get(format!("{}/v1/objects/{sha}", a.url())).send().await.unwrap();
+        assert_eq!(r.bytes().await.unwrap().len(), 3 << 20);
+    }
+    let requests = |url: String| async move {
+        metric(&url, "patchrelay_http_requests_total", &[("route", "object"), ("status", "200")]).await
+    };
+    assert_eq!(requests(a.url()).await, 3.0, "relay a counts its own requests");
+    assert_eq!(requests(b.url()).await, 0.0, "relay b counts relay a's requests");
+    // Fills run on a runtime every server shares; they count where they
+    // belong: both relays prefetched the critical component, and a fetched
+    // the object and its chunk list besides.
+    let fills = |url: String| async move { metric(&url, "patchrelay_fills_total", &[("result", "ok")]).await };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while fills(b.url()).await < 6.0 || fills(a.url()).await < 8.0 {
+        assert!(std::time::Instant::now() < deadline, "the relays did not prefetch");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(fills(b.url()).await, 6.0, "three versions, each with its chunk list");
+    assert_eq!(fills(a.url()).await, 8.0, "the same, and the object with its chunk list");
+    // The origin served relay a's fetches, and nothing of its own was fetched.
+    assert!(metric(&origin.url(), "patchrelay_http_requests_total", &[("route", "object")]).await >= 1.0);
+    assert_eq!(metric(&origin.url(), "patchrelay_fills_total", &[]).await, 0.0);
+}

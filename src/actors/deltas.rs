@@ -282,7 +282,7 @@ impl DeltaService {
         let info = DeltaInfo { sha256: Digest::of(&encoded), size: encoded.len() as u64 };
         let (store, path) = (self.store.clone(), self.index_dir.join(index_name(&base.sha256, &target.sha256)));
         let record = serde_json::to_vec(&info).map_err(|e| DeltaBuildError::Store(e.to_string()))?;
-        tokio::task::spawn_blocking(move || -> Result<(), String> {
+        crate::telemetry::spawn_blocking(move || -> Result<(), String> {
             if !store.contains(&info.sha256) {
                 store.put(info.sha256, &encoded).map_err(|e| e.to_string())?;
             }
@@ -312,7 +312,7 @@ impl DeltaService {
                 filler.ensure(Target::payload(obj).fill_request()).await.map_err(|e| err(e.to_string()))?;
                 // From the file, not a mapping (see `Store::read_all`).
                 let (store, digest) = (self.store.clone(), obj.sha256);
-                return match tokio::task::spawn_blocking(move || store.read_all(&digest)).await {
+                return match crate::telemetry::spawn_blocking(move || store.read_all(&digest)).await {
                     Ok(Ok(Some(b))) => Ok(b),
                     Ok(Ok(None)) => Err(err("evicted (or found damaged) while building".into())),
                     Ok(Err(e)) => Err(err(e.to_string())),
@@ -322,7 +322,7 @@ impl DeltaService {
             Objects::Origin(repo) => repo.object(&obj.sha256),
         };
         let expected = obj.sha256;
-        tokio::task::spawn_blocking(move || -> Result<Bytes, String> {
+        crate::telemetry::spawn_blocking(move || -> Result<Bytes, String> {
             let data = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             // The origin's files are not verified by a fill: check them here,
             // since the delta will name this digest as its base or target.

@@ -47,6 +47,8 @@ pub struct Housekeeping {
     ticks: u64,
     evicting: bool,
     probing: bool,
+    /// The server's metrics scope (actors of several servers may share a thread).
+    scope: crate::telemetry::Scope,
 }
 
 impl Housekeeping {
@@ -56,22 +58,36 @@ impl Housekeeping {
         published: Arc<Published>,
         deltas: Option<(Arc<DeltaService>, usize)>,
     ) -> Self {
-        Housekeeping { store, deltas, relay, published, ticks: 0, evicting: false, probing: false }
+        Housekeeping {
+            store,
+            deltas,
+            relay,
+            published,
+            ticks: 0,
+            evicting: false,
+            probing: false,
+            scope: crate::telemetry::scope::current(),
+        }
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
+        let _in = crate::telemetry::enter(self.scope);
         self.ticks += 1;
         self.store.count_partial_bytes();
         if self.store.write_fault().is_some() && !self.probing {
             self.probing = true;
             let store = self.store.clone();
-            let work = async move { tokio::task::spawn_blocking(move || store.probe_writable()).await };
+            let work = crate::telemetry::scoped(async move {
+                crate::telemetry::spawn_blocking(move || store.probe_writable()).await
+            });
             ctx.spawn(work.into_actor(self).map(|_, act, _| act.probing = false));
         }
         if self.store.over_budget() && !self.evicting {
             self.evicting = true;
             let store = self.store.clone();
-            let work = async move { tokio::task::spawn_blocking(move || store.evict_over_budget()).await };
+            let work = crate::telemetry::scoped(async move {
+                crate::telemetry::spawn_blocking(move || store.evict_over_budget()).await
+            });
             ctx.spawn(work.into_actor(self).map(|_, act, _| act.evicting = false));
         }
         if let Some(relay) = &self.relay
@@ -86,9 +102,11 @@ impl Housekeeping {
             if self.ticks.is_multiple_of(PRUNE_EVERY) {
                 let deltas = deltas.clone();
                 ctx.spawn(
-                    async move { tokio::task::spawn_blocking(move || deltas.prune(&catalog)).await }
-                        .into_actor(self)
-                        .map(|_, _, _| ()),
+                    crate::telemetry::scoped(async move {
+                        crate::telemetry::spawn_blocking(move || deltas.prune(&catalog)).await
+                    })
+                    .into_actor(self)
+                    .map(|_, _, _| ()),
                 );
             }
         }

@@ -39,6 +39,8 @@ pub struct OriginReload {
     interval: Duration,
     /// The manifest's and `manifest.sig`'s stamps at the last load.
     seen: Option<(Stamp, Option<Stamp>)>,
+    /// The server's metrics scope (actors of several servers may share a thread).
+    scope: crate::telemetry::Scope,
 }
 
 impl OriginReload {
@@ -49,7 +51,7 @@ impl OriginReload {
         interval: Duration,
         deltas: Option<(Arc<DeltaService>, usize)>,
     ) -> Self {
-        OriginReload { repo, deltas, key, published, interval, seen: None }
+        OriginReload { repo, deltas, key, published, interval, seen: None, scope: crate::telemetry::scope::current() }
     }
 
     /// Load the repository's manifest if it changed since the last load.
@@ -123,6 +125,7 @@ impl Actor for OriginReload {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.run_interval(self.interval, |act, _| {
+            let _in = crate::telemetry::enter(act.scope);
             if let Err(e) = act.reload() {
                 tracing::warn!(error = %e, "repository reload");
             }
@@ -134,6 +137,7 @@ impl Handler<SyncNow> for OriginReload {
     type Result = Result<SyncReport, SyncError>;
 
     fn handle(&mut self, _: SyncNow, _: &mut Self::Context) -> Self::Result {
+        let _in = crate::telemetry::enter(self.scope);
         self.reload()
     }
 }

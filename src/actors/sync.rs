@@ -208,7 +208,7 @@ impl SyncContext {
 
     async fn persist(&self, catalog: &Catalog) {
         let (path, m, s) = (self.bundle_path.clone(), catalog.manifest_bytes.clone(), catalog.signature.clone());
-        let result = tokio::task::spawn_blocking(move || bundle::save(&path, &m, &s)).await;
+        let result = crate::telemetry::spawn_blocking(move || bundle::save(&path, &m, &s)).await;
         if let Ok(Err(e)) | Err(e) = result.map_err(std::io::Error::other) {
             // Serve it anyway: failing to persist costs rollback protection across
             // a restart, not correctness now. Say so loudly.
@@ -230,6 +230,8 @@ pub struct RelaySync {
     interval: Duration,
     /// Failed runs in a row (0 after a good one).
     failures: u32,
+    /// The server's metrics scope (actors of several servers may share a thread).
+    scope: telemetry::Scope,
 }
 
 /// The first retry after a failed sync; doubling from there.
@@ -237,7 +239,7 @@ const RETRY_FIRST: Duration = Duration::from_secs(1);
 
 impl RelaySync {
     pub fn new(ctx: SyncContext, interval: Duration) -> Self {
-        RelaySync { ctx, interval, failures: 0 }
+        RelaySync { ctx, interval, failures: 0, scope: telemetry::scope::current() }
     }
 
     /// When to run next: the interval after a good run; after `failures` bad
@@ -257,9 +259,11 @@ impl RelaySync {
 
     fn run_after(&mut self, delay: Duration, ctx: &mut Context<Self>) {
         ctx.run_later(delay, |act, ctx| {
+            let _in = telemetry::enter(act.scope);
             let sync = act.ctx.clone();
             // Errors are logged and counted inside run().
-            ctx.spawn(async move { sync.run().await.is_ok() }.into_actor(act).map(|ok, act, ctx| {
+            let run = telemetry::scoped(async move { sync.run().await.is_ok() });
+            ctx.spawn(run.into_actor(act).map(|ok, act, ctx| {
                 act.failures = if ok { 0 } else { act.failures.saturating_add(1) };
                 let next = act.next_delay();
                 if !ok {
@@ -283,8 +287,9 @@ impl Handler<SyncNow> for RelaySync {
     type Result = ResponseFuture<Result<SyncReport, SyncError>>;
 
     fn handle(&mut self, _: SyncNow, _: &mut Self::Context) -> Self::Result {
+        let _in = telemetry::enter(self.scope);
         let sync = self.ctx.clone();
-        Box::pin(async move { sync.run().await })
+        Box::pin(telemetry::scoped(async move { sync.run().await }))
     }
 }
 

@@ -66,7 +66,7 @@ fn checked_steps(plan: &Plan, catalog: &Catalog, component: &str, target_size: u
 /// Bytes of `obj`, from the store (its file, never a mapping).
 async fn read(filler: &Filler, digest: Digest) -> Option<Vec<u8>> {
     let store = filler.store().clone();
-    let bytes = tokio::task::spawn_blocking(move || store.read_all(&digest)).await.ok()?.ok()??;
+    let bytes = crate::telemetry::spawn_blocking(move || store.read_all(&digest)).await.ok()?.ok()??;
     Some(bytes.to_vec())
 }
 
@@ -125,7 +125,7 @@ pub async fn sync(
             }
             let base = std::mem::take(&mut current);
             let limit = to_obj.size;
-            current = tokio::task::spawn_blocking(move || delta::apply(&base, &bytes, limit))
+            current = crate::telemetry::spawn_blocking(move || delta::apply(&base, &bytes, limit))
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| format!("upstream {}: delta {}: {e}", up.name, step.url))?;
@@ -135,7 +135,7 @@ pub async fn sync(
         }
         let store = filler.store().clone();
         let digest = target.sha256;
-        tokio::task::spawn_blocking(move || store.put(digest, &current))
+        crate::telemetry::spawn_blocking(move || store.put(digest, &current))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;

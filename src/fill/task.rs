@@ -255,7 +255,7 @@ pub(super) async fn run(filler: &Arc<Filler>, shared: &Arc<Shared>, req: &FillRe
         return Ok(());
     }
     let (store, file, digest, len) = (filler.store.clone(), shared.file.clone(), req.digest, req.len);
-    tokio::task::spawn_blocking(move || {
+    crate::telemetry::spawn_blocking(move || {
         store.commit_partial(&digest, &file, len).inspect_err(|e| {
             if let crate::store::StoreError::Io { source, .. } = e {
                 store.note_write_error(source, "store a verified object");
@@ -387,7 +387,7 @@ async fn load_chunk_list(
     // Up to 64 MiB, from the file (never a mapping): read off the async threads.
     let (store, digest, want) = (filler.store.clone(), list.digest, list.len);
     let memory = fill.filter(|h| h.in_memory()).map(|h| h.file().clone());
-    let bytes = tokio::task::spawn_blocking(move || match memory {
+    let bytes = crate::telemetry::spawn_blocking(move || match memory {
         Some(file) => {
             let mut buf = vec![0u8; want as usize];
             file.read_exact_at(&mut buf, 0).map(|()| Some(bytes::Bytes::from(buf))).map_err(|e| e.to_string())
@@ -413,7 +413,7 @@ async fn load_chunk_list(
 async fn resume_from_disk(shared: &Shared, v: &mut Verifier) -> Result<(), FillError> {
     let file = shared.file.clone();
     let (len, chunk_size, blocks) = (v.len, v.chunk_size, v.blocks.clone());
-    let scanned = tokio::task::spawn_blocking(move || -> std::io::Result<(u64, Hasher)> {
+    let scanned = crate::telemetry::spawn_blocking(move || -> std::io::Result<(u64, Hasher)> {
         let on_disk = file.metadata()?.len().min(len);
         let mut whole = Hasher::new();
         let mut verified = 0u64;

@@ -393,7 +393,7 @@ impl Drop for PieceStream {
             // A `stat`, but on a failing disk even that may block: off the
             // event loop when there is a runtime to hand it to.
             match tokio::runtime::Handle::try_current() {
-                Ok(rt) => drop(rt.spawn_blocking(move || check(failed))),
+                Ok(_) => drop(crate::telemetry::spawn_blocking(move || check(failed))),
                 Err(_) => check(failed),
             }
         }

@@ -8,9 +8,8 @@
 //! to the Prometheus counters just before it renders ([`publish`]), so a
 //! scrape sees exact counts and the request path shares nothing.
 //!
-//! Tallies are process-wide, like the recorder: one per series, however many
-//! servers a process runs (the integration tests run several), so a series
-//! still counts every server's requests, as a plain counter would.
+//! Tallies belong to the scope (the server) current where they are made, and
+//! a scrape publishes only its own server's (see `scope`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -47,28 +46,32 @@ impl Tally {
 /// first time it is asked for. For set-up, not for the request path: it takes
 /// a lock and may allocate.
 pub fn tally(name: &'static str, labels: &[(&'static str, &str)]) -> &'static Tally {
-    let key = (name, labels.iter().map(|(k, v)| (*k, v.to_string())).collect::<Vec<_>>());
+    let key = (super::scope::current(), name, labels.iter().map(|(k, v)| (*k, v.to_string())).collect::<Vec<_>>());
     let mut all = registry();
     if let Some(t) = all.get(&key) {
         return t;
     }
-    let labels = key.1.iter().map(|(k, v)| metrics::Label::new(*k, v.clone())).collect();
+    let labels = key.2.iter().map(|(k, v)| metrics::Label::new(*k, v.clone())).collect();
     let t: &'static Tally = Box::leak(Box::new(Tally { cells: Default::default(), name, labels }));
     all.insert(key, t);
     t
 }
 
-/// Hand every tally's total to its Prometheus counter (call before rendering).
+/// Hand the current scope's tallies' totals to their Prometheus counters
+/// (call before rendering, in the server's scope).
 ///
 /// The counter is looked up by name at each publish rather than kept: a tally
 /// made before the recorder was installed would otherwise keep a no-op handle.
 pub fn publish() {
-    for t in registry().values() {
-        metrics::counter!(t.name, t.labels.clone()).absolute(t.total());
+    let scope = super::scope::current();
+    for ((s, ..), t) in registry().iter() {
+        if *s == scope {
+            metrics::counter!(t.name, t.labels.clone()).absolute(t.total());
+        }
     }
 }
 
-type Key = (&'static str, Vec<(&'static str, String)>);
+type Key = (super::scope::Scope, &'static str, Vec<(&'static str, String)>);
 
 fn registry() -> MutexGuard<'static, HashMap<Key, &'static Tally>> {
     static ALL: LazyLock<Mutex<HashMap<Key, &'static Tally>>> = LazyLock::new(Mutex::default);

@@ -35,13 +35,14 @@ pub fn handle() -> Handle {
         .clone()
 }
 
-/// Run a task on the upstream runtime.
+/// Run a task on the upstream runtime (in the metrics scope of the caller:
+/// the runtime serves every server in the process).
 pub fn spawn<F>(f: F) -> tokio::task::JoinHandle<F::Output>
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    handle().spawn(f)
+    handle().spawn(crate::telemetry::scoped(f))
 }
 
 /// hyper's executor: connection tasks go to the upstream runtime.
