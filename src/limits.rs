@@ -727,6 +727,24 @@ impl Limits {
     pub fn tracked_agents(&self) -> u64 {
         self.agents.count() as u64
     }
+
+    /// Forget every agent idle for `idle_ttl`, and uncount its id from its
+    /// address. Lookups sweep as they go, but in proportion to traffic: on a
+    /// quiet relay an id seen hours ago would otherwise keep its place under
+    /// `max_agents_per_address`. The server calls this on a timer
+    /// ([`Limits::sweep_period`]); a pass over 100,000 agents is about a
+    /// millisecond.
+    pub fn sweep_idle(&self) {
+        let now = self.clock.coarse();
+        self.agents.sweep_all(now);
+        self.addresses.sweep_all(now);
+    }
+
+    /// How often [`Limits::sweep_idle`] should run: a quarter of `idle_ttl`,
+    /// at most 30 s, so an id is forgotten within 1.25 `idle_ttl`.
+    pub fn sweep_period(&self) -> Duration {
+        Duration::from_nanos(self.agents.ttl_ns() / 4).clamp(Duration::from_millis(100), Duration::from_secs(30))
+    }
 }
 
 fn window_text(w: Window) -> String {
@@ -787,6 +805,8 @@ pub fn client_ip(
     forwarded: Forwarded,
 ) -> IpAddr {
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    // An IPv4 client of a [::] listener is `::ffff:a.b.c.d`.
+    let peer = peer.to_canonical();
     if !is_trusted(&peer) {
         return peer;
     }
@@ -818,6 +838,9 @@ pub fn client_ip(
             }
         }
     }
+    for hop in &mut hops {
+        *hop = hop.to_canonical();
+    }
     hops.iter().rev().find(|ip| !is_trusted(ip)).or(hops.first()).copied().unwrap_or(peer)
 }
 
@@ -846,8 +869,13 @@ mod tests {
     }
 
     fn limits(policy: &str) -> &'static Limits {
+        limits_with("[limits]\n", policy)
+    }
+
+    /// Limits from a `[limits]` section (`head`) and one policy's keys.
+    fn limits_with(head: &str, policy: &str) -> &'static Limits {
         let toml = format!(
-            "[[upstream]]\nurl = \"http://127.0.0.1:1\"\n[storage]\ndir = \"/tmp/x\"\n[trust]\npublic_key = \"11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=\"\n[limits]\n[[limits.policy]]\nname = \"p\"\n{policy}"
+            "[[upstream]]\nurl = \"http://127.0.0.1:1\"\n[storage]\ndir = \"/tmp/x\"\n[trust]\npublic_key = \"11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=\"\n{head}[[limits.policy]]\nname = \"p\"\n{policy}"
         );
         let cfg = crate::config::Config::from_toml(&toml, "test").unwrap();
         Limits::new(&cfg.limits, &cfg.server).unwrap().unwrap()
@@ -982,6 +1010,28 @@ mod tests {
         // the client, passed through.
         assert_eq!(client_ip(proxy, &f, &trusted, Xff), proxy);
         assert_eq!(client_ip(proxy, &h, &trusted, Fwd), proxy);
+    }
+
+    /// An id idle for `idle_ttl` gives its place under the per-address cap
+    /// back on the timed sweep, however quiet the relay is.
+    #[test]
+    #[allow(clippy::disallowed_methods)] // a plain #[test]: no async worker to block
+    fn idle_ids_free_their_address_on_time() {
+        let l = limits_with("[limits]\nidle_ttl = \"1s\"\nmax_agents_per_address = 2\n", "");
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        let admit = |id: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(HeaderName::from_static("x-agent-id"), HeaderValue::from_str(id).unwrap());
+            l.admit(l.caller(peer, &h), false, None).map(drop)
+        };
+        admit("a").unwrap();
+        admit("b").unwrap();
+        assert!(admit("c").is_err());
+        std::thread::sleep(Duration::from_millis(2100));
+        l.sweep_idle();
+        admit("c").unwrap();
+        assert_eq!(l.tracked_agents(), 1);
+        assert!(l.sweep_period() <= Duration::from_millis(250));
     }
 
     /// A policy by address applies whatever id the agent sends, even when an

@@ -240,6 +240,16 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
     };
 
     let limits = Limits::new(&config.limits, &config.server).map_err(StartError::Config)?;
+    if let Some(limits) = limits {
+        // Idle agents are forgotten on time, not only as lookups go by.
+        actix_rt::spawn(async move {
+            let mut tick = tokio::time::interval(limits.sweep_period());
+            loop {
+                tick.tick().await;
+                limits.sweep_idle();
+            }
+        });
+    }
     let mut state = AppState::new(
         published.clone(),
         source,

@@ -73,6 +73,7 @@ async fn cut_and_stalled_transfers_resume_where_they_broke() {
     let sha = repo.sha("big", "1.0");
 
     // Cut after ~1.5 MB, then stall after ~0.5 MB more (1 s read timeout).
+    wait_prefetched(&relay.url(), 3.0).await;
     proxy.plan([Fault::CutAfter(1_500_000), Fault::StallAfter(500_000, Duration::from_secs(10))]);
     let got = client().get(format!("{}/v1/objects/{sha}", relay.url())).send().await.unwrap();
     assert_eq!(got.status(), 200);
@@ -102,6 +103,9 @@ async fn a_flipped_byte_is_never_served_or_cached() {
     let storage = tempfile::tempdir().unwrap();
     let relay = start(&relay_config(&[(&proxy.url, "")], &repo.public, storage.path(), "")).await;
     assert!(wait_ready(&relay.url(), Duration::from_secs(10)).await);
+    // The critical component's prefetches go through the proxy too: let them
+    // finish first, or one of them takes the planned fault.
+    wait_prefetched(&relay.url(), 3.0).await;
     proxy.plan([Fault::FlipAt(2_000_000)]);
     let url = format!("{}/v1/objects/{sha}", relay.url());
     match get_outcome(&url).await {
@@ -123,6 +127,7 @@ async fn a_flipped_byte_is_never_served_or_cached() {
     let storage2 = tempfile::tempdir().unwrap();
     let relay2 = start(&relay_config(&[(&proxy2.url, ""), (&nginx.url, "")], &repo.public, storage2.path(), "")).await;
     assert!(wait_ready(&relay2.url(), Duration::from_secs(10)).await);
+    wait_prefetched(&relay2.url(), 3.0).await;
     proxy2.plan([Fault::FlipAt(2_000_000)]);
     match get_outcome(&format!("{}/v1/objects/{sha}", relay2.url())).await {
         Outcome::Complete(200, body) => assert_eq!(body, want),

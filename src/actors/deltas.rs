@@ -206,6 +206,10 @@ impl DeltaService {
     /// build already running for the pair). [`DeltaBuildError::Busy`] when
     /// it would have to wait for a slot.
     pub async fn build(self: &Arc<Self>, base: &ObjectInfo, target: &ObjectInfo) -> Result<DeltaInfo, DeltaBuildError> {
+        // Built already (the common case): no future to make.
+        if let Some(info) = self.get(&base.sha256, &target.sha256) {
+            return Ok(info);
+        }
         self.start(base, target, Slot::Request)?.await
     }
 
@@ -224,6 +228,11 @@ impl DeltaService {
         // grows with the base: the limit is on either.
         if target.size > self.max_size || base.size > self.max_size {
             return Err(DeltaBuildError::TooLarge { size: target.size.max(base.size), limit: self.max_size });
+        }
+        // Nothing built now could be kept (and on a relay both ends would be
+        // fetched for nothing).
+        if self.store.write_fault().is_some() {
+            return Err(DeltaBuildError::Store("the store cannot write now; use the full file".into()));
         }
         let key = (base.sha256, target.sha256);
         let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());

@@ -73,7 +73,9 @@ impl Housekeeping {
     fn tick(&mut self, ctx: &mut Context<Self>) {
         let _in = crate::telemetry::enter(self.scope);
         self.ticks += 1;
-        self.store.count_partial_bytes();
+        // A directory listing: off this thread, which other actors share.
+        let store = self.store.clone();
+        drop(crate::telemetry::spawn_blocking(move || store.count_partial_bytes()));
         if self.store.write_fault().is_some() && !self.probing {
             self.probing = true;
             let store = self.store.clone();

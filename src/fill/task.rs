@@ -180,7 +180,18 @@ pub(super) async fn run(filler: &Arc<Filler>, shared: &Arc<Shared>, req: &FillRe
                         attempts.push(format!("gave up after fill_deadline ({:?})", filler.upstreams.fill_deadline()));
                         break 'rounds;
                     }
-                    match transfer(&filler.store, &up, shared, req, &mut v, &mut etag).await {
+                    // The deadline bounds each transfer too: a trickle just
+                    // inside read_timeout would otherwise hold the fill for ever.
+                    let attempt = transfer(&filler.store, &up, shared, req, &mut v, &mut etag);
+                    let result = match tokio::time::timeout_at(deadline.into(), attempt).await {
+                        Ok(r) => r,
+                        Err(_) => Err(Fault::Transfer {
+                            why: format!("upstream {}: fill_deadline passed during the transfer", up.name),
+                            timeout: true,
+                            received: 0,
+                        }),
+                    };
+                    match result {
                         Ok(()) => {
                             last_upstream = Some(up.clone());
                             complete = true;
@@ -310,6 +321,8 @@ async fn transfer(
     }
     shared.progress.send_replace(Progress::Running { verified: v.servable() });
     let mut pos = body.start;
+    // Progress is bytes this attempt adds past where it started: an upstream
+    // that ignores Range and sends the start again each time is not making any.
     let mut received = 0u64;
     loop {
         let chunk = match body.next_chunk().await {
@@ -317,7 +330,6 @@ async fn transfer(
             Ok(None) => break,
             Err(e) => return Err(broke(e.to_string(), matches!(e.kind, ErrorKind::Timeout(_)), received)),
         };
-        received += chunk.len() as u64;
         let mut data = &chunk[..];
         // A 200 after a resume restarts at 0: skip what we already have.
         if pos < v.written {
@@ -336,6 +348,7 @@ async fn transfer(
             Fault::Local(format!("write partial {}: {e}", req.path))
         })?;
         pos += data.len() as u64;
+        received += data.len() as u64;
         match v.feed(data) {
             Ok(true) => {
                 shared.progress.send_replace(Progress::Running { verified: v.servable() });

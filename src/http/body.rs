@@ -111,15 +111,30 @@ pub fn piece_cap(send_buffer: Option<u64>) -> usize {
 
 pub enum Piece {
     Bytes(Bytes),
-    File { file: Arc<File>, offset: u64, len: u64 },
-    Growing { handle: Box<FillHandle>, offset: u64, len: u64 },
+    /// A span of a file this response opened for itself (read in sequence).
+    File {
+        file: Arc<File>,
+        offset: u64,
+        len: u64,
+    },
+    /// A span of a file others read too (positioned reads only).
+    SharedFile {
+        file: Arc<File>,
+        offset: u64,
+        len: u64,
+    },
+    Growing {
+        handle: Box<FillHandle>,
+        offset: u64,
+        len: u64,
+    },
 }
 
 impl Piece {
     pub fn len(&self) -> u64 {
         match self {
             Piece::Bytes(b) => b.len() as u64,
-            Piece::File { len, .. } | Piece::Growing { len, .. } => *len,
+            Piece::File { len, .. } | Piece::SharedFile { len, .. } | Piece::Growing { len, .. } => *len,
         }
     }
 
@@ -151,6 +166,10 @@ pub struct PieceStream {
     on_short: Option<OnShort>,
     /// Reading the response's file failed.
     read_failed: bool,
+    /// The last piece was handed out (and then the end): the body is whole
+    /// as far as this stream knows. A write the kernel failed after that is
+    /// only seen as a stream dropped before it finished.
+    finished: bool,
 }
 
 /// See [`PieceStream::on_short`].
@@ -170,6 +189,7 @@ impl PieceStream {
             since_yield: 0,
             on_short: None,
             read_failed: false,
+            finished: false,
         }
     }
 
@@ -266,6 +286,10 @@ impl Stream for PieceStream {
         }
         let out = match this.next_piece(cx) {
             Poll::Ready(Some(Ok(out))) => out,
+            Poll::Ready(None) => {
+                this.finished = true;
+                return Poll::Ready(None);
+            }
             other => return other,
         };
         if let Some(permit) = &mut this.permit {
@@ -305,9 +329,29 @@ impl PieceStream {
                         b
                     }
                 }
-                Piece::File { len: 0, .. } | Piece::Growing { len: 0, .. } => {
+                Piece::File { len: 0, .. } | Piece::SharedFile { len: 0, .. } | Piece::Growing { len: 0, .. } => {
                     this.pieces.pop_front();
                     continue;
+                }
+                Piece::SharedFile { file, offset, len } => {
+                    let want = (*len).min(max as u64) as usize;
+                    let (file, at) = (file.clone(), *offset);
+                    match this.read_file(&file, at, want) {
+                        Ok(bytes) => {
+                            if let Some(Piece::SharedFile { offset, len, .. }) = this.pieces.front_mut() {
+                                *offset += want as u64;
+                                *len -= want as u64;
+                            }
+                            bytes
+                        }
+                        Err(e) => {
+                            // A file cut short under its mapping: the response
+                            // ends short, never with made-up bytes.
+                            tracing::error!(error = %e, "reading an object file failed mid-response");
+                            this.read_failed = true;
+                            return Poll::Ready(Some(Err(e)));
+                        }
+                    }
                 }
                 Piece::Growing { handle, offset, len } => {
                     let available = match handle.available() {
@@ -386,7 +430,7 @@ impl PieceStream {
 impl Drop for PieceStream {
     fn drop(&mut self) {
         self.sent_counter.add(self.sent);
-        if (self.read_failed || !self.pieces.is_empty())
+        if (self.read_failed || !self.finished)
             && let Some(check) = self.on_short.take()
         {
             let failed = self.read_failed;

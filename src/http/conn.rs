@@ -116,7 +116,9 @@ impl ConnectionRules {
         if let Some(per_address) = &self.per_address
             && let Ok(peer) = tcp.peer_addr()
         {
-            match per_address.admit(peer.ip()) {
+            // An IPv4 client of a [::] listener is `::ffff:a.b.c.d`: counted,
+            // and matched against IPv4 proxies, as the IPv4 address it is.
+            match per_address.admit(peer.ip().to_canonical()) {
                 Some(counted) => {
                     ext.insert(counted);
                 }

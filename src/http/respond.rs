@@ -21,7 +21,7 @@ use super::range::{self, ByteRange, RangeOutcome};
 use crate::digest::Digest;
 use crate::limits::Permit;
 use crate::source::Content;
-use crate::store::Blob;
+use crate::store::{Blob, Mapped};
 
 /// The metadata of what a URL names, known before opening any bytes.
 pub struct Representation {
@@ -93,12 +93,29 @@ fn common_headers(res: &mut HttpResponseBuilder, rep: &Representation) {
     }
 }
 
-fn slice(content: &Content, r: ByteRange) -> Piece {
-    match content {
-        Content::Stored(Blob::Memory(b) | Blob::Mapped(b)) => Piece::Bytes(b.slice(r.start as usize..=r.end as usize)),
+/// The pieces that send range `r` of `content`.
+fn slice(content: &Content, r: ByteRange, pieces: &mut VecDeque<Piece>) {
+    let piece = match content {
+        Content::Stored(Blob::Memory(b)) => Piece::Bytes(b.slice(r.start as usize..=r.end as usize)),
+        Content::Stored(Blob::Mapped(m)) => {
+            // The object's last bytes come from its file, not the mapping
+            // (see `store::Mapped`): a file cut short then ends the response
+            // short instead of sending zeros as if they were its bytes.
+            let tail = (m.bytes.len() as u64).saturating_sub(Mapped::TAIL);
+            if r.start < tail {
+                let end = r.end.min(tail - 1);
+                pieces.push_back(Piece::Bytes(m.bytes.slice(r.start as usize..=end as usize)));
+                if r.end < tail {
+                    return;
+                }
+            }
+            let from = r.start.max(tail);
+            Piece::SharedFile { file: m.file.clone(), offset: from, len: r.end + 1 - from }
+        }
         Content::Stored(Blob::File { file, .. }) => Piece::File { file: file.clone(), offset: r.start, len: r.len() },
         Content::Filling(handle) => Piece::Growing { handle: Box::new(handle.clone()), offset: r.start, len: r.len() },
-    }
+    };
+    pieces.push_back(piece);
 }
 
 /// The largest body sent whole in one go, from memory, without a stream (and,
@@ -147,7 +164,7 @@ impl Assembly<'_> {
     fn data(&mut self, r: ByteRange) {
         self.len += r.len();
         if let Some(b) = self.blob {
-            self.pieces.push_back(slice(b, r));
+            slice(b, r, &mut self.pieces);
         }
     }
 }

@@ -250,6 +250,11 @@ impl<V: Expiring + Default> AgentTable<V> {
         }
     }
 
+    /// How long an idle entry is kept.
+    pub fn ttl_ns(&self) -> u64 {
+        self.ttl_ns
+    }
+
     /// Have sweeps tell `f` of every entry they drop.
     pub fn on_expire(mut self, f: impl Fn(&V) + Send + Sync + 'static) -> Self {
         self.on_expire = Some(Box::new(f));
@@ -345,6 +350,13 @@ impl<V: Expiring + Default> AgentTable<V> {
     pub fn with<R>(&self, key: u64, f: impl FnOnce(&mut V) -> R) -> Option<R> {
         let key = nonzero(key);
         self.shard(key).get_mut(key).map(f)
+    }
+
+    /// Sweep every shard now (see `Limits::sweep_idle`).
+    pub fn sweep_all(&self, now: u64) {
+        for i in 0..SHARDS {
+            self.sweep(i, now);
+        }
     }
 
     fn sweep(&self, i: usize, now: u64) {

@@ -58,12 +58,20 @@ pub struct HeaderTexts {
     pub last_modified: Bytes,
 }
 
+/// `modified` as an HTTP date, held to what one can say (httpdate panics on
+/// a time before 1970 or after 9999).
+fn http_date(modified: SystemTime) -> String {
+    const LAST: u64 = 253_402_300_799; // 9999-12-31T23:59:59Z
+    let secs = modified.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0).min(LAST);
+    httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+}
+
 impl HeaderTexts {
     pub fn new(sha256: &Digest, chunks: &Digest, modified: SystemTime) -> Self {
         HeaderTexts {
             etag: Bytes::from(sha256.etag()),
             chunks_etag: Bytes::from(chunks.etag()),
-            last_modified: Bytes::from(httpdate::fmt_http_date(modified)),
+            last_modified: Bytes::from(http_date(modified)),
         }
     }
 }
@@ -142,5 +150,20 @@ impl Catalog {
         let (_, c) = self.component(name)?;
         let entry = c.latest_entry()?;
         Some((entry, self.objects.get(&entry.sha256)?))
+    }
+}
+
+#[cfg(test)]
+mod date_tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    /// Found by fuzzing (`fuzz/artifacts`, a signed manifest dated 0270):
+    /// dates an HTTP date cannot say are held to its range, not a panic.
+    #[test]
+    fn dates_outside_what_http_can_say_do_not_panic() {
+        assert_eq!(super::http_date(UNIX_EPOCH - Duration::from_secs(1)), "Thu, 01 Jan 1970 00:00:00 GMT");
+        assert!(super::http_date(UNIX_EPOCH + Duration::from_secs(400_000_000_000)).contains("9999"));
+        assert!(crate::repo::manifest::parse_time("0270-11-23T01:00:00Z").is_none());
+        assert!(crate::repo::manifest::parse_time("2026-12-02T00:00:00Z").is_some());
     }
 }

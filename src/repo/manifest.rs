@@ -192,9 +192,13 @@ fn component_err(component: &ComponentName, problem: impl Into<String>) -> Manif
     ManifestError::Component { component: component.to_string(), problem: problem.into() }
 }
 
-/// Parse an RFC 3339 time into a `SystemTime`.
+/// Parse an RFC 3339 time into a `SystemTime`; `None` for a time that is
+/// not one, or is outside what an HTTP date can say (1970 to 9999): such a
+/// time in a (signed) manifest must not bring down whoever formats it as
+/// `Last-Modified` (fuzzing found that a signed manifest dated 0270 did).
 pub fn parse_time(s: &str) -> Option<SystemTime> {
-    OffsetDateTime::parse(s, &Rfc3339).ok().map(SystemTime::from)
+    let t = OffsetDateTime::parse(s, &Rfc3339).ok()?;
+    (1970..=9999).contains(&t.year()).then(|| SystemTime::from(t))
 }
 
 /// Format a `SystemTime` as RFC 3339 in UTC, to the second.

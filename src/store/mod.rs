@@ -69,7 +69,7 @@ pub enum Blob {
     /// without a copy, but only ever read by the kernel (a page that cannot
     /// be read would raise SIGBUS in user space; see `mapped`). Code that
     /// needs the bytes themselves reads the file ([`Store::read_all`]).
-    Mapped(Bytes),
+    Mapped(Arc<Mapped>),
     /// Larger ones are read from their file while the response is sent. The file
     /// stays readable even if the object is evicted meanwhile (unlink keeps the
     /// inode alive while it is open).
@@ -79,7 +79,8 @@ pub enum Blob {
 impl Blob {
     pub fn len(&self) -> u64 {
         match self {
-            Blob::Memory(b) | Blob::Mapped(b) => b.len() as u64,
+            Blob::Memory(b) => b.len() as u64,
+            Blob::Mapped(m) => m.bytes.len() as u64,
             Blob::File { len, .. } => *len,
         }
     }
@@ -87,6 +88,24 @@ impl Blob {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// An object file's mapping, and the open file.
+///
+/// The file is kept for the mapping's last bytes: a file cut short within
+/// its last page reads back as zeros through a mapping (no fault: the page
+/// still exists), so the end of an object is read from the file instead,
+/// where a cut is a short read ([`Mapped::TAIL`]).
+#[derive(Debug)]
+pub struct Mapped {
+    pub bytes: Bytes,
+    pub file: Arc<File>,
+}
+
+impl Mapped {
+    /// The last bytes of a mapped object are read from its file: at least a
+    /// page on any system patchrelay runs on.
+    pub const TAIL: u64 = 64 * 1024;
 }
 
 /// Small objects held in memory, weighed by size.
@@ -99,7 +118,7 @@ pub struct MemoryCache {
     max_object: u64,
     /// Mappings of larger objects, kept so hot objects stay mapped (no
     /// `mmap`, no page faults per request); `None` when `storage.mmap` is off.
-    maps: Option<moka::sync::Cache<Digest, Bytes, DigestBuildHasher>>,
+    maps: Option<moka::sync::Cache<Digest, Arc<Mapped>, DigestBuildHasher>>,
 }
 
 impl MemoryCache {
@@ -123,8 +142,8 @@ impl MemoryCache {
         if let Some(bytes) = self.cache.get(digest) {
             return Ok(Blob::Memory(bytes));
         }
-        if let Some(bytes) = self.maps.as_ref().and_then(|m| m.get(digest)) {
-            return Ok(Blob::Mapped(bytes));
+        if let Some(m) = self.maps.as_ref().and_then(|m| m.get(digest)) {
+            return Ok(Blob::Mapped(m));
         }
         let file = File::open(path).map_err(io_err("cannot open", path))?;
         let actual = file.metadata().map_err(io_err("cannot stat", path))?.len();
@@ -143,8 +162,9 @@ impl MemoryCache {
         }
         if let Some(maps) = &self.maps {
             let bytes = mapped::map(&file).map_err(io_err("cannot map", path))?;
-            maps.insert(*digest, bytes.clone());
-            return Ok(Blob::Mapped(bytes));
+            let m = Arc::new(Mapped { bytes, file: Arc::new(file) });
+            maps.insert(*digest, m.clone());
+            return Ok(Blob::Mapped(m));
         }
         Ok(Blob::File { file: Arc::new(file), len })
     }

@@ -206,6 +206,16 @@ pub async fn metric(url: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// Wait until a relay has prefetched `n` versions of its critical
+/// components (their fetches would otherwise take faults planned for others).
+pub async fn wait_prefetched(url: &str, n: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(url, "patchrelay_prefetches_total", &[("result", "ok")]).await < n {
+        assert!(Instant::now() < deadline, "prefetch did not finish");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A free loopback port (for servers that cannot report the one they got).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
