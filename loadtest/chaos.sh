@@ -107,6 +107,8 @@ in_ns() { nsenter --target "$holder" --user --mount --preserve-credentials "$@";
 cat > "$work/relay.toml" <<EOF
 [server]
 listen = "127.0.0.1:$rport"
+# The agents come from 8 loopback addresses: no per-address connection cap.
+max_connections_per_address = 0
 [storage]
 dir = "$store"
 [[upstream]]
@@ -210,3 +212,9 @@ print(json.dumps({
 }, indent=1))
 EOF
 echo "machine: $(nproc) cores, $(uname -r)"
+# What must be 0 is 0, or the run fails.
+corrupt=$(python3 -c "import json; print(json.load(open('$work/fleet.json')).get('corrupt', 1))")
+if [ "$corrupt" != 0 ] || [ "$lost" != 0 ] || [ "$bad" != 0 ] || [ "$died" != 0 ] || [ "$installer_bad" != 0 ]; then
+  echo "FAILED: corrupt=$corrupt lost=$lost bad=$bad died=$died installer_bad=$installer_bad" >&2
+  exit 1
+fi

@@ -96,7 +96,7 @@ n=0
 for cfg in off off2 metrics on; do
   dir[$cfg]="$work/relay$n"; n=$((n + 1))
   port[$cfg]=$(free_port)
-  printf '[server]\nlisten = "127.0.0.1:%s"\nworkers = %s\n[storage]\ndir = "%s"\n[[upstream]]\nurl = "http://127.0.0.1:%s"\n[trust]\npublic_key = "%s"\n[log]\nlevel = "warn"\n%s\n' \
+  printf '[server]\nlisten = "127.0.0.1:%s"\nworkers = %s\nmax_connections_per_address = 0\n[storage]\ndir = "%s"\n[[upstream]]\nurl = "http://127.0.0.1:%s"\n[trust]\npublic_key = "%s"\n[log]\nlevel = "warn"\n%s\n' \
     "${port[$cfg]}" "$WORKERS" "${dir[$cfg]}" "$oport" "$pub" "${extra[$cfg]}" > "${dir[$cfg]}.base.toml"
 done
 

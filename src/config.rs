@@ -624,7 +624,8 @@ impl Config {
                 if let Ok(meta) = std::fs::metadata(path) {
                     use std::os::unix::fs::PermissionsExt;
                     if meta.permissions().mode() & 0o004 != 0 {
-                        tracing::warn!(path = %path.display(), "admin.token_file is readable by everyone; chmod 600 it");
+                        // Logging is not set up yet when a config is read.
+                        eprintln!("warning: admin.token_file {} is readable by everyone; chmod 600 it", path.display());
                     }
                 }
                 AdminToken::parse(&raw)

@@ -122,8 +122,9 @@ pub fn run(dir: Option<PathBuf>, port: u16) -> Result<(), DemoError> {
         deltas = dir.join("origin-deltas").display().to_string()
     );
     let relay_toml = format!(
-        "# Demo relay: mirrors the demo origin.\n\
-         [server]\nlisten = \"127.0.0.1:{relay_port}\"\n\n[storage]\ndir = {cache:?}\n\n\
+        "# Demo relay: mirrors the demo origin. On loopback every simulated agent\n\
+         # (loadtest/fleet.sh) comes from a few addresses: no per-address cap.\n\
+         [server]\nlisten = \"127.0.0.1:{relay_port}\"\nmax_connections_per_address = 0\n\n[storage]\ndir = {cache:?}\n\n\
          [[upstream]]\nurl = \"http://127.0.0.1:{origin_port}\"\nname = \"demo-origin\"\n\n\
          [trust]\npublic_key = \"{public}\"\n\n[sync]\ninterval = \"1m\"\n\n[admin]\ntoken = \"{token}\"\n",
         cache = dir.join("relay-cache").display().to_string()
