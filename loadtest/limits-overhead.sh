@@ -35,6 +35,14 @@
 #   ROUNDS=15 DURATION=6 WORKLOADS=small loadtest/limits-overhead.sh
 #   WORKERS=2 WORKLOADS=small loadtest/limits-overhead.sh      # see below
 #
+# The same method compares two builds: BASE_BIN is the reference relay
+# ("base", default config, metrics on) and the current build's "metrics"
+# relay is measured against it; the workloads are then docs/performance.md's
+# rows 1 to 3 (4 KiB objects, 24 MiB objects, random 64 KiB ranges of a
+# 256 MiB object):
+#
+#   BASE_BIN=/tmp/old/patchrelay loadtest/limits-overhead.sh    # (REF=base PAIRS=metrics WORKLOADS=small,large,ranges)
+#
 # WORKERS=2 (or more) gives each relay that many workers, and lets relays and
 # wrk share every CPU: what one worker per relay cannot show (the agents'
 # table and the total bucket written from two cores) is then in the figures,
@@ -54,6 +62,12 @@ WORKLOADS=${WORKLOADS:-small,large}
 # Which relays to measure against "off" (off2 is the control).
 PAIRS=${PAIRS:-off2,metrics,on}
 BIN=${BIN:-target/release/patchrelay}
+BASE_BIN=${BASE_BIN:-}
+# The relay every pair is measured against.
+REF=${REF:-off}
+if [ -n "$BASE_BIN" ]; then
+  REF=base; PAIRS=${PAIRS_BASE:-metrics}; WORKLOADS=${WORKLOADS_BASE:-small,large,ranges}; AGENT_IDS=1; WARMUP=2
+fi
 WORKERS=${WORKERS:-1}
 if [ "$WORKERS" -gt 1 ]; then
   RELAY_CPUS=0-$(( $(nproc) - 1 )); LOAD_CPUS=$RELAY_CPUS
@@ -74,10 +88,12 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 mkdir -p "$work/in/small/1" "$work/in/large/1"
 head -c 4096 /dev/urandom > "$work/in/small/1/small.bin"
 head -c $((24 << 20)) /dev/urandom > "$work/in/large/1/large.bin"
+case ",$WORKLOADS," in *",ranges,"*) mkdir -p "$work/in/huge/1"; head -c $((256 << 20)) /dev/urandom > "$work/in/huge/1/huge.bin";; esac
 pub=$("$BIN" keygen --secret "$work/key" 2>/dev/null)
 "$BIN" publish --input "$work/in" --output "$work/repo" --key "$work/key" >/dev/null
 small=$(sha256sum "$work/in/small/1/small.bin" | cut -d' ' -f1)
 large=$(sha256sum "$work/in/large/1/large.bin" | cut -d' ' -f1)
+huge=$( [ -e "$work/in/huge/1/huge.bin" ] && sha256sum "$work/in/huge/1/huge.bin" | cut -d' ' -f1 || true)
 oport=$(free_port)
 printf '[server]\nlisten = "127.0.0.1:%s"\n[origin]\nrepository = "%s"\n[log]\nlevel = "warn"\n' "$oport" "$work/repo" > "$work/origin.toml"
 taskset -c 1 "$BIN" serve --config "$work/origin.toml" >/dev/null 2>&1 & pids+=($!)
@@ -93,7 +109,9 @@ declare -A extra=(
 # apart, round after round, between two relays otherwise identical.
 declare -A port pid dir
 n=0
-for cfg in off off2 metrics on; do
+declare -A bin=([off]="$BIN" [off2]="$BIN" [metrics]="$BIN" [on]="$BIN" [base]="$BASE_BIN")
+extra[base]=""
+for cfg in off off2 metrics on base; do
   dir[$cfg]="$work/relay$n"; n=$((n + 1))
   port[$cfg]=$(free_port)
   printf '[server]\nlisten = "127.0.0.1:%s"\nworkers = %s\nmax_connections_per_address = 0\n[storage]\ndir = "%s"\n[[upstream]]\nurl = "http://127.0.0.1:%s"\n[trust]\npublic_key = "%s"\n[log]\nlevel = "warn"\n%s\n' \
@@ -127,10 +145,12 @@ load() { taskset -c "$LOAD_CPUS" wrk -t1 -c"$2" -d"$3" -s "$work/${4:-ids}.lua" 
 pad() { head -c $((RANDOM % 4096)) /dev/zero | tr '\0' x; }
 start() { # cfg
   { echo "# layout $(pad)"; cat "${dir[$1]}.base.toml"; } > "${dir[$1]}.toml"
-  PATCHRELAY_LAYOUT_PAD=$(pad) taskset -c "$RELAY_CPUS" "$BIN" serve --config "${dir[$1]}.toml" >>"${dir[$1]}.log" 2>&1 & pid[$1]=$!; pids+=($!)
+  [ -n "${bin[$1]}" ] || { echo "no binary for relay $1 (BASE_BIN?)" >&2; exit 2; }
+  PATCHRELAY_LAYOUT_PAD=$(pad) taskset -c "$RELAY_CPUS" "${bin[$1]}" serve --config "${dir[$1]}.toml" >>"${dir[$1]}.log" 2>&1 & pid[$1]=$!; pids+=($!)
   for _ in $(seq 100); do curl -sf "http://127.0.0.1:${port[$1]}/readyz" >/dev/null && break; sleep 0.1; done
   curl -sf -o /dev/null "http://127.0.0.1:${port[$1]}/v1/objects/$small"
   curl -sf -o /dev/null "http://127.0.0.1:${port[$1]}/v1/objects/$large"
+  [ -z "$huge" ] || curl -sf -o /dev/null "http://127.0.0.1:${port[$1]}/v1/objects/$huge"
 }
 stop() { kill "${pid[$1]}" 2>/dev/null || true; wait "${pid[$1]}" 2>/dev/null || true; }
 # CPU time of all the relay's threads so far, in nanoseconds.
@@ -142,15 +162,16 @@ served() { awk '/requests in/ {r=$1} /Transfer\/sec/ {v=$2; u=v; gsub(/[0-9.]/,"
 # figure_a figure_b cpu_a cpu_b" (figure: req/s, or MB/s for large objects;
 # cpu: microseconds per request). Which of the two loads starts first swaps
 # with `first` (a or b): the control showed the first one gets ~2% more.
-pair() { # a b path conns field first
-  local a=$1 b=$2 a0 b0 a1 b1 x y
+pair() { # a b path conns field first lua
+  local a=$1 b=$2 a0 b0 a1 b1 x y warm=warm
+  [ "$7" = ids ] || warm=$7
   if [ "$6" = a ]; then x=$a; y=$b; else x=$b; y=$a; fi
   # Warm-up at the same load: every agent seen, buffers made.
-  load "http://127.0.0.1:${port[$x]}$3" "$4" "${WARMUP}s" warm >/dev/null &
-  load "http://127.0.0.1:${port[$y]}$3" "$4" "${WARMUP}s" warm >/dev/null; wait
+  load "http://127.0.0.1:${port[$x]}$3" "$4" "${WARMUP}s" "$warm" >/dev/null &
+  load "http://127.0.0.1:${port[$y]}$3" "$4" "${WARMUP}s" "$warm" >/dev/null; wait
   a0=$(cpu_ns "${pid[$a]}"); b0=$(cpu_ns "${pid[$b]}")
-  load "http://127.0.0.1:${port[$x]}$3" "$4" "${DURATION}s" > "${dir[$x]}.wrk" &
-  load "http://127.0.0.1:${port[$y]}$3" "$4" "${DURATION}s" > "${dir[$y]}.wrk"; wait
+  load "http://127.0.0.1:${port[$x]}$3" "$4" "${DURATION}s" "$7" > "${dir[$x]}.wrk" &
+  load "http://127.0.0.1:${port[$y]}$3" "$4" "${DURATION}s" "$7" > "${dir[$y]}.wrk"; wait
   a1=$(cpu_ns "${pid[$a]}"); b1=$(cpu_ns "${pid[$b]}")
   read -r ra ma <<<"$(served "${dir[$a]}.wrk")"; read -r rb mb <<<"$(served "${dir[$b]}.wrk")"
   awk -v ra="$ra" -v rb="$rb" -v ma="$ma" -v mb="$mb" -v ca=$((a1 - a0)) -v cb=$((b1 - b0)) -v f="$5" -v d="$DURATION" \
@@ -160,8 +181,15 @@ pair() { # a b path conns field first
 summary() { sort -g | awk '{a[NR]=$1} function q(p,  i){i=1+(NR-1)*p; return a[int(i)]+(i-int(i))*(a[int(i)+1]-a[int(i)])} END {printf "%.3f (%.3f-%.3f)", q(0.5), q(0.25), q(0.75)}'; }
 
 echo "agent ids drawn from $AGENT_IDS; $ROUNDS rounds of ${DURATION}s; $placement"
-for w in "small|4KiB object, 256 conns per relay|req/s|/v1/objects/$small|256|1" "large|24MiB object, 16 conns per relay|MB/s|/v1/objects/$large|16|2"; do
-  IFS='|' read -r name label unit path conns field <<<"$w"
+cat > "$work/ranges.lua" <<LUA
+local size = $((256 << 20))
+request = function()
+  local a = math.random(0, size - 65536)
+  return wrk.format(nil, nil, { ["Range"] = "bytes=" .. a .. "-" .. (a + 65535) })
+end
+LUA
+for w in "small|4KiB object, 256 conns per relay|req/s|/v1/objects/$small|256|1|ids" "large|24MiB object, 16 conns per relay|MB/s|/v1/objects/$large|16|2|ids" "ranges|64KiB ranges of a 256MiB object, 64 conns per relay|req/s|/v1/objects/$huge|64|1|ranges"; do
+  IFS='|' read -r name label unit path conns field lua <<<"$w"
   case ",$WORKLOADS," in *",$name,"*) ;; *) continue;; esac
   echo; echo "$label ($unit, CPU us per request)"
   IFS=, read -r -a pairs <<<"$PAIRS"
@@ -176,18 +204,18 @@ for w in "small|4KiB object, 256 conns per relay|req/s|/v1/objects/$small|256|1"
       b=${pairs[$(( (i + r) % ${#pairs[@]} ))]}
       # Both relays of a pair start afresh, so neither has served more than
       # the other before it is measured.
-      if [ "$first" = a ]; then start off; start "$b"; else start "$b"; start off; fi
-      out=$(pair off "$b" "$path" "$conns" "$field" "$first")
-      stop off; stop "$b"
+      if [ "$first" = a ]; then start "$REF"; start "$b"; else start "$b"; start "$REF"; fi
+      out=$(pair "$REF" "$b" "$path" "$conns" "$field" "$first" "$lua")
+      stop "$REF"; stop "$b"
       echo "$out" >> "$work/$name.$b"
       read -r tr cr fa fb ua ub <<<"$out"
-      line+=$(printf '  %s/off %s (%s vs %s; cpu %s vs %s)' "$b" "$cr" "$fb" "$fa" "$ub" "$ua")
+      line+=$(printf '  %s/%s %s (%s vs %s; cpu %s vs %s)' "$b" "$REF" "$cr" "$fb" "$fa" "$ub" "$ua")
     done
     echo "$line"
   done
   echo "  medians of $ROUNDS rounds (quartiles):"
   for b in "${pairs[@]}"; do
-    printf '    %-8s/off  throughput %s   CPU per request %s\n' "$b" \
+    printf '    %-8s/%s  throughput %s   CPU per request %s\n' "$b" "$REF" \
       "$(cut -d' ' -f1 "$work/$name.$b" | summary)" "$(cut -d' ' -f2 "$work/$name.$b" | summary)"
   done
 done
