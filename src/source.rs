@@ -10,7 +10,7 @@ use crate::digest::Digest;
 use crate::fill::{FillError, FillHandle, FillRequest, Filler, Opened, Verify};
 use crate::repo::catalog::ObjectInfo;
 use crate::repo::{self, RepoDir};
-use crate::store::{Blob, MemoryCache, Store, StoreError};
+use crate::store::{Blob, MemoryCache, Store, StoreError, WeakStore};
 use crate::telemetry;
 
 /// What a byte-serving route resolved to.
@@ -150,6 +150,69 @@ pub enum Source {
     Relay { store: Store, filler: Arc<Filler> },
 }
 
+/// Where a server's stored bytes are, for [`Check`] (see [`Source::checks`]).
+pub struct Checks {
+    place: Place,
+    deltas: Option<WeakStore>,
+}
+
+enum Place {
+    Relay(WeakStore),
+    Origin { repo: RepoDir, memory: MemoryCache },
+}
+
+/// Which stored bytes a response sent.
+#[derive(Debug, Clone, Copy)]
+pub enum Kept {
+    Target(Target),
+    /// A delta, in the delta store.
+    Delta(Digest),
+}
+
+/// What a response from a stored file or mapping checks when it ends early
+/// (`http::body::PieceStream`). Most such ends are a client hanging up; some
+/// are the store failing under the response (a mapped page the kernel could
+/// not read ends the connection with nothing else to show). Copied into the
+/// response: no allocation, no reference count.
+#[derive(Clone, Copy)]
+pub struct Check {
+    pub checks: &'static Checks,
+    pub kept: Kept,
+}
+
+impl Check {
+    /// Look at the object: a relay drops a damaged one from its store (the
+    /// next request fetches it again); an origin forgets its mapping, so the
+    /// next request finds the damage and answers 500. Counted either way
+    /// (`store_faults_total`). Blocking (a `stat`): run it off the event loop.
+    pub fn run(self, read_failed: bool) {
+        match (self.kept, &self.checks.place) {
+            (Kept::Delta(d), _) => {
+                if let Some(store) = self.checks.deltas.as_ref().and_then(WeakStore::upgrade) {
+                    store.check(&d, read_failed);
+                }
+            }
+            (Kept::Target(t), Place::Relay(store)) => {
+                if let Some(store) = store.upgrade() {
+                    store.check(&t.digest, read_failed);
+                }
+            }
+            (Kept::Target(t), Place::Origin { repo, memory }) => {
+                let path = repo.root().join(t.repo_path());
+                let kind = match std::fs::metadata(&path) {
+                    Ok(m) if m.len() == t.len && !read_failed => return,
+                    Ok(m) if m.len() != t.len => "length",
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => "missing",
+                    _ => "read_error",
+                };
+                tracing::error!(path = %path.display(), kind, "a repository object is damaged or gone; answering 500 for it until it is put back");
+                metrics::counter!(telemetry::STORE_FAULTS, "kind" => kind).increment(1);
+                memory.invalidate(&t.digest);
+            }
+        }
+    }
+}
+
 impl Source {
     /// Since when, and why, a relay's store cannot write (`store::full`).
     pub fn write_fault(&self) -> Option<(std::time::SystemTime, String)> {
@@ -159,30 +222,16 @@ impl Source {
         }
     }
 
-    /// What checks the stored object `digest` (`len` bytes) when a response
-    /// from it ends early: a relay drops a damaged object from its store (the
-    /// next request fetches it again); an origin forgets its mapping, so the
-    /// next request finds the damage and answers 500. Counted either way
-    /// (`store_faults_total`). Runs off the event loop (a `stat`).
-    pub fn checker(&self, target: &Target) -> crate::http::body::OnShort {
-        let (digest, len) = (target.digest, target.len);
-        match self {
-            Source::Relay { store, .. } => store.checker(digest),
-            Source::Origin { repo, memory } => {
-                let (path, memory) = (repo.root().join(target.repo_path()), memory.clone());
-                Box::new(move |read_failed| {
-                    let kind = match std::fs::metadata(&path) {
-                        Ok(m) if m.len() == len && !read_failed => return,
-                        Ok(m) if m.len() != len => "length",
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "missing",
-                        _ => "read_error",
-                    };
-                    tracing::error!(path = %path.display(), kind, "a repository object is damaged or gone; answering 500 for it until it is put back");
-                    metrics::counter!(telemetry::STORE_FAULTS, "kind" => kind).increment(1);
-                    memory.invalidate(&digest);
-                })
-            }
-        }
+    /// What a response from this source checks when it ends early (see
+    /// [`Check`]); made once per server and kept for the process's life, so a
+    /// response holds a plain reference. It holds the relay's store (and the
+    /// delta store) weakly: a stopped server's directory lock is not kept.
+    pub fn checks(&self, deltas: Option<&Store>) -> &'static Checks {
+        let place = match self {
+            Source::Relay { store, .. } => Place::Relay(store.downgrade()),
+            Source::Origin { repo, memory } => Place::Origin { repo: repo.clone(), memory: memory.clone() },
+        };
+        Box::leak(Box::new(Checks { place, deltas: deltas.map(Store::downgrade) }))
     }
 
     /// Open the target's bytes, starting (or joining) a fill if this is a relay

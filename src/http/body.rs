@@ -173,7 +173,7 @@ pub struct PieceStream {
 }
 
 /// See [`PieceStream::on_short`].
-pub type OnShort = Box<dyn FnOnce(bool) + Send>;
+pub type OnShort = crate::source::Check;
 
 impl PieceStream {
     pub fn new(pieces: VecDeque<Piece>, sent_counter: &'static Tally, permit: Option<Permit>) -> Self {
@@ -196,7 +196,7 @@ impl PieceStream {
     /// Have `f` told when the response ends early. Most such ends are a
     /// client hanging up; some are the store failing under it (a mapped page
     /// the kernel could not read ends the connection with nothing else to
-    /// show), and `f` is where the source checks its object (`Source::checker`).
+    /// show), and `f` is where the source checks its object (`source::Check`).
     pub fn on_short(mut self, f: Option<OnShort>) -> Self {
         self.on_short = f;
         self
@@ -437,8 +437,8 @@ impl Drop for PieceStream {
             // A `stat`, but on a failing disk even that may block: off the
             // event loop when there is a runtime to hand it to.
             match tokio::runtime::Handle::try_current() {
-                Ok(_) => drop(crate::telemetry::spawn_blocking(move || check(failed))),
-                Err(_) => check(failed),
+                Ok(_) => drop(crate::telemetry::spawn_blocking(move || check.run(failed))),
+                Err(_) => check.run(failed),
             }
         }
     }

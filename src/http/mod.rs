@@ -43,6 +43,8 @@ pub struct Services {
 pub struct AppState {
     pub published: Arc<Published>,
     pub source: Source,
+    /// What responses check when they end early (`source::Check`).
+    pub checks: &'static crate::source::Checks,
     /// `Cache-Control` for the manifest, its signature and `latest`.
     pub short_cache: HeaderValue,
     pub boundary: String,
@@ -77,9 +79,11 @@ impl AppState {
         let _ = getrandom::fill(&mut salt);
         let short_cache = HeaderValue::from_str(&format!("public, max-age={}", manifest_max_age.as_secs()))
             .unwrap_or_else(|_| HeaderValue::from_static("no-cache"));
+        let checks = source.checks(deltas.as_ref().map(|d| d.store()));
         AppState {
             published,
             source,
+            checks,
             short_cache,
             boundary: format!("patchrelay-{}", hex::encode(salt)),
             admin_token,

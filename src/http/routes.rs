@@ -16,7 +16,7 @@ use crate::delta::plan;
 use crate::digest::Digest;
 use crate::limits::{Caller, Permit};
 use crate::repo::catalog::{Catalog, ObjectInfo};
-use crate::source::{Content, Target};
+use crate::source::{Check, Content, Kept, Target};
 use crate::state::unix_now;
 use crate::store::Blob;
 use crate::telemetry;
@@ -145,35 +145,23 @@ async fn serve(
     Ok(respond::build(&rep, decision, blob.as_ref(), ctx))
 }
 
-/// Where a body's bytes are kept, to check them when a response ends early.
-#[derive(Clone, Copy)]
-enum Kept {
-    Nowhere,
-    Target(Target),
-    Delta(Digest),
-}
-
 impl Bytesource {
-    fn kept(&self) -> Kept {
+    fn kept(&self) -> Option<Kept> {
         match self {
-            Bytesource::Memory(_) => Kept::Nowhere,
-            Bytesource::Target(t) => Kept::Target(*t),
-            Bytesource::Delta(d) => Kept::Delta(*d),
+            Bytesource::Memory(_) => None,
+            Bytesource::Target(t) => Some(Kept::Target(*t)),
+            Bytesource::Delta(d) => Some(Kept::Delta(*d)),
         }
     }
 }
 
 /// For a body read from a stored file or mapping, what checks the object
-/// when the response ends early (`Source::checker`, `Store::checker`).
-fn checker(state: &AppState, blob: Option<&Content>, kept: Kept) -> Option<super::body::OnShort> {
+/// when the response ends early (`source::Check`).
+fn checker(state: &AppState, blob: Option<&Content>, kept: Option<Kept>) -> Option<Check> {
     if !matches!(blob, Some(Content::Stored(Blob::Mapped(_) | Blob::File { .. }))) {
         return None;
     }
-    match kept {
-        Kept::Nowhere => None,
-        Kept::Target(t) => Some(state.source.checker(&t)),
-        Kept::Delta(d) => state.deltas.as_ref().map(|x| x.store().checker(d)),
-    }
+    Some(Check { checks: state.checks, kept: kept? })
 }
 
 /// [`serve`] for a download admitted already (see [`Admission::Done`]).

@@ -201,6 +201,11 @@ impl WeakStore {
     pub fn is_open(&self) -> bool {
         self.0.strong_count() > 0
     }
+
+    /// The store, if it is still open.
+    pub fn upgrade(&self) -> Option<Store> {
+        self.0.upgrade().map(Store)
+    }
 }
 
 struct Inner {
@@ -373,12 +378,6 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => self.forget(digest, "missing"),
             Err(_) => self.forget(digest, "read_error"),
         }
-    }
-
-    /// [`Store::check`] of `digest`, to run when a response from it ends early.
-    pub fn checker(&self, digest: Digest) -> Box<dyn FnOnce(bool) + Send> {
-        let store = self.clone();
-        Box::new(move |read_failed| store.check(&digest, read_failed))
     }
 
     /// The object's bytes, read from its file (never from a mapping: code
