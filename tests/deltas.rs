@@ -561,6 +561,14 @@ async fn delta_requests_are_admitted_before_they_are_built() {
         .await
         .unwrap();
     assert_eq!(r.status(), 429, "{}", r.text().await.unwrap());
+    // A HEAD of a delta not built yet would cost the same build.
+    let r = client()
+        .head(format!("{}/v1/components/blob/deltas/1/2", origin.url()))
+        .header("x-agent-id", "ws-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
     assert_eq!(std::fs::read_dir(dirs.path().join("o/state/deltas")).unwrap().count(), 0, "built before admission");
     drop(slow);
 }

@@ -583,8 +583,10 @@ async fn delta(
             )
         })?;
         // A download like any other: admitted under the limits before it
-        // costs a build (and, on a relay, two fetches over the WAN).
-        let permit = match (state.limits, req.method() == actix_web::http::Method::GET) {
+        // costs a build (and, on a relay, two fetches over the WAN). A HEAD
+        // of a delta not built yet costs the same build: admitted too.
+        let costly = req.method() == actix_web::http::Method::GET || deltas.get(&base.sha256, &target.sha256).is_none();
+        let permit = match (state.limits, costly) {
             (Some(limits), true) => {
                 let caller = caller.unwrap_or_else(|| limits.caller(peer_ip(&req), req.headers()));
                 limits.admit(caller, target.critical, None).map_err(ApiError::Limited)?
