@@ -30,13 +30,13 @@ fn main() {
     for i in 0..1000u32 {
         let mut h = HeaderMap::new();
         h.insert(name.clone(), HeaderValue::from_str(&format!("warm-{i:06}")).expect("header"));
-        drop(limits.admit(limits.caller(IpAddr::from([11, 0, (i >> 8) as u8, i as u8]), &h), false, None));
+        drop(limits.admit(limits.caller(IpAddr::from([11, 0, (i >> 8) as u8, i as u8]), &h, None), false, None));
     }
     let before = rss_kib();
     for i in 0..n {
         let mut h = HeaderMap::new();
         h.insert(name.clone(), HeaderValue::from_str(&format!("agent-{i:08}")).expect("header"));
-        let permit = limits.admit(limits.caller(peer(i), &h), false, None).expect("admitted");
+        let permit = limits.admit(limits.caller(peer(i), &h, None), false, None).expect("admitted");
         drop(permit);
     }
     let after = rss_kib();

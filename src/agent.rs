@@ -80,6 +80,10 @@ pub struct UpdateArgs {
     pub public_key: String,
     /// A specific version instead of the latest.
     pub to: Option<String>,
+    /// A private CA for an https:// server, instead of the web's CAs.
+    pub cacert: Option<PathBuf>,
+    /// A client certificate and its key (mTLS).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 /// What an update did (printed as JSON on stdout).
@@ -125,7 +129,7 @@ fn local(path: &Path, e: impl std::fmt::Display) -> AgentError {
 pub async fn update(args: UpdateArgs) -> Result<Report, AgentError> {
     let key = PublicKey::parse(&args.public_key).map_err(|e| AgentError::Usage(format!("--public-key: {e}")))?;
     let url = UpstreamUrl::parse(&args.server).map_err(|e| AgentError::Usage(format!("--server: {e}")))?;
-    let server = client(url)?;
+    let server = client(url, &args)?;
 
     // 1. The manifest, verified.
     let catalog = repo::fetch_verified(&server, &key).await.map_err(|(reason, why)| match reason {
@@ -352,9 +356,17 @@ impl Job<'_> {
     }
 }
 
-fn client(url: UpstreamUrl) -> Result<Arc<Upstream>, AgentError> {
+fn client(url: UpstreamUrl, args: &UpdateArgs) -> Result<Arc<Upstream>, AgentError> {
+    if !url.https && (args.cacert.is_some() || args.client_cert.is_some()) {
+        return Err(AgentError::Usage("--cacert, --cert and --key are for an https:// server".into()));
+    }
     let cfg = UpstreamConfig {
         url,
+        ca: args.cacert.clone(),
+        web_roots: None,
+        client_cert: args.client_cert.as_ref().map(|c| c.0.clone()),
+        client_key: args.client_cert.as_ref().map(|c| c.1.clone()),
+        server_name: None,
         name: Some("server".into()),
         connect_timeout: HumanDuration(Duration::from_secs(10)),
         read_timeout: HumanDuration(Duration::from_secs(60)),

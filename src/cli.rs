@@ -94,6 +94,16 @@ enum AgentCommand {
         /// A specific version instead of the latest.
         #[arg(long)]
         to: Option<String>,
+        /// PEM: the CA that issued an https:// server's certificate (a
+        /// private CA); instead of the public web's CAs.
+        #[arg(long)]
+        cacert: Option<PathBuf>,
+        /// PEM: a client certificate to show the server (mTLS), with --key.
+        #[arg(long, requires = "key")]
+        cert: Option<PathBuf>,
+        /// PEM: the key of --cert.
+        #[arg(long, requires = "cert")]
+        key: Option<PathBuf>,
     },
 }
 
@@ -188,8 +198,11 @@ pub fn main() -> ExitCode {
                 Err(e) => fail(e),
             }
         }
-        Command::Agent { command: AgentCommand::Update { server, component, file, public_key, to } } => {
-            let args = crate::agent::UpdateArgs { server, component, file, public_key, to };
+        Command::Agent {
+            command: AgentCommand::Update { server, component, file, public_key, to, cacert, cert, key },
+        } => {
+            let client_cert = cert.zip(key);
+            let args = crate::agent::UpdateArgs { server, component, file, public_key, to, cacert, client_cert };
             let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => return fail(e),

@@ -76,9 +76,15 @@ impl Default for MetricsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// `header` (the `agent_header` value, falling back to the address when
-    /// absent), `ip`, or `cert` (needs TLS client auth; not available yet).
+    /// absent), `ip`, or `cert` (the client certificate's `cert_name`,
+    /// falling back to the address on a connection without one; needs
+    /// `[server.tls] client_ca`).
     pub identity: String,
     pub agent_header: String,
+    /// With `identity = "cert"`: which name of the client certificate is the
+    /// agent's id: `cn` (the subject's common name), or the first subject
+    /// alternative name of a kind: `dns`, `email`, `uri`.
+    pub cert_name: CertName,
     /// Cap on all egress, shared among active downloads.
     pub total_rate: Option<Rate>,
     pub total_burst: Option<ByteSize>,
@@ -99,6 +105,7 @@ impl Default for LimitsConfig {
         LimitsConfig {
             identity: "header".into(),
             agent_header: "X-Agent-Id".into(),
+            cert_name: CertName::Cn,
             total_rate: None,
             total_burst: None,
             idle_ttl: HumanDuration(Duration::from_secs(600)),
@@ -107,6 +114,16 @@ impl Default for LimitsConfig {
             policy: Vec::new(),
         }
     }
+}
+
+/// Which name in a client certificate identifies the agent.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CertName {
+    Cn,
+    Dns,
+    Email,
+    Uri,
 }
 
 /// `[[limits.policy]]`.
@@ -234,6 +251,62 @@ pub struct ServerConfig {
     /// Connections one client address may hold at once (trusted proxies
     /// excepted); 0: no cap.
     pub max_connections_per_address: u32,
+    /// On SIGTERM (or SIGINT): how long downloads in flight may take to
+    /// finish after the listeners close; what is left then is cut.
+    pub shutdown_grace: HumanDuration,
+    /// `[server.tls]`: `listen` (and `[[server.listener]]` entries that do
+    /// not say `tls = false`) speak HTTPS with this certificate.
+    pub tls: Option<ServerTlsConfig>,
+    /// `[[server.listener]]`: more addresses to serve on, each HTTP or HTTPS.
+    pub listener: Vec<ListenerConfig>,
+}
+
+/// `[server.tls]`. Paths are relative to the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsConfig {
+    /// PEM: the server's certificate, then any intermediates.
+    pub cert: PathBuf,
+    /// PEM: its private key (PKCS#8, PKCS#1 RSA or SEC1 EC; RSA, ECDSA or
+    /// Ed25519).
+    pub key: PathBuf,
+    /// PEM: the CAs that issue agents' certificates. Set: clients are asked
+    /// for a certificate (`client_auth`).
+    pub client_ca: Option<PathBuf>,
+    /// `required` (the default with `client_ca`): a connection without a
+    /// valid client certificate fails its handshake; `optional`: one without
+    /// any certificate is served (limited by its address), one with an
+    /// invalid certificate still fails.
+    pub client_auth: Option<ClientAuth>,
+    /// PEM: certificate revocation lists from the `client_ca` CAs. With it,
+    /// a client certificate must be shown unrevoked by a list from its
+    /// issuer (a certificate whose issuer has no list here is refused).
+    pub client_crl: Option<PathBuf>,
+    /// How often the files are looked at for a change (SIGHUP reloads at
+    /// once). A new set that does not load is refused and logged; the one in
+    /// use stays.
+    #[serde(default = "default_tls_check")]
+    pub reload_check: HumanDuration,
+}
+
+fn default_tls_check() -> HumanDuration {
+    HumanDuration(Duration::from_secs(2))
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    Optional,
+    Required,
+}
+
+/// `[[server.listener]]`: one more address.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub listen: SocketAddr,
+    /// HTTPS with `[server.tls]`; default: whether `[server.tls]` is set.
+    pub tls: Option<bool>,
 }
 
 impl Default for ServerConfig {
@@ -251,6 +324,9 @@ impl Default for ServerConfig {
             send_buffer: None,
             send_timeout: HumanDuration(Duration::from_secs(60)),
             max_connections_per_address: 256,
+            shutdown_grace: HumanDuration(Duration::from_secs(30)),
+            tls: None,
+            listener: Vec::new(),
         }
     }
 }
@@ -320,6 +396,18 @@ pub struct UpstreamConfig {
     /// (the longest of the upstreams' applies to a fill).
     #[serde(default = "default_fill_deadline")]
     pub fill_deadline: HumanDuration,
+    /// PEM: CAs to trust for an `https://` upstream (a private CA). Paths
+    /// are relative to the config file.
+    pub ca: Option<PathBuf>,
+    /// Trust the public web's CAs too; default: only when `ca` is not set
+    /// (a private CA names the only issuer this upstream should have).
+    pub web_roots: Option<bool>,
+    /// PEM: a certificate and key this relay shows its upstream (mTLS).
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// The name the upstream's certificate must carry (and the SNI sent),
+    /// when it is not the URL's host (an upstream reached by address).
+    pub server_name: Option<String>,
 }
 
 fn default_fill_deadline() -> HumanDuration {
@@ -394,6 +482,9 @@ impl Default for SyncConfig {
 pub struct AdminConfig {
     pub token: Option<AdminToken>,
     pub token_file: Option<PathBuf>,
+    /// Serve `/admin/*` and `/metrics` on this address only (plain HTTP),
+    /// not on the agents' listeners.
+    pub listen: Option<SocketAddr>,
 }
 
 /// The environment variable that sets the admin token (over `[admin]`).
@@ -595,6 +686,7 @@ impl Config {
             ConfigError::Parse { file: file.to_string(), line, column, message: e.message().trim().to_string() }
         })?;
         config.validate(text, file)?;
+        config.resolve_paths(file);
         config.admin_token = match env_token {
             Some(t) => Some(t),
             None => config.read_admin_token(text, file)?,
@@ -613,11 +705,7 @@ impl Config {
         match (&admin.token, &admin.token_file) {
             (Some(t), None) => Ok(Some(t.clone())),
             (None, Some(path)) => {
-                // Relative to the config file, as an operator reading it expects.
-                let path = &match Path::new(file).parent() {
-                    Some(dir) if path.is_relative() && !dir.as_os_str().is_empty() => dir.join(path),
-                    _ => path.clone(),
-                };
+                let path = &beside(file, path);
                 let raw = std::fs::read_to_string(path)
                     .map_err(|e| invalid(format!("admin.token_file {}: {e}", path.display())))?;
                 #[cfg(unix)]
@@ -633,9 +721,29 @@ impl Config {
                     .map_err(|e| invalid(format!("admin.token_file {}: {e}", path.display())))
             }
             (Some(_), Some(_)) => Err(invalid("[admin] has both token and token_file: keep one".into())),
+            // Only moving /metrics off the agents' listeners: no admin API.
+            (None, None) if admin.listen.is_some() => Ok(None),
             (None, None) => Err(invalid(format!(
                 "[admin] needs token_file (a file holding the token) or token; or leave [admin] out and set {ADMIN_TOKEN_ENV}"
             ))),
+        }
+    }
+
+    /// Files the config names (TLS material) are relative to the config
+    /// file, as an operator reading it expects.
+    fn resolve_paths(&mut self, file: &str) {
+        if let Some(tls) = &mut self.server.tls {
+            for p in [Some(&mut tls.cert), Some(&mut tls.key), tls.client_ca.as_mut(), tls.client_crl.as_mut()]
+                .into_iter()
+                .flatten()
+            {
+                *p = beside(file, p);
+            }
+        }
+        for u in &mut self.upstream {
+            for p in [u.ca.as_mut(), u.client_cert.as_mut(), u.client_key.as_mut()].into_iter().flatten() {
+                *p = beside(file, p);
+            }
         }
     }
 
@@ -699,12 +807,67 @@ impl Config {
         match self.limits.identity.as_str() {
             "header" | "ip" => {}
             "cert" => {
+                if self.server.tls.as_ref().is_none_or(|t| t.client_ca.is_none()) {
+                    return Err(invalid(
+                        "limits",
+                        "limits.identity = \"cert\" needs client certificates: set [server.tls] client_ca (and cert, key)".into(),
+                    ));
+                }
+            }
+            other => {
+                return Err(invalid("limits", format!("limits.identity {other:?}: use \"header\", \"ip\" or \"cert\"")));
+            }
+        }
+        if let Some(tls) = &self.server.tls
+            && tls.client_ca.is_none()
+            && (tls.client_auth.is_some() || tls.client_crl.is_some())
+        {
+            return Err(invalid(
+                "server.tls",
+                "server.tls client_auth and client_crl need client_ca (the CAs that issue agents' certificates)".into(),
+            ));
+        }
+        if self.server.listener.iter().any(|l| l.tls == Some(true)) && self.server.tls.is_none() {
+            return Err(invalid(
+                "server.listener",
+                "a [[server.listener]] has tls = true but there is no [server.tls] cert and key".into(),
+            ));
+        }
+        let mut addrs = vec![self.server.listen];
+        addrs.extend(self.server.listener.iter().map(|l| l.listen));
+        addrs.extend(self.admin.as_ref().and_then(|a| a.listen));
+        for (i, a) in addrs.iter().enumerate() {
+            if a.port() != 0 && addrs[..i].contains(a) {
                 return Err(invalid(
-                    "limits",
-                    "limits.identity = \"cert\" needs TLS client authentication, which this patchrelay does not terminate yet; put a TLS proxy in front and use \"header\"".into(),
+                    "server",
+                    format!("{a} is named twice among server.listen, [[server.listener]] and admin.listen"),
                 ));
             }
-            other => return Err(invalid("limits", format!("limits.identity {other:?}: use \"header\" or \"ip\""))),
+        }
+        for u in &self.upstream {
+            if u.client_cert.is_some() != u.client_key.is_some() {
+                return Err(invalid(
+                    "upstream",
+                    format!("upstream {}: client_cert and client_key go together", u.display_name()),
+                ));
+            }
+            if !u.url.https && (u.ca.is_some() || u.client_cert.is_some() || u.server_name.is_some()) {
+                return Err(invalid(
+                    "upstream",
+                    format!(
+                        "upstream {}: ca, client_cert and server_name are for https:// upstreams",
+                        u.display_name()
+                    ),
+                ));
+            }
+            if let Some(name) = &u.server_name
+                && rustls::pki_types::ServerName::try_from(name.as_str()).is_err()
+            {
+                return Err(invalid(
+                    "upstream",
+                    format!("upstream {}: server_name {name:?} is not a DNS name or an IP address", u.display_name()),
+                ));
+            }
         }
         if actix_web::http::header::HeaderName::try_from(self.limits.agent_header.as_str()).is_err() {
             return Err(invalid(
@@ -760,6 +923,14 @@ fn line_col(text: &str, at: usize) -> (usize, usize) {
 }
 
 /// The line of `[section]` or `[[section]]` in `text`, if present.
+/// `path` as seen from the directory of config file `file`.
+fn beside(file: &str, path: &Path) -> PathBuf {
+    match Path::new(file).parent() {
+        Some(dir) if path.is_relative() && !dir.as_os_str().is_empty() => dir.join(path),
+        _ => path.to_path_buf(),
+    }
+}
+
 fn section_line(text: &str, section: &str) -> Option<usize> {
     text.lines()
         .position(|l| {

@@ -34,4 +34,5 @@ pub mod source;
 pub mod state;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;

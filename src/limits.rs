@@ -454,6 +454,8 @@ pub struct Limits {
 enum Identity {
     Header,
     Ip,
+    /// The name in the client certificate (`tls::peer_name`).
+    Cert,
 }
 
 /// Which header trusted proxies set (`server.forwarded_header`).
@@ -489,7 +491,7 @@ impl Limits {
         let identity = match cfg.identity.as_str() {
             "header" => Identity::Header,
             "ip" => Identity::Ip,
-            "cert" => return Err("limits.identity = \"cert\" needs TLS client authentication, which this patchrelay does not terminate yet; use \"header\" or \"ip\"".into()),
+            "cert" => Identity::Cert,
             other => return Err(format!("limits.identity {other:?}: use \"header\", \"ip\" or \"cert\"")),
         };
         let agent_header = actix_web::http::header::HeaderName::try_from(cfg.agent_header.as_str())
@@ -538,7 +540,11 @@ impl Limits {
         client_ip(peer, headers, &self.trusted_proxies, self.forwarded)
     }
 
-    fn who<'a>(&self, ip: IpAddr, headers: &'a actix_web::http::header::HeaderMap) -> Who<'a> {
+    fn who<'a>(&self, ip: IpAddr, headers: &'a actix_web::http::header::HeaderMap, cert: Option<&'a [u8]>) -> Who<'a> {
+        if self.identity == Identity::Cert {
+            // Checked printable and short when the connection opened.
+            return cert.map_or(Who::Ip(ip), Who::Id);
+        }
         if self.identity == Identity::Header
             && let Some(v) = headers.get(&self.agent_header)
         {
@@ -597,9 +603,10 @@ impl Limits {
     }
 
     /// Who is asking (see [`Caller`]); call it as soon as the request is in.
-    pub fn caller(&self, peer: IpAddr, headers: &actix_web::http::header::HeaderMap) -> Caller {
+    /// `cert`: the name in the connection's client certificate, if any.
+    pub fn caller(&self, peer: IpAddr, headers: &actix_web::http::header::HeaderMap, cert: Option<&[u8]>) -> Caller {
         let ip = self.client_ip(peer, headers);
-        let who = self.who(ip, headers);
+        let who = self.who(ip, headers, cert);
         let Some(policy) = self.policy_for(&who, ip) else { return Caller { policy: None, key: 0, id_from: None } };
         let key = self.key(&who);
         self.agents.prefetch(key);
@@ -890,8 +897,8 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(HeaderName::from_static("x-agent-id"), HeaderValue::from_static("a"));
         let peer: IpAddr = "10.0.0.1".parse().unwrap();
-        let admit = |whole| l.admit(l.caller(peer, &h), false, whole);
-        let key = l.caller(peer, &h).key;
+        let admit = |whole| l.admit(l.caller(peer, &h, None), false, whole);
+        let key = l.caller(peer, &h, None).key;
         let active = || l.agents.with(key, |a| a.active).unwrap();
         let bucket = || l.agents.with(key, |a| a.tat_ns).unwrap();
 
@@ -931,7 +938,7 @@ mod tests {
 
         // A bucket that is not free: a slot, and the body is paced.
         let l = limits("rate = \"100B/s\"\nburst = \"4KiB\"\n");
-        let admit = |whole| l.admit(l.caller(peer, &h), false, whole);
+        let admit = |whole| l.admit(l.caller(peer, &h, None), false, whole);
         let mut first = admit(Some(4096)).unwrap().unwrap();
         assert!(first.send_at_once(4096), "the burst goes at once");
         let mut second = admit(Some(4096)).unwrap().unwrap();
@@ -940,7 +947,7 @@ mod tests {
 
         // No policy applies: not limited, no state.
         let l = limits("agents = [\"ws-*\"]\n");
-        let c = l.caller(peer, &h);
+        let c = l.caller(peer, &h, None);
         assert!(l.admit(c, false, Some(4096)).unwrap().is_none());
         assert_eq!(l.tracked_agents(), 0);
     }
@@ -956,7 +963,7 @@ mod tests {
             h
         };
         let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "2001:db8::1".parse().unwrap());
-        let key = |ip, h: &HeaderMap| l.caller(ip, h).key;
+        let key = |ip, h: &HeaderMap| l.caller(ip, h, None).key;
         assert_eq!(key(a, &with_id("ws-1")), key(b, &with_id(" ws-1 ")), "an id, trimmed, wherever it asks from");
         assert_ne!(key(a, &with_id("ws-1")), key(a, &with_id("ws-2")));
         assert_ne!(key(a, &with_id("ws-1")), key(a, &HeaderMap::new()), "an id is not its address");
@@ -1022,7 +1029,7 @@ mod tests {
         let admit = |id: &str| {
             let mut h = HeaderMap::new();
             h.insert(HeaderName::from_static("x-agent-id"), HeaderValue::from_str(id).unwrap());
-            l.admit(l.caller(peer, &h), false, None).map(drop)
+            l.admit(l.caller(peer, &h, None), false, None).map(drop)
         };
         admit("a").unwrap();
         admit("b").unwrap();
@@ -1043,7 +1050,7 @@ mod tests {
         let l = Limits::new(&cfg.limits, &cfg.server).unwrap().unwrap();
         let mut h = HeaderMap::new();
         h.insert(HeaderName::from_static("x-agent-id"), HeaderValue::from_static("vip-7"));
-        let policy = |peer: &str| l.caller(peer.parse().unwrap(), &h).policy.map(|i| l.policies[i].name.clone());
+        let policy = |peer: &str| l.caller(peer.parse().unwrap(), &h, None).policy.map(|i| l.policies[i].name.clone());
         assert_eq!(policy("10.1.2.3").as_deref(), Some("branch"));
         assert_eq!(policy("10.2.2.3").as_deref(), Some("vip"));
         // Both in one policy is refused at load.
@@ -1065,7 +1072,7 @@ mod tests {
         let admit = |peer: IpAddr, id: &str| {
             let mut h = HeaderMap::new();
             h.insert(HeaderName::from_static("x-agent-id"), HeaderValue::from_str(id).unwrap());
-            l.admit(l.caller(peer, &h), false, None).map(drop)
+            l.admit(l.caller(peer, &h, None), false, None).map(drop)
         };
         for i in 0..64 {
             admit(peer, &format!("ws-{i}")).unwrap();

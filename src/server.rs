@@ -28,6 +28,7 @@ use crate::source::Source;
 use crate::state::Published;
 use crate::store::{MemoryCache, Store, StoreOptions, WeakStore};
 use crate::telemetry;
+use crate::tls::{PeerTls, ServerTls};
 use crate::upstream::Upstreams;
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +41,8 @@ pub enum StartError {
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
     Tls(#[from] crate::upstream::TlsSetupError),
+    #[error("[server.tls]: {0}")]
+    ListenerTls(#[from] crate::tls::TlsError),
     #[error("origin: {0} (run `patchrelay publish` into it first)")]
     Repository(String),
     #[error("invalid configuration: {0}")]
@@ -52,28 +55,69 @@ enum ControlPlane {
     Relay(Addr<RelaySync>, Addr<Housekeeping>),
 }
 
-/// A started server.
-pub struct RunningServer {
+/// One address the server listens on.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
     pub addr: SocketAddr,
-    pub published: Arc<Published>,
+    pub tls: bool,
+}
+
+impl Bound {
+    /// `http://addr` or `https://addr`.
+    pub fn url(&self) -> String {
+        format!("{}://{}", if self.tls { "https" } else { "http" }, self.addr)
+    }
+}
+
+/// The admin listener (`[admin] listen`): its own small server.
+struct AdminServer {
+    addr: SocketAddr,
     handle: actix_web::dev::ServerHandle,
     task: actix_rt::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// A started server.
+pub struct RunningServer {
+    /// The first listener's address (`server.listen`).
+    pub addr: SocketAddr,
+    /// Every listener, `server.listen` first.
+    pub listeners: Vec<Bound>,
+    pub published: Arc<Published>,
+    /// The listeners' TLS, when `[server.tls]` is set.
+    pub tls: Option<Arc<ServerTls>>,
+    handle: actix_web::dev::ServerHandle,
+    task: actix_rt::task::JoinHandle<std::io::Result<()>>,
+    admin: Option<AdminServer>,
+    /// The TLS files' watcher.
+    watch: Option<actix_rt::task::JoinHandle<()>>,
     control: ControlPlane,
     /// The store, to wait for its directory lock's release on `stop`.
     store: Option<WeakStore>,
 }
 
 impl RunningServer {
-    /// `http://addr`.
+    /// The first listener's URL: `http://addr` or `https://addr`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.listeners[0].url()
     }
 
-    /// Stop accepting, finish requests in flight (gracefully) or drop them,
-    /// and wait (up to a few seconds) until the store is closed, so that the
-    /// same `storage.dir` can be opened again in this process.
+    /// `http://addr` of the admin listener, when `[admin] listen` is set.
+    pub fn admin_url(&self) -> Option<String> {
+        self.admin.as_ref().map(|a| format!("http://{}", a.addr))
+    }
+
+    /// Stop accepting, finish requests in flight (gracefully, up to
+    /// `server.shutdown_grace`) or drop them, and wait (up to a few seconds)
+    /// until the store is closed, so that the same `storage.dir` can be
+    /// opened again in this process.
     pub async fn stop(self, graceful: bool) {
         self.handle.stop(graceful).await;
+        if let Some(admin) = &self.admin {
+            admin.handle.stop(graceful).await;
+        }
+        if let Some(w) = &self.watch {
+            w.abort();
+        }
         self.stop_actors();
         let _ = self.task.await;
         if let Some(store) = &self.store {
@@ -87,13 +131,22 @@ impl RunningServer {
         }
     }
 
-    /// Wait until the HTTP server stops (on SIGINT/SIGTERM when signals are on).
+    /// Wait until the HTTP server stops (on SIGINT/SIGTERM when signals are
+    /// on: SIGTERM lets downloads in flight finish, up to
+    /// `server.shutdown_grace`).
     pub async fn wait(self) -> std::io::Result<()> {
-        let RunningServer { task, control, .. } = self;
+        let RunningServer { task, control, admin, watch, .. } = self;
         let result = match task.await {
             Ok(r) => r,
             Err(e) => Err(std::io::Error::other(e)),
         };
+        if let Some(admin) = admin {
+            admin.handle.stop(true).await;
+            let _ = admin.task.await;
+        }
+        if let Some(w) = watch {
+            w.abort();
+        }
         stop_actors(&control);
         result
     }
@@ -260,9 +313,19 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
     );
     state.max_piece = http::body::piece_cap(config.server.send_buffer.map(|b| b.0));
     let state = web::Data::new(state);
-    let listener = TcpListener::bind(config.server.listen)
-        .map_err(|source| StartError::Listen { addr: config.server.listen, source })?;
-    let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.server.listen, source })?;
+    let tls = config.server.tls.as_ref().map(ServerTls::load).transpose()?;
+    let rustls = tls.as_ref().map(|t| t.server_config()).transpose()?;
+    let mut wanted = vec![(config.server.listen, tls.is_some())];
+    wanted.extend(config.server.listener.iter().map(|l| (l.listen, l.tls.unwrap_or(tls.is_some()))));
+    let mut bound = Vec::with_capacity(wanted.len());
+    let mut sockets = Vec::with_capacity(wanted.len());
+    for (want, is_tls) in wanted {
+        let listener = TcpListener::bind(want).map_err(|source| StartError::Listen { addr: want, source })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: want, source })?;
+        bound.push(Bound { addr, tls: is_tls });
+        sockets.push(listener);
+    }
+    let addr = bound[0].addr;
     let workers = match config.server.workers {
         0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
         n => n,
@@ -275,14 +338,26 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
             n => Some(PerAddress::new(n, &config.server.trusted_proxies)),
         },
     };
+    let cert_name = (config.limits.identity == "cert").then_some(config.limits.cert_name);
+    let admin_apart = config.admin.as_ref().and_then(|a| a.listen);
+    let agents_state = state.clone();
     let mut server = HttpServer::new(move || {
         // Runs on each worker thread as it starts: the worker is this server's.
         telemetry::scope::set_thread(scope);
-        App::new().app_data(state.clone()).configure(http::configure)
+        App::new().app_data(agents_state.clone()).configure(|cfg| http::configure(cfg, admin_apart.is_none()))
     })
     .on_connect(move |conn, ext| {
         if let Some(tcp) = conn.downcast_ref::<actix_rt::net::TcpStream>() {
             rules.apply(tcp, ext);
+        } else if let Some(tls) =
+            conn.downcast_ref::<actix_tls::accept::rustls_0_23::TlsStream<actix_rt::net::TcpStream>>()
+        {
+            let (tcp, session) = tls.get_ref();
+            rules.apply(tcp, ext);
+            // The certificate was verified in the handshake; its name is
+            // read once here, not per request.
+            let name = cert_name.and_then(|which| crate::tls::peer_name(session.peer_certificates()?.first()?, which));
+            ext.insert(PeerTls { name });
         }
     })
     .workers(workers)
@@ -290,8 +365,14 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
     .max_connections(config.server.max_connections_per_worker)
     .keep_alive(config.server.keep_alive.0)
     .h1_write_buffer_size(config.server.write_buffer.0 as usize)
-    .listen(listener)
-    .map_err(|source| StartError::Listen { addr, source })?;
+    .shutdown_timeout(config.server.shutdown_grace.0.as_secs());
+    for (listener, b) in sockets.into_iter().zip(&bound) {
+        server = match (&rustls, b.tls) {
+            (Some(rustls), true) => server.listen_rustls_0_23(listener, rustls.clone()),
+            _ => server.listen(listener),
+        }
+        .map_err(|source| StartError::Listen { addr: b.addr, source })?;
+    }
     if !opts.handle_signals {
         server = server.disable_signals();
     }
@@ -307,6 +388,41 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
             }
         });
     }
-    tracing::info!(role = ?config.role(), "patchrelay listening on http://{addr}");
-    Ok(RunningServer { addr, published, handle, task, control, store: weak_store })
+    let admin = match admin_apart {
+        None => None,
+        Some(want) => Some(start_admin(want, state, scope, config.server.shutdown_grace.0)?),
+    };
+    let watch = tls.as_ref().map(|t| t.watch(opts.handle_signals));
+    for b in &bound {
+        tracing::info!(role = ?config.role(), "patchrelay listening on {}", b.url());
+    }
+    if let Some(a) = &admin {
+        tracing::info!("admin API and metrics on http://{}", a.addr);
+    }
+    Ok(RunningServer { addr, listeners: bound, published, tls, handle, task, admin, watch, control, store: weak_store })
+}
+
+/// The admin listener: `/admin/*`, `/metrics` and the health checks, plain
+/// HTTP, one worker; stopped with the main server.
+fn start_admin(
+    want: SocketAddr,
+    state: web::Data<AppState>,
+    scope: telemetry::scope::Scope,
+    grace: std::time::Duration,
+) -> Result<AdminServer, StartError> {
+    let listener = TcpListener::bind(want).map_err(|source| StartError::Listen { addr: want, source })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: want, source })?;
+    let server = HttpServer::new(move || {
+        telemetry::scope::set_thread(scope);
+        App::new().app_data(state.clone()).configure(http::configure_admin)
+    })
+    .workers(1)
+    .disable_signals()
+    .shutdown_timeout(grace.as_secs())
+    .listen(listener)
+    .map_err(|source| StartError::Listen { addr, source })?
+    .run();
+    let handle = server.handle();
+    let task = actix_rt::spawn(server);
+    Ok(AdminServer { addr, handle, task })
 }

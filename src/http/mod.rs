@@ -29,7 +29,7 @@ use crate::source::Source;
 use crate::state::Published;
 use crate::telemetry::{self, Tally};
 
-pub use routes::configure;
+pub use routes::{configure, configure_admin};
 
 /// The control plane as the HTTP room sees it.
 pub struct Services {

@@ -93,10 +93,16 @@ fn common_headers(res: &mut HttpResponseBuilder, rep: &Representation) {
     }
 }
 
-/// The pieces that send range `r` of `content`.
-fn slice(content: &Content, r: ByteRange, pieces: &mut VecDeque<Piece>) {
+/// The pieces that send range `r` of `content`. `copies`: the connection
+/// reads body bytes in user space (TLS encrypts them), so a mapping is not
+/// handed to it: a page of a file cut short under the mapping would raise
+/// SIGBUS there (see `store::Mapped`). Its file is read instead.
+fn slice(content: &Content, r: ByteRange, copies: bool, pieces: &mut VecDeque<Piece>) {
     let piece = match content {
         Content::Stored(Blob::Memory(b)) => Piece::Bytes(b.slice(r.start as usize..=r.end as usize)),
+        Content::Stored(Blob::Mapped(m)) if copies => {
+            Piece::SharedFile { file: m.file.clone(), offset: r.start, len: r.len() }
+        }
         Content::Stored(Blob::Mapped(m)) => {
             // The object's last bytes come from its file, not the mapping
             // (see `store::Mapped`): a file cut short then ends the response
@@ -143,12 +149,15 @@ pub struct ResponseCtx<'a> {
     /// What to tell when a response from a stored object ends early
     /// (`body::PieceStream::on_short`).
     pub on_short: Option<super::body::OnShort>,
+    /// The connection copies body bytes in user space (TLS): see `slice`.
+    pub copies: bool,
 }
 
 /// The body being assembled: its exact length always, its pieces only when
 /// there is a blob to read them from (GET; HEAD sends headers only).
 struct Assembly<'b> {
     blob: Option<&'b Content>,
+    copies: bool,
     pieces: VecDeque<Piece>,
     len: u64,
 }
@@ -164,7 +173,7 @@ impl Assembly<'_> {
     fn data(&mut self, r: ByteRange) {
         self.len += r.len();
         if let Some(b) = self.blob {
-            slice(b, r, &mut self.pieces);
+            slice(b, r, self.copies, &mut self.pieces);
         }
     }
 }
@@ -190,7 +199,7 @@ pub fn build(
         ctx.sent_counter.add(bytes.len() as u64);
         return res.body(bytes.clone());
     }
-    let mut body = Assembly { blob, pieces: VecDeque::new(), len: 0 };
+    let mut body = Assembly { blob, copies: ctx.copies, pieces: VecDeque::new(), len: 0 };
     let mut res = match &decision {
         Decision::NotModified => {
             let mut res = HttpResponse::NotModified();

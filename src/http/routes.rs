@@ -21,27 +21,40 @@ use crate::state::unix_now;
 use crate::store::Blob;
 use crate::telemetry;
 
-pub fn configure(cfg: &mut web::ServiceConfig) {
-    fn get_head<F, Args>(path: &str, f: F) -> actix_web::Resource
-    where
-        F: actix_web::Handler<Args> + Clone,
-        Args: actix_web::FromRequest + 'static,
-        F::Output: actix_web::Responder + 'static,
-    {
-        web::resource(path).route(web::get().to(f.clone())).route(web::head().to(f))
-    }
+fn get_head<F, Args>(path: &str, f: F) -> actix_web::Resource
+where
+    F: actix_web::Handler<Args> + Clone,
+    Args: actix_web::FromRequest + 'static,
+    F::Output: actix_web::Responder + 'static,
+{
+    web::resource(path).route(web::get().to(f.clone())).route(web::head().to(f))
+}
+
+/// The agents' listeners; with `admin`, `/admin/*` and `/metrics` too
+/// (otherwise they are on the admin listener only, and 404 here).
+pub fn configure(cfg: &mut web::ServiceConfig, admin: bool) {
     // Fixed paths go through actix's router (a string compare each). Paths
     // with variable segments go to `dispatch`, which splits them itself:
     // actix matches such patterns with regular expressions, which cost a fifth
     // of the CPU of serving a small cached object.
-    cfg.service(get_head("/v1/manifest", manifest))
-        .service(get_head("/v1/manifest.sig", signature))
-        .service(web::resource("/admin/sync").route(web::post().to(admin_sync)))
+    cfg.service(get_head("/v1/manifest", manifest)).service(get_head("/v1/manifest.sig", signature));
+    if admin {
+        admin_routes(cfg);
+    }
+    cfg.service(get_head("/healthz", healthz)).service(get_head("/readyz", readyz)).default_service(web::to(dispatch));
+}
+
+/// The admin listener (`[admin] listen`): the admin API, metrics and the
+/// health checks, nothing an agent downloads.
+pub fn configure_admin(cfg: &mut web::ServiceConfig) {
+    admin_routes(cfg);
+    cfg.service(get_head("/healthz", healthz)).service(get_head("/readyz", readyz));
+}
+
+fn admin_routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/admin/sync").route(web::post().to(admin_sync)))
         .service(web::resource("/admin/status").route(web::get().to(admin_status)))
-        .service(web::resource("/metrics").route(web::get().to(metrics)))
-        .service(get_head("/healthz", healthz))
-        .service(get_head("/readyz", readyz))
-        .default_service(web::to(dispatch));
+        .service(web::resource("/metrics").route(web::get().to(metrics)));
 }
 
 /// Count the request under its route and turn errors into responses.
@@ -71,7 +84,18 @@ enum Have {
 fn caller(req: &HttpRequest, state: &AppState) -> Option<Caller> {
     // Only a GET can be a download (HEAD sends no body).
     let limits = state.limits.filter(|_| req.method() == actix_web::http::Method::GET)?;
-    Some(limits.caller(peer_ip(req), req.headers()))
+    Some(limits.caller(peer_ip(req), req.headers(), cert_name(req)))
+}
+
+/// Whether `blob` would be mapped bytes that this connection copies in user
+/// space (`respond::slice`); looked up only for mapped objects.
+fn copies(req: &HttpRequest, blob: Option<&Content>) -> bool {
+    matches!(blob, Some(Content::Stored(Blob::Mapped(_)))) && req.conn_data::<crate::tls::PeerTls>().is_some()
+}
+
+/// The agent's name from its client certificate (`limits.identity = "cert"`).
+fn cert_name(req: &HttpRequest) -> Option<&[u8]> {
+    req.conn_data::<crate::tls::PeerTls>().and_then(|p| p.name.as_deref()).map(str::as_bytes)
 }
 
 fn peer_ip(req: &HttpRequest) -> std::net::IpAddr {
@@ -120,7 +144,7 @@ async fn serve(
     // refused ones are turned away before anything is fetched.
     let permit = match (state.limits, needs_body, route) {
         (Some(limits), true, Route::Object | Route::Version | Route::Latest | Route::Delta) => {
-            let caller = caller.unwrap_or_else(|| limits.caller(peer_ip(req), req.headers()));
+            let caller = caller.unwrap_or_else(|| limits.caller(peer_ip(req), req.headers(), cert_name(req)));
             let here = match &have {
                 Some(Have::Here(c)) => Some(c),
                 _ => None,
@@ -141,6 +165,7 @@ async fn serve(
         permit,
         max_piece: state.max_piece,
         on_short: checker(state, blob.as_ref(), kept),
+        copies: copies(req, blob.as_ref()),
     };
     Ok(respond::build(&rep, decision, blob.as_ref(), ctx))
 }
@@ -190,6 +215,7 @@ async fn serve_admitted(
         permit: permit.filter(|_| blob.is_some()),
         max_piece: state.max_piece,
         on_short: checker(state, blob.as_ref(), kept),
+        copies: copies(req, blob.as_ref()),
     };
     Ok(respond::build(&rep, decision, blob.as_ref(), ctx))
 }
@@ -588,7 +614,7 @@ async fn delta(
         let costly = req.method() == actix_web::http::Method::GET || deltas.get(&base.sha256, &target.sha256).is_none();
         let permit = match (state.limits, costly) {
             (Some(limits), true) => {
-                let caller = caller.unwrap_or_else(|| limits.caller(peer_ip(&req), req.headers()));
+                let caller = caller.unwrap_or_else(|| limits.caller(peer_ip(&req), req.headers(), cert_name(&req)));
                 limits.admit(caller, target.critical, None).map_err(ApiError::Limited)?
             }
             _ => None,

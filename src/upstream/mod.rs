@@ -132,19 +132,24 @@ pub struct Upstreams {
     list: Vec<Arc<Upstream>>,
 }
 
-/// Building the TLS client configuration failed.
+/// An upstream's TLS settings could not be loaded.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot set up TLS for upstreams: {0}")]
-pub struct TlsSetupError(String);
+#[error("upstream {upstream}: {source}")]
+pub struct TlsSetupError {
+    upstream: String,
+    source: crate::tls::TlsError,
+}
 
-fn tls_config() -> Result<rustls::ClientConfig, TlsSetupError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsSetupError(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+/// The TLS client for one upstream (`ca`, `web_roots`, `client_cert`).
+fn tls_config(c: &UpstreamConfig) -> Result<rustls::ClientConfig, TlsSetupError> {
+    let name = c.display_name();
+    crate::tls::client_config(&crate::tls::UpstreamTls {
+        name: &name,
+        ca: c.ca.as_deref(),
+        web_roots: c.web_roots.unwrap_or(c.ca.is_none()),
+        client: c.client_cert.as_deref().zip(c.client_key.as_deref()),
+    })
+    .map_err(|source| TlsSetupError { upstream: name.clone(), source })
 }
 
 impl Upstreams {
@@ -153,27 +158,31 @@ impl Upstreams {
     }
 
     pub fn with_user_agent(configs: &[UpstreamConfig], user_agent: &'static str) -> Result<Upstreams, TlsSetupError> {
-        let tls = tls_config()?;
         let list = configs
             .iter()
             .map(|c| {
+                let tls = tls_config(c)?;
                 let mut http = HttpConnector::new();
                 http.enforce_http(false);
                 http.set_nodelay(true);
                 http.set_connect_timeout(Some(c.connect_timeout.0));
                 let proxy = c.proxy.as_ref().and_then(|p| p.base.parse::<http::Uri>().ok());
-                let https = hyper_rustls::HttpsConnectorBuilder::new()
-                    .with_tls_config(tls.clone())
-                    .https_or_http()
-                    .enable_http1()
-                    .enable_http2()
-                    .wrap_connector(Connector::new(http, proxy));
+                let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
+                // Checked a valid name by config validation; one that is not
+                // (an embedder's config) leaves the URL's host in use.
+                let fixed =
+                    c.server_name.as_ref().and_then(|n| rustls::pki_types::ServerName::try_from(n.clone()).ok());
+                let builder = match fixed {
+                    Some(name) => builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name)),
+                    None => builder,
+                };
+                let https = builder.enable_http1().enable_http2().wrap_connector(Connector::new(http, proxy));
                 let client =
                     Client::builder(runtime::UpstreamExecutor).pool_idle_timeout(Duration::from_secs(60)).build(https);
                 let name = c.display_name();
                 let up = metrics::gauge!(telemetry::UPSTREAM_UP, "upstream" => name.clone());
                 up.set(1.0);
-                Arc::new(Upstream {
+                Ok(Arc::new(Upstream {
                     bytes_received: metrics::counter!(telemetry::UPSTREAM_BYTES, "upstream" => name.clone()),
                     latency: metrics::histogram!(telemetry::UPSTREAM_LATENCY, "upstream" => name.clone()),
                     up,
@@ -185,9 +194,9 @@ impl Upstreams {
                     user_agent,
                     health: Health::default(),
                     fill_slots: Arc::new(Semaphore::new(c.max_concurrent_fills.max(1))),
-                })
+                }))
             })
-            .collect();
+            .collect::<Result<_, TlsSetupError>>()?;
         Ok(Upstreams { list })
     }
 

@@ -600,3 +600,71 @@ impl Drop for RelayProcess {
         let _ = self.child.wait();
     }
 }
+
+/// Certificates for a TLS test, written to a temp directory: a CA, a
+/// server certificate for 127.0.0.1 and `localhost` (plus `extra_names`).
+pub struct Pki {
+    pub dir: TempDir,
+    pub ca: patchrelay::tls::mint::Ca,
+    pub ca_pem: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Pki {
+    pub fn new(extra_names: &[&str]) -> Pki {
+        use patchrelay::tls::mint::{Ca, KeyKind};
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::new("patchrelay test CA").unwrap();
+        let ca_pem = dir.path().join("ca.pem");
+        std::fs::write(&ca_pem, ca.cert_pem()).unwrap();
+        let mut names = vec!["127.0.0.1", "localhost"];
+        names.extend_from_slice(extra_names);
+        let server = ca.server(&names, KeyKind::EcdsaP256).unwrap();
+        let (cert, key) = (dir.path().join("server.pem"), dir.path().join("server.key"));
+        std::fs::write(&cert, server.cert_pem).unwrap();
+        std::fs::write(&key, server.key_pem).unwrap();
+        Pki { dir, ca, ca_pem, cert, key }
+    }
+
+    /// A client certificate (CN `cn`) written as `<cn>.pem` and `<cn>.key`.
+    pub fn client(&self, cn: &str) -> (PathBuf, PathBuf, u64) {
+        let c = self.ca.client(cn, None).unwrap();
+        self.write_client(cn, c)
+    }
+
+    pub fn write_client(&self, name: &str, c: patchrelay::tls::mint::Issued) -> (PathBuf, PathBuf, u64) {
+        let (cert, key) = (self.dir.path().join(format!("{name}.pem")), self.dir.path().join(format!("{name}.key")));
+        std::fs::write(&cert, c.cert_pem).unwrap();
+        std::fs::write(&key, c.key_pem).unwrap();
+        (cert, key, c.serial)
+    }
+
+    /// `[server.tls]` for this server certificate; `extra` appended.
+    pub fn server_tls_toml(&self, extra: &str) -> String {
+        format!("[server.tls]\ncert = {:?}\nkey = {:?}\n{extra}", self.cert, self.key)
+    }
+
+    /// A reqwest client trusting only this CA, with a client certificate
+    /// (cert and key PEM files) if given.
+    pub fn client_https(&self, identity: Option<(&Path, &Path)>) -> reqwest::Client {
+        let tls = patchrelay::tls::client_config(&patchrelay::tls::UpstreamTls {
+            name: "test",
+            ca: Some(&self.ca_pem),
+            web_roots: false,
+            client: identity,
+        })
+        .unwrap();
+        reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(30))
+            .use_preconfigured_tls(tls)
+            .build()
+            .unwrap()
+    }
+}
+
+/// curl, which tests need as a real HTTPS client (`.ci/run` installs it).
+pub fn curl_binary() -> Option<PathBuf> {
+    require_tool("curl", &["/usr/bin/curl", "/usr/local/bin/curl"], "curl")
+}
