@@ -155,6 +155,18 @@ pub fn main() -> ExitCode {
         }
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(c) => {
+                // The TLS files are loaded as `serve` would: a certificate
+                // that does not go with its key fails here, not at start.
+                if let Some(tls) = &c.server.tls
+                    && let Err(e) = crate::tls::ServerTls::load(tls)
+                {
+                    eprintln!("error: {}: [server.tls]: {e}", config.display());
+                    return ExitCode::from(2);
+                }
+                if let Err(e) = crate::upstream::Upstreams::new(&c.upstream) {
+                    eprintln!("error: {}: {e}", config.display());
+                    return ExitCode::from(2);
+                }
                 println!("{}: ok ({:?} role)", config.display(), c.role());
                 ExitCode::SUCCESS
             }
@@ -175,7 +187,12 @@ pub fn main() -> ExitCode {
             let result = actix_rt::System::new().block_on(async {
                 let server =
                     server::start(&config, StartOptions { handle_signals: true }).await.map_err(|e| e.to_string())?;
-                server.wait().await.map_err(|e| e.to_string())
+                // systemd Type=notify: ready once listening (no-op elsewhere).
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+                let result = server.wait().await.map_err(|e| e.to_string());
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+                tracing::info!("patchrelay stopped");
+                result
             });
             match result {
                 Ok(()) => ExitCode::SUCCESS,

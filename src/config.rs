@@ -815,7 +815,10 @@ impl Config {
                 }
             }
             other => {
-                return Err(invalid("limits", format!("limits.identity {other:?}: use \"header\", \"ip\" or \"cert\"")));
+                return Err(invalid(
+                    "limits",
+                    format!("limits.identity {other:?}: use \"header\", \"ip\" or \"cert\""),
+                ));
             }
         }
         if let Some(tls) = &self.server.tls

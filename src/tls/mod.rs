@@ -214,7 +214,8 @@ impl ServerTls {
             } else {
                 None
             };
-            let mut tick = tokio::time::interval(every);
+            // The first look is one period after the load, not at once.
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let hup_fired = async {

@@ -295,7 +295,21 @@ pub async fn start_nginx(root: &Path) -> Option<Nginx> {
 /// nginx with extra `server { ... }` directives (e.g. `limit_rate 4m;`), on
 /// `port` if given (to bring a killed upstream back at the same address).
 pub async fn start_nginx_with(root: &Path, server_extra: &str, port: Option<u16>) -> Option<Nginx> {
+    start_nginx_conf(root, "", server_extra, "", port).await
+}
+
+/// nginx with `listen_extra` after its listen address (`" ssl"` for HTTPS:
+/// its URL is then https://), `server_extra` in its server block and
+/// `http_extra` in its http block (an `upstream`, say).
+pub async fn start_nginx_conf(
+    root: &Path,
+    listen_extra: &str,
+    server_extra: &str,
+    http_extra: &str,
+    port: Option<u16>,
+) -> Option<Nginx> {
     let bin = nginx_binary()?;
+    let scheme = if listen_extra.contains("ssl") { "https" } else { "http" };
     let dir = tempfile::tempdir().unwrap();
     for _ in 0..5 {
         let port = port.unwrap_or_else(free_port);
@@ -304,7 +318,7 @@ pub async fn start_nginx_with(root: &Path, server_extra: &str, port: Option<u16>
         // 0700 temp directory: keep them as root (tests only).
         let user = if running_as_root() { "user root;\n" } else { "" };
         let conf = format!(
-            "{user}daemon off;\nmaster_process off;\nworker_processes 1;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\nevents {{ worker_connections 1024; }}\nhttp {{\n  log_format t '\"$request\" $status \"$http_range\" $body_bytes_sent';\n  access_log {log} t;\n  client_body_temp_path {dir};\n  proxy_temp_path {dir};\n  fastcgi_temp_path {dir};\n  uwsgi_temp_path {dir};\n  scgi_temp_path {dir};\n  default_type application/octet-stream;\n  server {{\n    listen 127.0.0.1:{port};\n    root {root};\n    {server_extra}\n  }}\n}}\n",
+            "{user}daemon off;\nmaster_process off;\nworker_processes 1;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\nevents {{ worker_connections 1024; }}\nhttp {{\n  log_format t '\"$request\" $status \"$http_range\" $body_bytes_sent';\n  access_log {log} t;\n  client_body_temp_path {dir};\n  proxy_temp_path {dir};\n  fastcgi_temp_path {dir};\n  uwsgi_temp_path {dir};\n  scgi_temp_path {dir};\n  default_type application/octet-stream;\n  {http_extra}\n  server {{\n    listen 127.0.0.1:{port}{listen_extra};\n    root {root};\n    {server_extra}\n  }}\n}}\n",
             dir = dir.path().display(),
             root = root.display(),
             log = access_log.display(),
@@ -323,7 +337,7 @@ pub async fn start_nginx_with(root: &Path, server_extra: &str, port: Option<u16>
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Some(Nginx { child, url: format!("http://127.0.0.1:{port}"), port, access_log, _dir: dir });
+                return Some(Nginx { child, url: format!("{scheme}://127.0.0.1:{port}"), port, access_log, _dir: dir });
             }
             if let Ok(Some(_)) = child.try_wait() {
                 break; // port taken meanwhile: try another
@@ -573,7 +587,7 @@ impl RelayProcess {
         std::thread::spawn(move || {
             let mut sent = false;
             for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-                if !sent && let Some(i) = line.find("listening on http://") {
+                if !sent && let Some(i) = line.find("listening on http") {
                     let url = line[i + "listening on ".len()..].split_whitespace().next().unwrap().to_string();
                     let _ = tx.send(url);
                     sent = true;
@@ -585,6 +599,26 @@ impl RelayProcess {
         });
         let url = rx.recv_timeout(Duration::from_secs(20)).expect("relay process did not start");
         RelayProcess { child, url }
+    }
+
+    /// Send `signal` (`TERM`, `HUP`, ...) with kill(1).
+    pub fn signal(&self, signal: &str) {
+        let st = Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status().unwrap();
+        assert!(st.success(), "kill -{signal} failed");
+    }
+
+    /// Wait up to `within` for the process to exit; its status, or `None`.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// SIGKILL: no shutdown, no flush.
