@@ -95,7 +95,7 @@ async fn sigterm_lets_downloads_finish_and_the_restarted_relay_resumes_the_fill(
     let cut = fill.await.unwrap().expect_err("the 24 MiB download finished within the grace");
     assert!(termed.elapsed() >= grace - Duration::from_millis(500), "cut {:?} after SIGTERM", termed.elapsed());
     assert!(cut < big.len());
-    let status = relay.wait_exit(Duration::from_secs(20)).expect("the relay did not exit");
+    let status = relay.wait_exit(Duration::from_secs(20)).await.expect("the relay did not exit");
     assert!(status.success(), "exit status {status:?}");
     let kept = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
     assert!(kept >= 2 << 20, "the partial file was not kept ({kept} bytes)");
