@@ -259,6 +259,10 @@ pub struct ServerConfig {
     pub tls: Option<ServerTlsConfig>,
     /// `[[server.listener]]`: more addresses to serve on, each HTTP or HTTPS.
     pub listener: Vec<ListenerConfig>,
+    /// `listen` expects the PROXY protocol (v1 or v2) from a load balancer
+    /// in `trusted_proxies` on every connection, and takes the client's
+    /// address from it (plain HTTP listeners only).
+    pub proxy_protocol: bool,
 }
 
 /// `[server.tls]`. Paths are relative to the config file.
@@ -307,6 +311,9 @@ pub struct ListenerConfig {
     pub listen: SocketAddr,
     /// HTTPS with `[server.tls]`; default: whether `[server.tls]` is set.
     pub tls: Option<bool>,
+    /// As `server.proxy_protocol`, for this listener.
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 impl Default for ServerConfig {
@@ -327,6 +334,7 @@ impl Default for ServerConfig {
             shutdown_grace: HumanDuration(Duration::from_secs(30)),
             tls: None,
             listener: Vec::new(),
+            proxy_protocol: false,
         }
     }
 }
@@ -835,6 +843,19 @@ impl Config {
                 "server.listener",
                 "a [[server.listener]] has tls = true but there is no [server.tls] cert and key".into(),
             ));
+        }
+        let mut proxied = vec![(self.server.proxy_protocol, self.server.tls.is_some())];
+        proxied.extend(
+            self.server.listener.iter().map(|l| (l.proxy_protocol, l.tls.unwrap_or(self.server.tls.is_some()))),
+        );
+        if proxied.iter().any(|&(p, _)| p) && self.server.trusted_proxies.is_empty() {
+            return Err(invalid(
+                "server",
+                "proxy_protocol needs server.trusted_proxies: the load balancers allowed to name clients".into(),
+            ));
+        }
+        if proxied.iter().any(|&(p, tls)| p && tls) {
+            return Err(invalid("server", "proxy_protocol is for plain HTTP listeners (the balancer terminates TLS); set tls = false on that listener".into()));
         }
         let mut addrs = vec![self.server.listen];
         addrs.extend(self.server.listener.iter().map(|l| l.listen));

@@ -85,8 +85,9 @@ pub struct RunningServer {
     pub published: Arc<Published>,
     /// The listeners' TLS, when `[server.tls]` is set.
     pub tls: Option<Arc<ServerTls>>,
-    handle: actix_web::dev::ServerHandle,
-    task: actix_rt::task::JoinHandle<std::io::Result<()>>,
+    /// The agents' servers: one for plain and TLS listeners, one for those
+    /// reading the PROXY protocol (either may be absent).
+    servers: Vec<(actix_web::dev::ServerHandle, actix_rt::task::JoinHandle<std::io::Result<()>>)>,
     admin: Option<AdminServer>,
     /// The TLS files' watcher.
     watch: Option<actix_rt::task::JoinHandle<()>>,
@@ -111,7 +112,9 @@ impl RunningServer {
     /// until the store is closed, so that the same `storage.dir` can be
     /// opened again in this process.
     pub async fn stop(self, graceful: bool) {
-        self.handle.stop(graceful).await;
+        for (handle, _) in &self.servers {
+            handle.stop(graceful).await;
+        }
         if let Some(admin) = &self.admin {
             admin.handle.stop(graceful).await;
         }
@@ -119,7 +122,9 @@ impl RunningServer {
             w.abort();
         }
         self.stop_actors();
-        let _ = self.task.await;
+        for (_, task) in self.servers {
+            let _ = task.await;
+        }
         if let Some(store) = &self.store {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
             while store.is_open() && std::time::Instant::now() < deadline {
@@ -135,11 +140,15 @@ impl RunningServer {
     /// on: SIGTERM lets downloads in flight finish, up to
     /// `server.shutdown_grace`).
     pub async fn wait(self) -> std::io::Result<()> {
-        let RunningServer { task, control, admin, watch, .. } = self;
-        let result = match task.await {
-            Ok(r) => r,
-            Err(e) => Err(std::io::Error::other(e)),
-        };
+        let RunningServer { servers, control, admin, watch, .. } = self;
+        let mut result = Ok(());
+        for (_, task) in servers {
+            let r = match task.await {
+                Ok(r) => r,
+                Err(e) => Err(std::io::Error::other(e)),
+            };
+            result = result.and(r);
+        }
         if let Some(admin) = admin {
             admin.handle.stop(true).await;
             let _ = admin.task.await;
@@ -315,15 +324,16 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
     let state = web::Data::new(state);
     let tls = config.server.tls.as_ref().map(ServerTls::load).transpose()?;
     let rustls = tls.as_ref().map(|t| t.server_config()).transpose()?;
-    let mut wanted = vec![(config.server.listen, tls.is_some())];
-    wanted.extend(config.server.listener.iter().map(|l| (l.listen, l.tls.unwrap_or(tls.is_some()))));
+    let mut wanted = vec![(config.server.listen, tls.is_some(), config.server.proxy_protocol)];
+    wanted.extend(config.server.listener.iter().map(|l| (l.listen, l.tls.unwrap_or(tls.is_some()), l.proxy_protocol)));
     let mut bound = Vec::with_capacity(wanted.len());
-    let mut sockets = Vec::with_capacity(wanted.len());
-    for (want, is_tls) in wanted {
+    let (mut sockets, mut proxied) = (Vec::new(), Vec::new());
+    for (want, is_tls, proxy_protocol) in wanted {
         let listener = TcpListener::bind(want).map_err(|source| StartError::Listen { addr: want, source })?;
         let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: want, source })?;
-        bound.push(Bound { addr, tls: is_tls });
-        sockets.push(listener);
+        let b = Bound { addr, tls: is_tls };
+        bound.push(b);
+        if proxy_protocol { proxied.push((listener, b)) } else { sockets.push((listener, b)) }
     }
     let addr = bound[0].addr;
     let workers = match config.server.workers {
@@ -341,6 +351,7 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
     let cert_name = (config.limits.identity == "cert").then_some(config.limits.cert_name);
     let admin_apart = config.admin.as_ref().and_then(|a| a.listen);
     let agents_state = state.clone();
+    let proxied_rules = rules.clone();
     let mut server = HttpServer::new(move || {
         // Runs on each worker thread as it starts: the worker is this server's.
         telemetry::scope::set_thread(scope);
@@ -366,19 +377,32 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
     .keep_alive(config.server.keep_alive.0)
     .h1_write_buffer_size(config.server.write_buffer.0 as usize)
     .shutdown_timeout(config.server.shutdown_grace.0.as_secs());
-    for (listener, b) in sockets.into_iter().zip(&bound) {
-        server = match (&rustls, b.tls) {
-            (Some(rustls), true) => server.listen_rustls_0_23(listener, rustls.clone()),
-            _ => server.listen(listener),
+    let mut servers = Vec::new();
+    if !sockets.is_empty() {
+        for (listener, b) in sockets {
+            server = match (&rustls, b.tls) {
+                (Some(rustls), true) => server.listen_rustls_0_23(listener, rustls.clone()),
+                _ => server.listen(listener),
+            }
+            .map_err(|source| StartError::Listen { addr: b.addr, source })?;
         }
-        .map_err(|source| StartError::Listen { addr: b.addr, source })?;
+        if !opts.handle_signals {
+            server = server.disable_signals();
+        }
+        let server = server.run();
+        servers.push((server.handle(), actix_rt::spawn(server)));
     }
-    if !opts.handle_signals {
-        server = server.disable_signals();
+    if !proxied.is_empty() {
+        let behind = Behind {
+            state: state.clone(),
+            scope,
+            rules: proxied_rules,
+            trusted: Arc::new(config.server.trusted_proxies.clone()),
+            admin_here: admin_apart.is_none(),
+        };
+        let server = start_proxied(proxied, behind, config, workers, opts.handle_signals)?;
+        servers.push((server.handle(), actix_rt::spawn(server)));
     }
-    let server = server.run();
-    let handle = server.handle();
-    let task = actix_rt::spawn(server);
     if let Some(metrics) = metrics {
         actix_rt::spawn(async move {
             let mut tick = tokio::time::interval(telemetry::upkeep_interval());
@@ -399,7 +423,7 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
     if let Some(a) = &admin {
         tracing::info!("admin API and metrics on http://{}", a.addr);
     }
-    Ok(RunningServer { addr, listeners: bound, published, tls, handle, task, admin, watch, control, store: weak_store })
+    Ok(RunningServer { addr, listeners: bound, published, tls, servers, admin, watch, control, store: weak_store })
 }
 
 /// The admin listener: `/admin/*`, `/metrics` and the health checks, plain
@@ -425,4 +449,80 @@ fn start_admin(
     let handle = server.handle();
     let task = actix_rt::spawn(server);
     Ok(AdminServer { addr, handle, task })
+}
+
+/// What the PROXY protocol listeners share with the others.
+struct Behind {
+    state: web::Data<AppState>,
+    scope: telemetry::scope::Scope,
+    rules: ConnectionRules,
+    trusted: Arc<Vec<ipnet::IpNet>>,
+    admin_here: bool,
+}
+
+/// The listeners that read a PROXY header first (`proxy_protocol = true`):
+/// their own actix server (actix-web's `HttpServer` has no hook before
+/// HTTP), serving the same app. The header's client address is handed to
+/// HTTP as the connection's peer, so everything downstream sees the agent.
+fn start_proxied(
+    listeners: Vec<(TcpListener, Bound)>,
+    behind: Behind,
+    config: &Config,
+    workers: usize,
+    handle_signals: bool,
+) -> Result<actix_web::dev::Server, StartError> {
+    use actix_service::{IntoServiceFactory as _, ServiceFactoryExt as _, fn_service, map_config};
+    let mut builder = actix_server::Server::build()
+        .workers(workers)
+        .backlog(config.server.backlog)
+        .max_concurrent_connections(config.server.max_connections_per_worker)
+        .shutdown_timeout(config.server.shutdown_grace.0.as_secs());
+    if !handle_signals {
+        builder = builder.disable_signals();
+    }
+    let shutdown = builder.graceful_shutdown_signal();
+    let (keep_alive, write_buffer) = (config.server.keep_alive.0, config.server.write_buffer.0 as usize);
+    let behind = Arc::new(behind);
+    for (listener, b) in listeners {
+        let (behind, shutdown) = (behind.clone(), shutdown.clone());
+        builder = builder
+            .listen(format!("patchrelay-proxy-protocol-{}", b.addr), listener, move || {
+                telemetry::scope::set_thread(behind.scope);
+                let (state, admin_here, rules) = (behind.state.clone(), behind.admin_here, behind.rules.clone());
+                let app = App::new().app_data(state).configure(move |cfg| http::configure(cfg, admin_here));
+                let trusted = behind.trusted.clone();
+                let shutdown = shutdown.clone();
+                fn_service(move |mut io: actix_rt::net::TcpStream| {
+                    let trusted = trusted.clone();
+                    async move {
+                        match http::proxy::accept(&mut io, &trusted).await {
+                            Ok(client) => Ok((io, actix_http::Protocol::Http1, Some(client))),
+                            Err(e) => {
+                                tracing::debug!(error = %e, "connection closed: PROXY header refused");
+                                Err(actix_http::error::DispatchError::Io(std::io::Error::other(e)))
+                            }
+                        }
+                    }
+                })
+                .and_then(
+                    actix_http::HttpService::build()
+                        .graceful_shutdown_signal(move || {
+                            let signal = shutdown.clone();
+                            async move { signal.notified().await }
+                        })
+                        .keep_alive(keep_alive)
+                        .client_request_timeout(std::time::Duration::from_secs(5))
+                        .client_disconnect_timeout(std::time::Duration::from_secs(1))
+                        .h1_write_buffer_size(write_buffer)
+                        .local_addr(b.addr)
+                        .on_connect_ext(move |io: &actix_rt::net::TcpStream, ext| rules.apply(io, ext))
+                        .finish(map_config(
+                            app.into_factory().map_err(|e: actix_web::Error| e.error_response()),
+                            |_| actix_web::dev::AppConfig::default(),
+                        )),
+                )
+            })
+            .map_err(|source| StartError::Listen { addr: b.addr, source })?;
+    }
+    Ok(builder.run())
 }

@@ -10,6 +10,7 @@ pub mod body;
 pub mod conditional;
 pub mod conn;
 pub mod error;
+pub mod proxy;
 pub mod range;
 pub mod respond;
 mod routes;
