@@ -70,6 +70,10 @@ enum Command {
         /// Relay port (the origin takes the next one); 0 picks free ports.
         #[arg(long, default_value_t = 8080)]
         port: u16,
+        /// Serve the relay over HTTPS with a throwaway CA (its ca.pem is
+        /// printed in the curl lines).
+        #[arg(long)]
+        tls: bool,
     },
 }
 
@@ -246,9 +250,9 @@ pub fn main() -> ExitCode {
                 }
             }
         }
-        Command::Demo { dir, port } => {
+        Command::Demo { dir, port, tls } => {
             telemetry::init_logging(&LogConfig::default());
-            match crate::demo::run(dir, port) {
+            match crate::demo::run(dir, port, tls) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(e),
             }

@@ -90,7 +90,28 @@ fn free_port(preferred: u16) -> u16 {
     TcpListener::bind(("127.0.0.1", 0)).and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
 }
 
-pub fn run(dir: Option<PathBuf>, port: u16) -> Result<(), DemoError> {
+/// A throwaway CA and a relay certificate for 127.0.0.1 and localhost, in
+/// `dir/tls/`; the `[server.tls]` section that uses them.
+fn demo_tls(dir: &Path) -> Result<(String, PathBuf), DemoError> {
+    use crate::tls::mint::{Ca, KeyKind};
+    let tls = dir.join("tls");
+    fs::create_dir_all(&tls).map_err(setup("create tls directory"))?;
+    let ca = Ca::new("patchrelay demo CA (throwaway)").map_err(setup("make a CA"))?;
+    let server = ca.server(&["127.0.0.1", "localhost"], KeyKind::EcdsaP256).map_err(setup("issue a certificate"))?;
+    let (ca_pem, cert, key) = (tls.join("ca.pem"), tls.join("relay.pem"), tls.join("relay.key"));
+    fs::write(&ca_pem, ca.cert_pem()).map_err(setup("write ca.pem"))?;
+    fs::write(&cert, server.cert_pem).map_err(setup("write relay.pem"))?;
+    fs::write(&key, server.key_pem).map_err(setup("write relay.key"))?;
+    let section = format!(
+        "\n# A throwaway CA made by `patchrelay demo --tls`; trust tls/ca.pem to talk to it.\n\
+         [server.tls]\ncert = {:?}\nkey = {:?}\n",
+        cert.display().to_string(),
+        key.display().to_string()
+    );
+    Ok((section, ca_pem))
+}
+
+pub fn run(dir: Option<PathBuf>, port: u16, tls: bool) -> Result<(), DemoError> {
     let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("patchrelay-demo"));
     fs::create_dir_all(&dir).map_err(setup("create demo directory"))?;
     let key_path = dir.join("origin.key");
@@ -121,7 +142,7 @@ pub fn run(dir: Option<PathBuf>, port: u16) -> Result<(), DemoError> {
         repo = repo.display().to_string(),
         deltas = dir.join("origin-deltas").display().to_string()
     );
-    let relay_toml = format!(
+    let mut relay_toml = format!(
         "# Demo relay: mirrors the demo origin. On loopback every simulated agent\n\
          # (loadtest/fleet.sh) comes from a few addresses: no per-address cap.\n\
          [server]\nlisten = \"127.0.0.1:{relay_port}\"\nmax_connections_per_address = 0\n\n[storage]\ndir = {cache:?}\n\n\
@@ -129,6 +150,18 @@ pub fn run(dir: Option<PathBuf>, port: u16) -> Result<(), DemoError> {
          [trust]\npublic_key = \"{public}\"\n\n[sync]\ninterval = \"1m\"\n\n[admin]\ntoken = \"{token}\"\n",
         cache = dir.join("relay-cache").display().to_string()
     );
+    let ca_pem = if tls {
+        let (section, ca_pem) = demo_tls(&dir)?;
+        relay_toml.push_str(&section);
+        Some(ca_pem)
+    } else {
+        None
+    };
+    // Every curl line below trusts the demo CA when there is one.
+    let curl = match &ca_pem {
+        Some(ca) => format!("curl --cacert {}", ca.display()),
+        None => "curl".to_string(),
+    };
     fs::write(dir.join("origin.toml"), &origin_toml).map_err(setup("write origin.toml"))?;
     fs::write(dir.join("relay.toml"), &relay_toml).map_err(setup("write relay.toml"))?;
     let origin_cfg = Config::from_toml(&origin_toml, "origin.toml").map_err(setup("origin config"))?;
@@ -147,19 +180,20 @@ pub fn run(dir: Option<PathBuf>, port: u16) -> Result<(), DemoError> {
         println!("  origin: {}   relay: {r}   (relay ready: {})", origin.url(), relay.published.is_ready());
         println!();
         println!("Try, against the relay:");
-        println!("  curl -s {r}/v1/manifest | head -c 600; echo");
-        println!("  curl -sI {r}/v1/components/engine-pattern/latest");
-        println!("  curl -s -r 0-99 {r}/v1/components/engine-pattern/versions/173");
-        println!("  curl -s -o agent.pkg -C - {r}/v1/components/agent-installer/latest   # resumable");
-        println!("  curl -s -H 'Range: bytes=0-9,100-109' {r}/v1/components/hotfix-kb5021/latest | head -c 400");
-        println!("  curl -s {r}/readyz; curl -s {r}/metrics | grep '^patchrelay_' | head -20");
-        println!("  curl -s -X POST -H 'Authorization: Bearer {token}' {r}/admin/sync");
-        println!("  curl -s '{r}/v1/components/engine-pattern/chain?from=171'; echo");
+        println!("  {curl} -s {r}/v1/manifest | head -c 600; echo");
+        println!("  {curl} -sI {r}/v1/components/engine-pattern/latest");
+        println!("  {curl} -s -r 0-99 {r}/v1/components/engine-pattern/versions/173");
+        println!("  {curl} -s -o agent.pkg -C - {r}/v1/components/agent-installer/latest   # resumable");
+        println!("  {curl} -s -H 'Range: bytes=0-9,100-109' {r}/v1/components/hotfix-kb5021/latest | head -c 400");
+        println!("  {curl} -s {r}/readyz; {curl} -s {r}/metrics | grep '^patchrelay_' | head -20");
+        println!("  {curl} -s -X POST -H 'Authorization: Bearer {token}' {r}/admin/sync");
+        println!("  {curl} -s '{r}/v1/components/engine-pattern/chain?from=171'; echo");
         println!();
         println!("Bring an old pattern file up to date with the reference agent (it fetches a delta):");
         println!("  cp {} lpt.sig", dir.join("input/engine-pattern/171/lpt171.sig").display());
+        let ca_arg = ca_pem.as_ref().map(|c| format!(" --cacert {}", c.display())).unwrap_or_default();
         println!(
-            "  target/debug/patchrelay agent update --server {r} --component engine-pattern --file lpt.sig --public-key {public}"
+            "  target/debug/patchrelay agent update --server {r} --component engine-pattern --file lpt.sig --public-key {public}{ca_arg}"
         );
         println!();
         println!(

@@ -489,3 +489,57 @@ async fn a_server_with_unreadable_or_mismatched_tls_files_does_not_start() {
     let err = patchrelay::server::start(&cfg, Default::default()).await.err().expect("started").to_string();
     assert!(err.contains("/nonexistent/c.pem"), "{err}");
 }
+
+/// `patchrelay demo --tls`: a throwaway CA, and the printed curl and agent
+/// lines work as printed.
+#[actix_rt::test]
+async fn the_demo_runs_over_https_with_the_lines_it_prints() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_patchrelay"))
+        .args(["demo", "--tls", "--port", "0", "--dir"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = demo.stdout.take().unwrap();
+    let lines = tokio::task::spawn_blocking(move || {
+        let mut seen = Vec::new();
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let done = line.contains("agent update");
+            seen.push(line);
+            if done {
+                break;
+            }
+        }
+        seen
+    })
+    .await
+    .unwrap();
+    let find =
+        |needle: &str| lines.iter().find(|l| l.contains(needle)).unwrap_or_else(|| panic!("{needle}: {lines:?}"));
+    assert!(find("relay: https://").contains("relay ready: true"), "{lines:?}");
+    // `curl --cacert .../ca.pem -s https://.../v1/manifest | head -c 600; echo`
+    let manifest_line = find("/v1/manifest | head").trim().split(" | ").next().unwrap().to_string();
+    let args: Vec<&str> = manifest_line.split_whitespace().skip(1).collect();
+    let out = curl(&args).await;
+    assert!(out.status.success(), "{manifest_line}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"serial\""));
+    // The agent line, with the demo's old pattern file.
+    let old = dir.path().join("input/engine-pattern/171/lpt171.sig");
+    let file = dir.path().join("lpt.sig");
+    std::fs::copy(old, &file).unwrap();
+    let agent_line = find("agent update").trim().to_string();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_patchrelay"));
+    cmd.args(agent_line.split_whitespace().skip(1).map(|a| if a == "lpt.sig" { file.to_str().unwrap() } else { a }));
+    let out = run(cmd).await;
+    let _ = demo.kill();
+    let _ = demo.wait();
+    assert!(out.status.success(), "{agent_line}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("\"to\":\"175\""),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
