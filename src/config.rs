@@ -245,8 +245,11 @@ pub struct ServerConfig {
     /// relay's; absent: the kernel's own tuning.
     pub send_buffer: Option<ByteSize>,
     /// A connection whose client acknowledges nothing for this long (it
-    /// stopped reading, or vanished) is closed (TCP_USER_TIMEOUT); "0s": the
-    /// kernel's own retransmission limits.
+    /// stopped reading, or vanished) is closed (TCP_USER_TIMEOUT); "0s" (the
+    /// default): the kernel's own retransmission limits. Off by default
+    /// because the kernel also counts time a slow *reader* keeps its window
+    /// shut: readers slower than the relay's sending were cut after the
+    /// timeout however steadily they read (Linux 6.18, docs/security.md).
     pub send_timeout: HumanDuration,
     /// Connections one client address may hold at once (trusted proxies
     /// excepted); 0: no cap.
@@ -329,7 +332,7 @@ impl Default for ServerConfig {
             forwarded_header: "x-forwarded-for".into(),
             write_buffer: ByteSize(2 * 1024),
             send_buffer: None,
-            send_timeout: HumanDuration(Duration::from_secs(60)),
+            send_timeout: HumanDuration(Duration::ZERO),
             max_connections_per_address: 256,
             shutdown_grace: HumanDuration(Duration::from_secs(30)),
             tls: None,
@@ -504,11 +507,26 @@ pub struct LogConfig {
     /// A tracing filter: `info`, `debug`, `patchrelay=debug,actix_web=warn`, ...
     pub level: String,
     pub format: LogFormat,
+    /// One line per response: `off`, `combined` (NCSA combined and the
+    /// agent, duration and cache result) or `json`.
+    pub access: AccessFormat,
+    /// Where access lines go (appended; reopened when moved away);
+    /// absent: standard output.
+    pub access_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessFormat {
+    #[default]
+    Off,
+    Combined,
+    Json,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { level: "info".into(), format: LogFormat::Text }
+        LogConfig { level: "info".into(), format: LogFormat::Text, access: AccessFormat::Off, access_file: None }
     }
 }
 
@@ -747,6 +765,9 @@ impl Config {
             {
                 *p = beside(file, p);
             }
+        }
+        if let Some(p) = &mut self.log.access_file {
+            *p = beside(file, p);
         }
         for u in &mut self.upstream {
             for p in [u.ca.as_mut(), u.client_cert.as_mut(), u.client_key.as_mut()].into_iter().flatten() {

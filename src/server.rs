@@ -321,6 +321,21 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
         metrics.clone(),
     );
     state.max_piece = http::body::piece_cap(config.server.send_buffer.map(|b| b.0));
+    let access = match config.log.access {
+        crate::config::AccessFormat::Off => None,
+        format => Some(
+            http::access::AccessSink::start(
+                format,
+                config.log.access_file.clone(),
+                config.server.trusted_proxies.clone(),
+                crate::limits::Forwarded::parse(&config.server.forwarded_header).map_err(StartError::Config)?,
+                actix_web::http::header::HeaderName::try_from(config.limits.agent_header.as_str())
+                    .map_err(|e| StartError::Config(format!("limits.agent_header: {e}")))?,
+            )
+            .map_err(|e| StartError::Config(e.to_string()))?,
+        ),
+    };
+    state.access_log = access.is_some();
     let state = web::Data::new(state);
     let tls = config.server.tls.as_ref().map(ServerTls::load).transpose()?;
     let rustls = tls.as_ref().map(|t| t.server_config()).transpose()?;
@@ -352,10 +367,14 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
     let admin_apart = config.admin.as_ref().and_then(|a| a.listen);
     let agents_state = state.clone();
     let proxied_rules = rules.clone();
+    let agents_access = access.clone();
     let mut server = HttpServer::new(move || {
         // Runs on each worker thread as it starts: the worker is this server's.
         telemetry::scope::set_thread(scope);
-        App::new().app_data(agents_state.clone()).configure(|cfg| http::configure(cfg, admin_apart.is_none()))
+        App::new()
+            .app_data(agents_state.clone())
+            .configure(|cfg| http::configure(cfg, admin_apart.is_none()))
+            .wrap(access_log(agents_access.as_ref()))
     })
     .on_connect(move |conn, ext| {
         if let Some(tcp) = conn.downcast_ref::<actix_rt::net::TcpStream>() {
@@ -399,6 +418,7 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
             rules: proxied_rules,
             trusted: Arc::new(config.server.trusted_proxies.clone()),
             admin_here: admin_apart.is_none(),
+            access: access.clone(),
         };
         let server = start_proxied(proxied, behind, config, workers, opts.handle_signals)?;
         servers.push((server.handle(), actix_rt::spawn(server)));
@@ -458,6 +478,16 @@ struct Behind {
     rules: ConnectionRules,
     trusted: Arc<Vec<ipnet::IpNet>>,
     admin_here: bool,
+    access: Option<http::access::AccessSink>,
+}
+
+/// The access log middleware: only in the app when the log is on (a
+/// disabled `Condition` is a branch per request, no allocation).
+fn access_log(sink: Option<&http::access::AccessSink>) -> actix_web::middleware::Condition<http::access::AccessLog> {
+    match sink {
+        Some(s) => actix_web::middleware::Condition::new(true, s.middleware()),
+        None => actix_web::middleware::Condition::new(false, http::access::AccessLog::off()),
+    }
 }
 
 /// The listeners that read a PROXY header first (`proxy_protocol = true`):
@@ -489,7 +519,10 @@ fn start_proxied(
             .listen(format!("patchrelay-proxy-protocol-{}", b.addr), listener, move || {
                 telemetry::scope::set_thread(behind.scope);
                 let (state, admin_here, rules) = (behind.state.clone(), behind.admin_here, behind.rules.clone());
-                let app = App::new().app_data(state).configure(move |cfg| http::configure(cfg, admin_here));
+                let app = App::new()
+                    .app_data(state)
+                    .configure(move |cfg| http::configure(cfg, admin_here))
+                    .wrap(access_log(behind.access.as_ref()));
                 let trusted = behind.trusted.clone();
                 let shutdown = shutdown.clone();
                 fn_service(move |mut io: actix_rt::net::TcpStream| {

@@ -65,6 +65,7 @@ pub const LIMIT_THROTTLED_BYTES: &str = "patchrelay_limit_throttled_bytes_total"
 pub const LIMIT_WAIT: &str = "patchrelay_limit_wait_seconds";
 pub const BUILD_INFO: &str = "patchrelay_build_info";
 pub const TLS_RELOADS: &str = "patchrelay_tls_reloads_total";
+pub const ACCESS_LOG_DROPPED: &str = "patchrelay_access_log_dropped_total";
 
 fn recorder() -> Result<metrics_exporter_prometheus::PrometheusRecorder, String> {
     let builder = PrometheusBuilder::new()
@@ -108,6 +109,7 @@ pub fn new_scope(enabled: bool) -> Result<(Scope, Option<PrometheusHandle>), Str
 }
 
 fn describe() {
+    describe_counter!(ACCESS_LOG_DROPPED, "Access log lines dropped because the writer could not keep up.");
     describe_counter!(TLS_RELOADS, "Loads of changed TLS files for the listeners, by result (ok, refused).");
     describe_counter!(HTTP_REQUESTS, "HTTP requests answered, by route and status.");
     describe_counter!(HTTP_RESPONSE_BYTES, Unit::Bytes, "Response body bytes sent to clients, by route.");

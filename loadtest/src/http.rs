@@ -19,9 +19,74 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpSocket, TcpStream};
 
 pub struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     buf: BytesMut,
     host: String,
+}
+
+/// Plain TCP, or TLS over it (for HTTPS rows: the slow agents' memory cost
+/// with encryption on both sides).
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for Stream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Stream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A TLS client trusting the CA certificates in the PEM file `ca`.
+pub fn tls_client(ca: &std::path::Path) -> io::Result<std::sync::Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| bad(format!("{}: {e}", ca.display())))? {
+        roots.add(cert.map_err(|e| bad(format!("{}: {e}", ca.display())))?).map_err(|e| bad(e.to_string()))?;
+    }
+    let config =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    Ok(std::sync::Arc::new(config))
 }
 
 #[derive(Debug, Clone)]
@@ -47,7 +112,22 @@ impl Conn {
         }
         let stream = sock.connect(target).await?;
         stream.set_nodelay(true)?;
-        Ok(Conn { stream, buf: BytesMut::with_capacity(4096), host: target.to_string() })
+        Ok(Conn { stream: Stream::Plain(stream), buf: BytesMut::with_capacity(4096), host: target.to_string() })
+    }
+
+    /// [`Conn::connect`], then a TLS handshake naming the target's address.
+    pub async fn connect_tls(
+        target: SocketAddr,
+        source: Option<IpAddr>,
+        recv_buffer: Option<u32>,
+        tls: std::sync::Arc<rustls::ClientConfig>,
+    ) -> io::Result<Conn> {
+        let mut conn = Conn::connect(target, source, recv_buffer).await?;
+        let Stream::Plain(tcp) = conn.stream else { unreachable!("connect makes a plain stream") };
+        let name = rustls::pki_types::ServerName::IpAddress(target.ip().into());
+        let tls = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?;
+        conn.stream = Stream::Tls(Box::new(tls));
+        Ok(conn)
     }
 
     /// Read the body in pieces of up to `n` bytes (4 KiB unless set): fewer
@@ -59,7 +139,12 @@ impl Conn {
     /// Ask the kernel to stamp received data with its arrival time, for
     /// [`Conn::first_body_arrival`].
     pub fn stamp_arrivals(&self) -> io::Result<()> {
-        setsockopt(&self.stream, sockopt::ReceiveTimestampns, &true).map_err(io::Error::from)
+        match &self.stream {
+            Stream::Plain(s) => setsockopt(s, sockopt::ReceiveTimestampns, &true).map_err(io::Error::from),
+            Stream::Tls(_) => {
+                Err(io::Error::new(io::ErrorKind::Unsupported, "arrival stamps are for plain connections"))
+            }
+        }
     }
 
     /// When the first body byte reached this socket, by the kernel's receive
@@ -73,10 +158,13 @@ impl Conn {
         if !self.buf.is_empty() {
             return Ok(None);
         }
-        let fd = self.stream.as_raw_fd();
+        let Stream::Plain(stream) = &self.stream else {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "arrival stamps are for plain connections"));
+        };
+        let fd = stream.as_raw_fd();
         loop {
-            self.stream.readable().await?;
-            let got = self.stream.try_io(Interest::READABLE, || {
+            stream.readable().await?;
+            let got = stream.try_io(Interest::READABLE, || {
                 // One byte, so the stamp is that of the first segment.
                 let mut byte = [0u8; 1];
                 let mut space = nix::cmsg_space!(TimeSpec);

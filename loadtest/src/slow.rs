@@ -36,6 +36,9 @@ pub struct Args {
     /// Server process ids whose resident memory to sample (comma-separated).
     #[arg(long, default_value = "")]
     pub server_pids: String,
+    /// Speak HTTPS, trusting the CA certificates in this PEM file.
+    #[arg(long)]
+    pub cacert: Option<std::path::PathBuf>,
 }
 
 /// Resident memory of the processes, in KiB: `(all, anonymous)`. The
@@ -52,6 +55,10 @@ fn rss_kib(pids: &[u32]) -> (u64, u64) {
 }
 
 pub async fn run(a: Args) -> Result<String, String> {
+    let tls = match &a.cacert {
+        Some(ca) => Some(crate::http::tls_client(ca).map_err(|e| format!("--cacert: {e}"))?),
+        None => None,
+    };
     let pids: Vec<u32> =
         a.server_pids.split(',').filter(|s| !s.is_empty()).filter_map(|s| s.trim().parse().ok()).collect();
     let idle = rss_kib(&pids);
@@ -63,14 +70,17 @@ pub async fn run(a: Args) -> Result<String, String> {
     let mut tasks = Vec::new();
     for n in 0..a.agents {
         let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (n % u64::from(a.sources.max(1))) as u8));
-        let (path, target, rate) = (a.path.clone(), a.target, a.rate);
+        let (path, target, rate, tls) = (a.path.clone(), a.target, a.rate, tls.clone());
         let (connected, bytes, errors) = (connected.clone(), bytes.clone(), errors.clone());
         tasks.push(tokio::spawn(async move {
             let result = async {
                 // A small receive buffer, as on a slow link: the server's data
                 // waits on its side, which is what is being measured.
-                let mut conn =
-                    Conn::connect(target, Some(source), Some(4096)).await.map_err(|e| format!("connect: {e}"))?;
+                let mut conn = match tls {
+                    Some(tls) => Conn::connect_tls(target, Some(source), Some(4096), tls).await,
+                    None => Conn::connect(target, Some(source), Some(4096)).await,
+                }
+                .map_err(|e| format!("connect: {e}"))?;
                 let head =
                     conn.get(&path, &[format!("X-Agent-Id: slow-{n}")]).await.map_err(|e| format!("request: {e}"))?;
                 if head.status != 200 {

@@ -6,6 +6,7 @@
 //! sits on this path; the only actor message sent from here is the operator's
 //! `POST /admin/sync`.
 
+pub mod access;
 pub mod body;
 pub mod conditional;
 pub mod conn;
@@ -61,6 +62,8 @@ pub struct AppState {
     pub metrics: Option<PrometheusHandle>,
     /// The largest body piece (`body::piece_cap` of `server.send_buffer`).
     pub max_piece: usize,
+    /// The access log is on: routes note what the cache did for it.
+    pub access_log: bool,
     routes: Vec<RouteMetrics>,
 }
 
@@ -94,6 +97,7 @@ impl AppState {
             limits,
             metrics,
             max_piece: body::READ_SIZE,
+            access_log: false,
             routes: Route::ALL.iter().map(|r| RouteMetrics::new(r.label())).collect(),
         }
     }

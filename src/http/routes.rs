@@ -140,6 +140,13 @@ async fn serve(
     } else {
         None
     };
+    if state.access_log {
+        let status = match &have {
+            Some(Have::Missing(_)) => super::access::CacheStatus::Miss,
+            _ => super::access::CacheStatus::Hit,
+        };
+        actix_web::HttpMessage::extensions_mut(req).insert(status);
+    }
     // Downloads (not the manifest or a plan) count against the agent's limits;
     // refused ones are turned away before anything is fetched.
     let permit = match (state.limits, needs_body, route) {
