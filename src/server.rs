@@ -89,8 +89,10 @@ pub struct RunningServer {
     /// reading the PROXY protocol (either may be absent).
     servers: Vec<(actix_web::dev::ServerHandle, actix_rt::task::JoinHandle<std::io::Result<()>>)>,
     admin: Option<AdminServer>,
-    /// The TLS files' watcher.
+    /// The TLS files' watcher (or the SIGHUP handler).
     watch: Option<actix_rt::task::JoinHandle<()>>,
+    /// The access log's writer, flushed when the servers are done.
+    access: Option<http::access::AccessSink>,
     control: ControlPlane,
     /// The store, to wait for its directory lock's release on `stop`.
     store: Option<WeakStore>,
@@ -112,18 +114,21 @@ impl RunningServer {
     /// until the store is closed, so that the same `storage.dir` can be
     /// opened again in this process.
     pub async fn stop(self, graceful: bool) {
-        for (handle, _) in &self.servers {
-            handle.stop(graceful).await;
-        }
+        // All at once: each may take up to the grace.
+        let mut stopping: Vec<_> = self.servers.iter().map(|(h, _)| h.stop(graceful)).collect();
         if let Some(admin) = &self.admin {
-            admin.handle.stop(graceful).await;
+            stopping.push(admin.handle.stop(graceful));
         }
+        futures_util::future::join_all(stopping).await;
         if let Some(w) = &self.watch {
             w.abort();
         }
         self.stop_actors();
         for (_, task) in self.servers {
             let _ = task.await;
+        }
+        if let Some(access) = self.access {
+            access.finish(std::time::Duration::from_secs(2)).await;
         }
         if let Some(store) = &self.store {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -140,7 +145,7 @@ impl RunningServer {
     /// on: SIGTERM lets downloads in flight finish, up to
     /// `server.shutdown_grace`).
     pub async fn wait(self) -> std::io::Result<()> {
-        let RunningServer { servers, control, admin, watch, .. } = self;
+        let RunningServer { servers, control, admin, watch, access, .. } = self;
         let mut result = Ok(());
         for (_, task) in servers {
             let r = match task.await {
@@ -157,6 +162,9 @@ impl RunningServer {
             w.abort();
         }
         stop_actors(&control);
+        if let Some(access) = access {
+            access.finish(std::time::Duration::from_secs(2)).await;
+        }
         result
     }
 
@@ -329,8 +337,14 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
                 config.log.access_file.clone(),
                 config.server.trusted_proxies.clone(),
                 crate::limits::Forwarded::parse(&config.server.forwarded_header).map_err(StartError::Config)?,
-                actix_web::http::header::HeaderName::try_from(config.limits.agent_header.as_str())
-                    .map_err(|e| StartError::Config(format!("limits.agent_header: {e}")))?,
+                match config.limits.identity.as_str() {
+                    // The certificate names the agent; a header is only the client's word.
+                    "cert" => None,
+                    _ => Some(
+                        actix_web::http::header::HeaderName::try_from(config.limits.agent_header.as_str())
+                            .map_err(|e| StartError::Config(format!("limits.agent_header: {e}")))?,
+                    ),
+                },
             )
             .map_err(|e| StartError::Config(e.to_string()))?,
         ),
@@ -351,6 +365,12 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
         if proxy_protocol { proxied.push((listener, b)) } else { sockets.push((listener, b)) }
     }
     let addr = bound[0].addr;
+    // Every address is bound before any server runs: a failure leaves
+    // nothing half started.
+    let admin_listener = match config.admin.as_ref().and_then(|a| a.listen) {
+        None => None,
+        Some(want) => Some(TcpListener::bind(want).map_err(|source| StartError::Listen { addr: want, source })?),
+    };
     let workers = match config.server.workers {
         0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
         n => n,
@@ -395,7 +415,7 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
     .max_connections(config.server.max_connections_per_worker)
     .keep_alive(config.server.keep_alive.0)
     .h1_write_buffer_size(config.server.write_buffer.0 as usize)
-    .shutdown_timeout(config.server.shutdown_grace.0.as_secs());
+    .shutdown_timeout(whole_seconds(config.server.shutdown_grace.0));
     let mut servers = Vec::new();
     if !sockets.is_empty() {
         for (listener, b) in sockets {
@@ -434,35 +454,54 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
     }
     let admin = match admin_apart {
         None => None,
-        Some(want) => Some(start_admin(want, state, scope, config.server.shutdown_grace.0)?),
+        Some(_) => admin_listener.map(|l| start_admin(l, state, scope, config.server.shutdown_grace.0)).transpose()?,
     };
-    let watch = tls.as_ref().map(|t| t.watch(opts.handle_signals));
+    let watch = match (&tls, opts.handle_signals) {
+        (Some(t), _) => Some(t.watch(opts.handle_signals)),
+        // SIGHUP (systemctl reload, logrotate) must not end a relay that has
+        // nothing to reload: its default action is to exit.
+        (None, true) => Some(ignore_sighup()),
+        (None, false) => None,
+    };
     for b in &bound {
         tracing::info!(role = ?config.role(), "patchrelay listening on {}", b.url());
     }
     if let Some(a) = &admin {
         tracing::info!("admin API and metrics on http://{}", a.addr);
     }
-    Ok(RunningServer { addr, listeners: bound, published, tls, servers, admin, watch, control, store: weak_store })
+    Ok(RunningServer {
+        addr,
+        listeners: bound,
+        published,
+        tls,
+        servers,
+        admin,
+        watch,
+        access,
+        control,
+        store: weak_store,
+    })
 }
 
 /// The admin listener: `/admin/*`, `/metrics` and the health checks, plain
 /// HTTP, one worker; stopped with the main server.
 fn start_admin(
-    want: SocketAddr,
+    listener: TcpListener,
     state: web::Data<AppState>,
     scope: telemetry::scope::Scope,
     grace: std::time::Duration,
 ) -> Result<AdminServer, StartError> {
-    let listener = TcpListener::bind(want).map_err(|source| StartError::Listen { addr: want, source })?;
-    let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: want, source })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        source,
+    })?;
     let server = HttpServer::new(move || {
         telemetry::scope::set_thread(scope);
         App::new().app_data(state.clone()).configure(http::configure_admin)
     })
     .workers(1)
     .disable_signals()
-    .shutdown_timeout(grace.as_secs())
+    .shutdown_timeout(whole_seconds(grace))
     .listen(listener)
     .map_err(|source| StartError::Listen { addr, source })?
     .run();
@@ -506,7 +545,7 @@ fn start_proxied(
         .workers(workers)
         .backlog(config.server.backlog)
         .max_concurrent_connections(config.server.max_connections_per_worker)
-        .shutdown_timeout(config.server.shutdown_grace.0.as_secs());
+        .shutdown_timeout(whole_seconds(config.server.shutdown_grace.0));
     if !handle_signals {
         builder = builder.disable_signals();
     }
@@ -558,4 +597,25 @@ fn start_proxied(
             .map_err(|source| StartError::Listen { addr: b.addr, source })?;
     }
     Ok(builder.run())
+}
+
+/// actix counts its shutdown timeout in whole seconds: a grace is rounded up
+/// ("500ms" is a second, not nothing).
+fn whole_seconds(d: std::time::Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// Take SIGHUP and say there is nothing to reload (no `[server.tls]`).
+fn ignore_sighup() -> actix_rt::task::JoinHandle<()> {
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    actix_rt::spawn(async move {
+        match hup {
+            Ok(mut hup) => {
+                while hup.recv().await.is_some() {
+                    tracing::info!("SIGHUP: nothing to reload (no [server.tls])");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP"),
+        }
+    })
 }

@@ -73,7 +73,12 @@ async fn json_lines_say_who_what_how_much_and_what_the_cache_did() {
     // Rotated away (logrotate's rename): the next lines go to a new file.
     let rotated = logs.path().join("access.log.1");
     std::fs::rename(&log, &rotated).unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The writer notices within a second or so and starts a new file.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !log.exists() {
+        assert!(Instant::now() < deadline, "the access log was not reopened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     c.get(format!("{}/v1/manifest", relay.url())).send().await.unwrap().bytes().await.unwrap();
     let fresh = lines(&log, 1).await;
     assert!(fresh.iter().any(|l| l.contains("/v1/manifest")), "{fresh:?}");

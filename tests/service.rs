@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -15,11 +17,12 @@ fn sha_hex(b: &[u8]) -> String {
     hex::encode(Sha256::digest(b))
 }
 
-/// A download by agent `id`: its status and body, or how many bytes came
-/// before it was cut.
-async fn download(url: String, id: String) -> Result<Vec<u8>, usize> {
+/// A download by agent `id`: its body, or how many bytes came before it was
+/// cut. `started` counts downloads whose response head has arrived.
+async fn download(url: String, id: String, started: Arc<AtomicUsize>) -> Result<Vec<u8>, usize> {
     let r = client().get(&url).header("X-Agent-Id", id).send().await.map_err(|_| 0usize)?;
     assert_eq!(r.status(), 200);
+    started.fetch_add(1, Ordering::SeqCst);
     let mut got = Vec::new();
     let mut body = r.bytes_stream();
     while let Some(piece) = body.next().await {
@@ -65,16 +68,23 @@ async fn sigterm_lets_downloads_finish_and_the_restarted_relay_resumes_the_fill(
     assert!(wait_ready(&relay.url, Duration::from_secs(10)).await);
     // The pattern cached first, so the 50 downloads are of stored bytes.
     let pattern_url = format!("{}/v1/components/pattern/latest", relay.url);
-    assert_eq!(download(pattern_url.clone(), "warm".into()).await.unwrap(), pattern);
+    let started = Arc::new(AtomicUsize::new(0));
+    assert_eq!(download(pattern_url.clone(), "warm".into(), started.clone()).await.unwrap(), pattern);
 
     let big_url = format!("{}/v1/components/big/latest", relay.url);
-    let fill = tokio::spawn(download(big_url.clone(), "fill".into()));
+    let fill = tokio::spawn(download(big_url.clone(), "fill".into(), started.clone()));
     let downloads: Vec<_> =
-        (0..50).map(|i| tokio::spawn(download(pattern_url.clone(), format!("ws-{i:03}")))).collect();
+        (0..50).map(|i| tokio::spawn(download(pattern_url.clone(), format!("ws-{i:03}"), started.clone()))).collect();
     let partial = storage.path().join("cache/partial").join(repo.sha("big", "1"));
     let deadline = Instant::now() + Duration::from_secs(15);
     while std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0) < 2 << 20 {
         assert!(Instant::now() < deadline, "fill did not progress");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Every download under way (its head arrived) before the signal: the
+    // warm-up, the fill's and the 50.
+    while started.load(Ordering::SeqCst) < 52 {
+        assert!(Instant::now() < deadline, "downloads did not start");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     relay.signal("TERM");
@@ -103,7 +113,7 @@ async fn sigterm_lets_downloads_finish_and_the_restarted_relay_resumes_the_fill(
     // Restarted, the relay resumes the fill from the partial file.
     let relay = RelayProcess::start(&cfg_path);
     assert!(wait_ready(&relay.url, Duration::from_secs(10)).await);
-    let body = download(format!("{}/v1/components/big/latest", relay.url), "after".into()).await.unwrap();
+    let body = download(format!("{}/v1/components/big/latest", relay.url), "after".into(), started).await.unwrap();
     assert_eq!(sha_hex(&body), sha_hex(&big));
     let sha_big = repo.sha("big", "1");
     let fetches = nginx.requests_for(&format!("/v1/objects/{sha_big}"));
@@ -180,4 +190,26 @@ fn the_systemd_unit_verifies() {
     let out = std::process::Command::new(analyze).arg("verify").arg(&path).output().unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && text.trim().is_empty(), "systemd-analyze verify: {text}");
+}
+
+/// SIGHUP (`systemctl reload`, logrotate) leaves a relay without TLS running.
+#[actix_rt::test]
+async fn sighup_does_not_stop_a_relay_without_tls() {
+    let repo = TestRepo::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_path = dir.path().join("origin.toml");
+    std::fs::write(
+        &cfg_path,
+        format!("[server]\nlisten = \"127.0.0.1:0\"\n[origin]\nrepository = {:?}\n", repo.repo.display().to_string()),
+    )
+    .unwrap();
+    let mut relay = RelayProcess::start(&cfg_path);
+    for _ in 0..3 {
+        relay.signal("HUP");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(relay.wait_exit(Duration::from_millis(500)).await.is_none(), "SIGHUP ended the process");
+    let r = client().get(format!("{}/v1/manifest", relay.url)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    relay.kill9();
 }

@@ -42,6 +42,9 @@ pub enum CacheStatus {
 
 /// Lines queued for the writer before new ones are dropped.
 const QUEUE: usize = 65_536;
+/// Longest field kept from a request (target, user agent, referer, agent):
+/// the queue then holds at most about 64 MiB of lines whatever clients send.
+const FIELD_MAX: usize = 256;
 
 /// The access log middleware of one worker (`None`: off, and then only ever
 /// inside a disabled `Condition`).
@@ -59,7 +62,9 @@ struct Inner {
     tx: SyncSender<String>,
     trusted: Vec<ipnet::IpNet>,
     forwarded: Forwarded,
-    agent_header: header::HeaderName,
+    /// The header naming the agent; `None` when certificates do
+    /// (`limits.identity = "cert"`): a header is then the client's word only.
+    agent_header: Option<header::HeaderName>,
     dropped: metrics::Counter,
 }
 
@@ -71,7 +76,8 @@ pub struct AccessSink {
     tx: SyncSender<String>,
     trusted: Vec<ipnet::IpNet>,
     forwarded: Forwarded,
-    agent_header: header::HeaderName,
+    agent_header: Option<header::HeaderName>,
+    writer: std::sync::Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 impl AccessSink {
@@ -81,12 +87,29 @@ impl AccessSink {
         file: Option<PathBuf>,
         trusted: Vec<ipnet::IpNet>,
         forwarded: Forwarded,
-        agent_header: header::HeaderName,
+        agent_header: Option<header::HeaderName>,
     ) -> std::io::Result<AccessSink> {
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
         let out = Output::open(file)?;
-        std::thread::Builder::new().name("patchrelay-access-log".into()).spawn(move || write_lines(rx, out))?;
-        Ok(AccessSink { format, tx, trusted, forwarded, agent_header })
+        let writer =
+            std::thread::Builder::new().name("patchrelay-access-log".into()).spawn(move || write_lines(rx, out))?;
+        let writer = std::sync::Arc::new(std::sync::Mutex::new(Some(writer)));
+        Ok(AccessSink { format, tx, trusted, forwarded, agent_header, writer })
+    }
+
+    /// Once the servers have stopped (their senders gone): wait up to
+    /// `within` for the writer to write what is queued and flush.
+    pub async fn finish(self, within: Duration) {
+        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        drop(self);
+        let Some(writer) = writer else { return };
+        let deadline = Instant::now() + within;
+        while !writer.is_finished() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if writer.is_finished() {
+            let _ = writer.join();
+        }
     }
 
     /// The middleware for one worker.
@@ -144,7 +167,14 @@ impl Output {
 fn write_lines(rx: Receiver<String>, mut out: Output) {
     let mut last_check = Instant::now();
     loop {
-        match rx.recv_timeout(Duration::from_secs(1)) {
+        let next = rx.recv_timeout(Duration::from_secs(1));
+        // Rotation is looked for before a batch is written, so lines written
+        // after a rename go to the new file.
+        if last_check.elapsed() >= Duration::from_millis(500) {
+            out.reopen_if_moved();
+            last_check = Instant::now();
+        }
+        match next {
             Ok(line) => {
                 let _ = out.out.write_all(line.as_bytes());
                 // Drain what is queued, then flush once.
@@ -158,10 +188,6 @@ fn write_lines(rx: Receiver<String>, mut out: Output) {
                 let _ = out.out.flush();
                 return;
             }
-        }
-        if last_check.elapsed() >= Duration::from_secs(1) {
-            out.reopen_if_moved();
-            last_check = Instant::now();
         }
     }
 }
@@ -212,16 +238,16 @@ where
     actix_web::dev::forward_ready!(service);
 
     fn call(&self, req: ServiceRequest) -> Self::Future {
-        let text = |name: header::HeaderName| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let text = |name: header::HeaderName| req.headers().get(name).and_then(|v| v.to_str().ok()).map(capped);
         let peer = req.peer_addr().map(|a| a.ip()).unwrap_or(IpAddr::from([0, 0, 0, 0]));
         let cert = req.conn_data::<crate::tls::PeerTls>().and_then(|p| p.name.as_deref()).map(str::to_owned);
         let started = Started {
             at: Instant::now(),
             time: time::OffsetDateTime::now_utc(),
             client: crate::limits::client_ip(peer, req.headers(), &self.log.trusted, self.log.forwarded),
-            agent: cert.or_else(|| text(self.log.agent_header.clone())),
+            agent: cert.or_else(|| self.log.agent_header.clone().and_then(text)),
             method: req.method().to_string(),
-            target: req.uri().to_string(),
+            target: capped(&req.uri().to_string()),
             version: match req.version() {
                 actix_web::http::Version::HTTP_2 => "HTTP/2.0",
                 actix_web::http::Version::HTTP_10 => "HTTP/1.0",
@@ -342,11 +368,20 @@ fn format_line(p: &Pending, sent: u64) -> String {
     }
 }
 
+/// At most [`FIELD_MAX`] bytes of `s` (cut at a character boundary).
+fn capped(s: &str) -> String {
+    let mut end = s.len().min(FIELD_MAX);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
 /// A field as a log parser can split it: no quotes, spaces in ids, or
 /// control characters from a hostile client (escaped as `\xHH`).
 fn quote_free(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
+    let mut out = String::with_capacity(s.len().min(FIELD_MAX));
+    for b in s.bytes().take(FIELD_MAX) {
         if b.is_ascii_graphic() && b != b'"' && b != b'\\' {
             out.push(b as char);
         } else if b == b' ' {

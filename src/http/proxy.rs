@@ -9,7 +9,10 @@
 //! [`HEADER_TIMEOUT`], is closed before a byte of HTTP is read. Exactly the
 //! header's bytes are consumed (v2 says its length; v1 is found by peeking),
 //! so what follows goes to HTTP untouched. A `LOCAL` header (the balancer's
-//! own health checks) keeps the balancer's address.
+//! own health checks) keeps the balancer's address; a proxied connection
+//! without a TCP client address (`UNKNOWN`, a unix socket) is refused, since
+//! the balancer's trusted address would make the client's own
+//! `X-Forwarded-For` believed.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -84,7 +87,9 @@ async fn read(io: &mut TcpStream, peer: SocketAddr) -> Result<SocketAddr, ProxyH
             (ppp::v2::Command::Local, _) => peer,
             (_, ppp::v2::Addresses::IPv4(a)) => SocketAddr::from((a.source_address, a.source_port)),
             (_, ppp::v2::Addresses::IPv6(a)) => SocketAddr::from((a.source_address, a.source_port)),
-            _ => peer,
+            // Keeping the balancer's (trusted) address would make the
+            // client's own X-Forwarded-For believed.
+            _ => return Err(ProxyHeaderError::Malformed("a proxied connection without a TCP client address".into())),
         });
     }
     if !head.starts_with(b"PROXY ") {
@@ -110,7 +115,9 @@ async fn read(io: &mut TcpStream, peer: SocketAddr) -> Result<SocketAddr, ProxyH
     Ok(match header.addresses {
         ppp::v1::Addresses::Tcp4(a) => SocketAddr::from((a.source_address, a.source_port)),
         ppp::v1::Addresses::Tcp6(a) => SocketAddr::from((a.source_address, a.source_port)),
-        ppp::v1::Addresses::Unknown => peer,
+        ppp::v1::Addresses::Unknown => {
+            return Err(ProxyHeaderError::Malformed("PROXY UNKNOWN: no client address".into()));
+        }
     })
 }
 
@@ -167,6 +174,8 @@ mod tests {
         let (r, _) = pair(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), "127.0.0.0/8").await;
         assert!(matches!(r, Err(ProxyHeaderError::Missing)), "{r:?}");
         let (r, _) = pair(b"PROXY TCP4 999.1.2.3 127.0.0.1 5555 80\r\n".to_vec(), "127.0.0.0/8").await;
+        assert!(matches!(r, Err(ProxyHeaderError::Malformed(_))), "{r:?}");
+        let (r, _) = pair(b"PROXY UNKNOWN\r\n".to_vec(), "127.0.0.0/8").await;
         assert!(matches!(r, Err(ProxyHeaderError::Malformed(_))), "{r:?}");
         let mut huge = V2_SIGNATURE.to_vec();
         huge.extend_from_slice(&[0x21, 0x11, 0xff, 0xff]);

@@ -162,6 +162,14 @@ impl ServerTls {
         };
         let mut config = builder.with_cert_resolver(Arc::new(Resolver(self.current.clone())));
         config.ignore_client_order = true;
+        if self.config.client_ca.is_some() {
+            // A resumed session skips client verification and keeps the
+            // certificate it was made with: a revoked or expired agent, or
+            // one whose CA was dropped by a reload, would stay in. Every
+            // connection verifies its certificate afresh.
+            config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+            config.send_tls13_tickets = 0;
+        }
         Ok(config)
     }
 
@@ -206,14 +214,16 @@ impl ServerTls {
     pub fn watch(self: &Arc<Self>, sighup: bool) -> actix_rt::task::JoinHandle<()> {
         let tls = self.clone();
         let every = self.config.reload_check.0.max(Duration::from_millis(100));
+        // Installed now, not when the task first runs: a SIGHUP right after
+        // start (systemd's reload) must not find the default action (exit).
+        let mut hup = if sighup {
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .map_err(|e| tracing::warn!(error = %e, "cannot listen for SIGHUP; TLS files are still watched"))
+                .ok()
+        } else {
+            None
+        };
         actix_rt::spawn(async move {
-            let mut hup = if sighup {
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-                    .map_err(|e| tracing::warn!(error = %e, "cannot listen for SIGHUP; TLS files are still watched"))
-                    .ok()
-            } else {
-                None
-            };
             // The first look is one period after the load, not at once.
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
