@@ -491,10 +491,9 @@ fn start_admin(
     scope: telemetry::scope::Scope,
     grace: std::time::Duration,
 ) -> Result<AdminServer, StartError> {
-    let addr = listener.local_addr().map_err(|source| StartError::Listen {
-        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-        source,
-    })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| StartError::Listen { addr: SocketAddr::from(([0, 0, 0, 0], 0)), source })?;
     let server = HttpServer::new(move || {
         telemetry::scope::set_thread(scope);
         App::new().app_data(state.clone()).configure(http::configure_admin)
