@@ -567,7 +567,11 @@ fn start_proxied(
                     let trusted = trusted.clone();
                     async move {
                         match http::proxy::accept(&mut io, &trusted).await {
-                            Ok(client) => Ok((io, actix_http::Protocol::Http1, Some(client))),
+                            Ok(client) => Ok((
+                                http::proxy::Proxied { tcp: io, client },
+                                actix_http::Protocol::Http1,
+                                Some(client),
+                            )),
                             Err(e) => {
                                 tracing::debug!(error = %e, "connection closed: PROXY header refused");
                                 Err(actix_http::error::DispatchError::Io(std::io::Error::other(e)))
@@ -586,7 +590,10 @@ fn start_proxied(
                         .client_disconnect_timeout(std::time::Duration::from_secs(1))
                         .h1_write_buffer_size(write_buffer)
                         .local_addr(b.addr)
-                        .on_connect_ext(move |io: &actix_rt::net::TcpStream, ext| rules.apply(io, ext))
+                        // Counted against the agent's address, not the balancer's.
+                        .on_connect_ext(move |io: &http::proxy::Proxied, ext| {
+                            rules.apply_as(&io.tcp, io.client.ip(), ext)
+                        })
                         .finish(map_config(
                             app.into_factory().map_err(|e: actix_web::Error| e.error_response()),
                             |_| actix_web::dev::AppConfig::default(),

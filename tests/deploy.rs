@@ -319,3 +319,38 @@ async fn haproxy_in_front_of_three_relays_fetches_each_object_once() {
     }
     origin.stop(false).await;
 }
+
+/// Behind a PROXY-protocol balancer, `max_connections_per_address` counts
+/// the agent's address from the header, not the balancer's.
+#[actix_rt::test]
+async fn the_per_address_cap_counts_the_agent_named_by_the_proxy_header() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let repo = TestRepo::new();
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 1\nproxy_protocol = true\ntrusted_proxies = [\"127.0.0.1/32\"]\nmax_connections_per_address = 2\n[origin]\nrepository = {:?}\n",
+        repo.repo.display().to_string()
+    );
+    let origin = start(&Config::from_toml(&toml, "origin.toml").unwrap()).await;
+    // A connection from "the balancer" for `client`; whether it is served.
+    let open = |client: &'static str| {
+        let addr = origin.addr;
+        async move {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let head =
+                format!("PROXY TCP4 {client} 127.0.0.1 40000 80\r\nGET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n");
+            c.write_all(head.as_bytes()).await.unwrap();
+            let mut buf = [0u8; 64];
+            let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await.unwrap().unwrap_or(0);
+            (c, buf[..n].starts_with(b"HTTP/1.1 200"))
+        }
+    };
+    let (a, served_a) = open("10.9.9.9").await;
+    let (b, served_b) = open("10.9.9.9").await;
+    assert!(served_a && served_b);
+    let (_c, served_c) = open("10.9.9.9").await;
+    assert!(!served_c, "a third connection for one agent address was served");
+    let (_d, served_d) = open("10.9.9.8").await;
+    assert!(served_d, "another agent was refused: the balancer's address was counted");
+    drop((a, b));
+    origin.stop(false).await;
+}

@@ -113,22 +113,34 @@ impl ConnectionRules {
     /// `on_connect`). Socket options that cannot be set are logged: the
     /// connection is served anyway.
     pub fn apply(&self, tcp: &actix_rt::net::TcpStream, ext: &mut actix_web::dev::Extensions) {
-        if let Some(per_address) = &self.per_address
-            && let Ok(peer) = tcp.peer_addr()
-        {
+        match tcp.peer_addr() {
+            Ok(peer) => self.apply_as(tcp, peer.ip(), ext),
+            Err(_) => self.socket_options(tcp),
+        }
+    }
+
+    /// [`ConnectionRules::apply`] for a connection whose client is `client`
+    /// (from a PROXY header: the TCP peer is the balancer).
+    pub fn apply_as(&self, tcp: &actix_rt::net::TcpStream, client: IpAddr, ext: &mut actix_web::dev::Extensions) {
+        if let Some(per_address) = &self.per_address {
+            let peer = client;
             // An IPv4 client of a [::] listener is `::ffff:a.b.c.d`: counted,
             // and matched against IPv4 proxies, as the IPv4 address it is.
-            match per_address.admit(peer.ip().to_canonical()) {
+            match per_address.admit(peer.to_canonical()) {
                 Some(counted) => {
                     ext.insert(counted);
                 }
                 None => {
-                    tracing::debug!(peer = %peer.ip(), "too many connections from one address; shutting this one");
+                    tracing::debug!(peer = %peer, "too many connections from one address; shutting this one");
                     let _ = socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Both);
                     return;
                 }
             }
         }
+        self.socket_options(tcp);
+    }
+
+    fn socket_options(&self, tcp: &actix_rt::net::TcpStream) {
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
