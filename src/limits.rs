@@ -535,6 +535,12 @@ impl Limits {
         }))))
     }
 
+    /// Whether agents are named by their client certificates: only then is
+    /// the connection's certificate name looked up for a request.
+    pub fn by_certificate(&self) -> bool {
+        self.identity == Identity::Cert
+    }
+
     /// The client's address: the peer, or what a trusted proxy says it is.
     pub fn client_ip(&self, peer: IpAddr, headers: &actix_web::http::header::HeaderMap) -> IpAddr {
         client_ip(peer, headers, &self.trusted_proxies, self.forwarded)

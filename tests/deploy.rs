@@ -24,18 +24,9 @@ fn nginx_location(relay: &str) -> String {
 /// A client of nginx's HTTPS port, connecting from `from` (a loopback
 /// address: 127.0.0.2 and 127.0.0.3 are other clients than 127.0.0.1).
 fn agent(pki: &Pki, from: [u8; 4]) -> reqwest::Client {
-    let tls = patchrelay::tls::client_config(&patchrelay::tls::UpstreamTls {
-        name: "agent",
-        ca: Some(&pki.ca_pem),
-        web_roots: false,
-        client: None,
-    })
-    .unwrap();
-    reqwest::Client::builder()
-        .no_proxy()
+    https_client(&pki.ca_pem, None)
         .local_address(std::net::IpAddr::from(from))
         .timeout(Duration::from_secs(60))
-        .use_preconfigured_tls(tls)
         .build()
         .unwrap()
 }

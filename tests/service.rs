@@ -149,19 +149,7 @@ async fn sighup_reloads_the_listeners_certificate() {
     let new = ca2.server(&["127.0.0.1"], patchrelay::tls::mint::KeyKind::EcdsaP256).unwrap();
     std::fs::write(&pki.key, new.key_pem).unwrap();
     std::fs::write(&pki.cert, new.cert_pem).unwrap();
-    let trusts_new = reqwest::Client::builder()
-        .no_proxy()
-        .use_preconfigured_tls(
-            patchrelay::tls::client_config(&patchrelay::tls::UpstreamTls {
-                name: "t",
-                ca: Some(&ca2_pem),
-                web_roots: false,
-                client: None,
-            })
-            .unwrap(),
-        )
-        .build()
-        .unwrap();
+    let trusts_new = https_client(&ca2_pem, None).build().unwrap();
     assert!(trusts_new.get(&url).send().await.is_err(), "reloaded before SIGHUP");
     relay.signal("HUP");
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -209,16 +209,7 @@ async fn a_new_certificate_is_used_without_a_restart_and_a_bad_one_is_refused() 
     let ca2_pem = pki.dir.path().join("ca2.pem");
     std::fs::write(&ca2_pem, ca2.cert_pem()).unwrap();
     let new = ca2.server(&["127.0.0.1"], KeyKind::EcdsaP256).unwrap();
-    let trusts_new = {
-        let tls = patchrelay::tls::client_config(&patchrelay::tls::UpstreamTls {
-            name: "t",
-            ca: Some(&ca2_pem),
-            web_roots: false,
-            client: None,
-        })
-        .unwrap();
-        reqwest::Client::builder().no_proxy().use_preconfigured_tls(tls).build().unwrap()
-    };
+    let trusts_new = https_client(&ca2_pem, None).build().unwrap();
     assert!(trusts_new.get(&url).send().await.is_err(), "the new CA is not in use yet");
     let before = server.tls.as_ref().unwrap().current_cert();
     for (path, pem) in [(&pki.key, &new.key_pem), (&pki.cert, &new.cert_pem)] {
@@ -301,16 +292,7 @@ async fn client_certificates_identify_agents_and_bad_ones_are_refused() {
     // A certificate from another CA.
     let other = Pki::new(&[]);
     let (oc, ok, _) = other.client("ws-0002");
-    let c = {
-        let tls = patchrelay::tls::client_config(&patchrelay::tls::UpstreamTls {
-            name: "t",
-            ca: Some(&pki.ca_pem),
-            web_roots: false,
-            client: Some((&oc, &ok)),
-        })
-        .unwrap();
-        reqwest::Client::builder().no_proxy().use_preconfigured_tls(tls).build().unwrap()
-    };
+    let c = https_client(&pki.ca_pem, Some((&oc, &ok))).build().unwrap();
     assert!(c.get(&url).send().await.is_err(), "another CA's certificate: served");
 
     // curl --cert, the way an operator checks it.
@@ -369,20 +351,7 @@ async fn a_relay_fetches_from_a_relay_over_mtls() {
     let a = start(&Config::from_toml(&a_toml, "a.toml").unwrap()).await;
     // Probed by the name in its certificate, as relay B will.
     let (pc, pk, _) = pki.client("probe");
-    let probe = reqwest::Client::builder()
-        .no_proxy()
-        .resolve("relay-a.site.test", a.addr)
-        .use_preconfigured_tls(
-            patchrelay::tls::client_config(&patchrelay::tls::UpstreamTls {
-                name: "probe",
-                ca: Some(&pki.ca_pem),
-                web_roots: false,
-                client: Some((&pc, &pk)),
-            })
-            .unwrap(),
-        )
-        .build()
-        .unwrap();
+    let probe = https_client(&pki.ca_pem, Some((&pc, &pk))).resolve("relay-a.site.test", a.addr).build().unwrap();
     let a_by_name = format!("https://relay-a.site.test:{}", a.addr.port());
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     while !probe.get(format!("{a_by_name}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {

@@ -14,7 +14,7 @@ use super::{AppState, Route};
 use crate::actors::SyncNow;
 use crate::delta::plan;
 use crate::digest::Digest;
-use crate::limits::{Caller, Permit};
+use crate::limits::{Caller, Limits, Permit};
 use crate::repo::catalog::{Catalog, ObjectInfo};
 use crate::source::{Check, Content, Kept, Target};
 use crate::state::unix_now;
@@ -84,7 +84,7 @@ enum Have {
 fn caller(req: &HttpRequest, state: &AppState) -> Option<Caller> {
     // Only a GET can be a download (HEAD sends no body).
     let limits = state.limits.filter(|_| req.method() == actix_web::http::Method::GET)?;
-    Some(limits.caller(peer_ip(req), req.headers(), cert_name(req)))
+    Some(limits.caller(peer_ip(req), req.headers(), cert_name(req, limits)))
 }
 
 /// Whether `blob` would be mapped bytes that this connection copies in user
@@ -93,8 +93,12 @@ fn copies(req: &HttpRequest, blob: Option<&Content>) -> bool {
     matches!(blob, Some(Content::Stored(Blob::Mapped(_)))) && req.conn_data::<crate::tls::PeerTls>().is_some()
 }
 
-/// The agent's name from its client certificate (`limits.identity = "cert"`).
-fn cert_name(req: &HttpRequest) -> Option<&[u8]> {
+/// The agent's name from its client certificate, when `limits.identity =
+/// "cert"` (otherwise nothing is looked up).
+fn cert_name<'r>(req: &'r HttpRequest, limits: &Limits) -> Option<&'r [u8]> {
+    if !limits.by_certificate() {
+        return None;
+    }
     req.conn_data::<crate::tls::PeerTls>().and_then(|p| p.name.as_deref()).map(str::as_bytes)
 }
 
@@ -151,7 +155,7 @@ async fn serve(
     // refused ones are turned away before anything is fetched.
     let permit = match (state.limits, needs_body, route) {
         (Some(limits), true, Route::Object | Route::Version | Route::Latest | Route::Delta) => {
-            let caller = caller.unwrap_or_else(|| limits.caller(peer_ip(req), req.headers(), cert_name(req)));
+            let caller = caller.unwrap_or_else(|| limits.caller(peer_ip(req), req.headers(), cert_name(req, limits)));
             let here = match &have {
                 Some(Have::Here(c)) => Some(c),
                 _ => None,
@@ -621,7 +625,8 @@ async fn delta(
         let costly = req.method() == actix_web::http::Method::GET || deltas.get(&base.sha256, &target.sha256).is_none();
         let permit = match (state.limits, costly) {
             (Some(limits), true) => {
-                let caller = caller.unwrap_or_else(|| limits.caller(peer_ip(&req), req.headers(), cert_name(&req)));
+                let caller =
+                    caller.unwrap_or_else(|| limits.caller(peer_ip(&req), req.headers(), cert_name(&req, limits)));
                 limits.admit(caller, target.critical, None).map_err(ApiError::Limited)?
             }
             _ => None,

@@ -409,9 +409,18 @@ pub fn client_config(u: &UpstreamTls<'_>) -> Result<rustls::ClientConfig, TlsErr
     match u.client {
         None => Ok(builder.with_no_client_auth()),
         Some((cert, key)) => {
-            let ck = certified_key(("upstream client_cert", "upstream client_key"), cert, key, &provider)?;
+            let chain = load_certs("upstream client_cert", cert)?;
+            let der = load_key("upstream client_key", key)?;
+            // Checked against the certificate first, for an error naming both files.
+            CertifiedKey::from_der(chain.clone(), der.clone_key(), &provider).map_err(|e| {
+                invalid(
+                    "upstream client_key",
+                    key,
+                    format!("does not go with upstream client_cert {} ({e})", cert.display()),
+                )
+            })?;
             builder
-                .with_client_auth_cert(ck.cert.clone(), load_key("upstream client_key", key)?)
+                .with_client_auth_cert(chain, der)
                 .map_err(|e| TlsError::Setup { message: format!("upstream {}: client certificate: {e}", u.name) })
         }
     }

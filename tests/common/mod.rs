@@ -682,20 +682,21 @@ impl Pki {
     /// A reqwest client trusting only this CA, with a client certificate
     /// (cert and key PEM files) if given.
     pub fn client_https(&self, identity: Option<(&Path, &Path)>) -> reqwest::Client {
-        let tls = patchrelay::tls::client_config(&patchrelay::tls::UpstreamTls {
-            name: "test",
-            ca: Some(&self.ca_pem),
-            web_roots: false,
-            client: identity,
-        })
-        .unwrap();
-        reqwest::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(30))
-            .use_preconfigured_tls(tls)
-            .build()
-            .unwrap()
+        https_client(&self.ca_pem, identity).timeout(Duration::from_secs(30)).build().unwrap()
     }
+}
+
+/// A reqwest client builder (no proxy) trusting only the CAs in `ca`, with a
+/// client certificate (cert and key PEM files) if given.
+pub fn https_client(ca: &Path, identity: Option<(&Path, &Path)>) -> reqwest::ClientBuilder {
+    let tls = patchrelay::tls::client_config(&patchrelay::tls::UpstreamTls {
+        name: "test",
+        ca: Some(ca),
+        web_roots: false,
+        client: identity,
+    })
+    .unwrap();
+    reqwest::Client::builder().no_proxy().use_preconfigured_tls(tls)
 }
 
 /// curl, which tests need as a real HTTPS client (`.ci/run` installs it).
