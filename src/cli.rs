@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::airgap;
 use crate::config::{Config, LogConfig};
 use crate::repo::publish::{PublishOptions, publish};
 use crate::repo::sign::SecretKey;
@@ -56,6 +57,66 @@ enum Command {
     CheckConfig {
         #[arg(long)]
         config: PathBuf,
+    },
+    /// Write an air-gap bundle (a plain tar) of a relay or a published
+    /// repository: everything, or what a site at `--since` lacks.
+    Export {
+        /// A relay's config: exports what it serves (objects it lacks are
+        /// fetched from its upstreams first).
+        #[arg(long, conflicts_with = "repository", required_unless_present = "repository")]
+        config: Option<PathBuf>,
+        /// A published repository (as `publish` writes it).
+        #[arg(long)]
+        repository: Option<PathBuf>,
+        /// The bundle to write (with --max-part: FILE.001, FILE.002, ...).
+        #[arg(long)]
+        output: PathBuf,
+        /// Only what manifest serial SINCE did not list (this side keeps the
+        /// manifests it served, in state/manifests/).
+        #[arg(long, conflicts_with = "since_manifest")]
+        since: Option<u64>,
+        /// Only what this manifest does not list: the other side's, from
+        /// `patchrelay import --status --write-manifest FILE` there.
+        #[arg(long)]
+        since_manifest: Option<PathBuf>,
+        /// Only these components (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        components: Option<Vec<String>>,
+        /// Split into parts no larger than this, e.g. "4000MiB" for FAT32.
+        #[arg(long, value_parser = parse_size)]
+        max_part: Option<u64>,
+        /// Print the summary as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+        /// No progress bars and no summary (errors still go to stderr).
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Adopt an air-gap bundle into a relay, stopped or running; or, with
+    /// --status, say what the relay holds. Exit codes: 0 imported (or
+    /// already); 3 rollback or equivocation; 5 verification failed; 6 gap.
+    Import {
+        #[arg(long)]
+        config: PathBuf,
+        /// The bundle, or the first part of a split one (FILE.001).
+        #[arg(required_unless_present = "status", conflicts_with = "status")]
+        bundle: Option<PathBuf>,
+        /// Import an incremental bundle into a relay that lacks what it
+        /// assumes; the versions it cannot bring answer 404 until a later
+        /// bundle brings them.
+        #[arg(long)]
+        force_gap: bool,
+        /// Print the relay's serial and what it lacks.
+        #[arg(long)]
+        status: bool,
+        /// With --status: write the relay's manifest to FILE, for `export
+        /// --since-manifest FILE` on the connected side.
+        #[arg(long, requires = "status")]
+        write_manifest: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        quiet: bool,
     },
     /// The reference agent.
     Agent {
@@ -219,6 +280,101 @@ pub fn main() -> ExitCode {
                 Err(e) => fail(e),
             }
         }
+        Command::Export { config, repository, output, since, since_manifest, components, max_part, json, quiet } => {
+            if max_part.is_some_and(|m| m < (1 << 20)) {
+                eprintln!("error: --max-part must be at least 1MiB");
+                return ExitCode::from(2);
+            }
+            let loaded = match config.as_deref().map(Config::load).transpose() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_command_logging(loaded.as_ref());
+            let from = match (&loaded, &repository) {
+                (Some(c), _) => airgap::export::ExportFrom::Relay(c),
+                (None, Some(r)) => airgap::export::ExportFrom::Repository(r),
+                (None, None) => {
+                    eprintln!("error: give --config or --repository");
+                    return ExitCode::from(2);
+                }
+            };
+            let since = match (since, since_manifest) {
+                (Some(n), _) => Some(airgap::export::SinceArg::Serial(n)),
+                (None, Some(p)) => Some(airgap::export::SinceArg::Manifest(p)),
+                (None, None) => None,
+            };
+            let opts = airgap::export::ExportOptions {
+                since,
+                components,
+                max_part,
+                show: airgap::progress::Show { quiet: quiet || json },
+            };
+            match airgap::export::export(from, &output, &opts) {
+                Ok(report) => {
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+                    } else if !quiet {
+                        print_export(&report);
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            }
+        }
+        Command::Import { config, bundle, force_gap, status, write_manifest, json, quiet } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_command_logging(Some(&config));
+            if status {
+                return match airgap::import::status(&config, write_manifest.as_deref()) {
+                    Ok(s) => {
+                        if json {
+                            let mut shown = s.clone();
+                            (shown.manifest, shown.signature) = (None, None);
+                            println!("{}", serde_json::to_string_pretty(&shown).unwrap_or_default());
+                        } else if !quiet {
+                            print_status(&s, write_manifest.as_deref());
+                        }
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::from(e.exit_code())
+                    }
+                };
+            }
+            let Some(bundle) = bundle else {
+                eprintln!("error: give the bundle to import, or --status");
+                return ExitCode::from(2);
+            };
+            let opts =
+                airgap::import::ImportOptions { force_gap, show: airgap::progress::Show { quiet: quiet || json } };
+            match airgap::import::import(&config, &bundle, &opts) {
+                Ok(report) => {
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+                    } else if !quiet {
+                        print_import(&report);
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            }
+        }
         Command::Agent {
             command: AgentCommand::Update { server, component, file, public_key, to, cacert, cert, key },
         } => {
@@ -292,6 +448,110 @@ fn admin_sync(config: &Config) -> Result<String, String> {
         Ok(body.trim().to_string())
     } else {
         Err(format!("sync answered HTTP {status}: {}", body.trim()))
+    }
+}
+
+/// Logs of a one-shot command: warnings only, on stderr (the summary is
+/// the command's output), unless `PATCHRELAY_LOG` asks for more.
+fn init_command_logging(config: Option<&Config>) {
+    let mut log = config.map(|c| c.log.clone()).unwrap_or_default();
+    log.level = "warn".into();
+    telemetry::init_logging(&log);
+}
+
+fn human(bytes: u64) -> String {
+    bytesize::ByteSize(bytes).display().iec().to_string()
+}
+
+/// `component version (how)` lines, a few per component.
+fn brought_lines(brings: &[airgap::Brought]) -> Vec<String> {
+    let mut by: std::collections::BTreeMap<&str, Vec<String>> = std::collections::BTreeMap::new();
+    for b in brings {
+        let how = match b.carried {
+            airgap::Carried::Object => "",
+            airgap::Carried::Delta => " (delta)",
+        };
+        by.entry(&b.component).or_default().push(format!("{}{how}", b.version));
+    }
+    by.into_iter().map(|(c, v)| format!("  {c}: {}", v.join(", "))).collect()
+}
+
+fn print_export(r: &airgap::export::ExportReport) {
+    let range = match r.since {
+        Some(s) => format!("serial {s} -> {}", r.serial),
+        None => format!("serial {} (full)", r.serial),
+    };
+    println!("bundle: {range}, {} version(s) of {} component(s)", r.brings.len(), r.components.len());
+    for line in brought_lines(&r.brings) {
+        println!("{line}");
+    }
+    println!(
+        "{} in {} object(s) and {} delta(s) ({} as whole objects), {} fetched from upstream first, {:.1} s",
+        human(r.bundle_bytes),
+        r.objects,
+        r.deltas,
+        human(r.full_bytes),
+        r.fetched,
+        r.seconds
+    );
+    for f in &r.files {
+        println!("wrote {}", f.display());
+    }
+}
+
+fn print_import(r: &airgap::import::ImportReport) {
+    match (r.result.as_str(), r.previous_serial) {
+        ("unchanged", _) => println!("already imported: this relay holds serial {} (nothing to do)", r.serial),
+        ("repaired", _) => println!(
+            "this relay holds serial {} already; took in {} file(s) of it that it lacked",
+            r.serial, r.files_written
+        ),
+        (_, Some(p)) => println!("imported serial {p} -> {} ({} relay)", r.serial, r.relay),
+        (_, None) => println!("imported serial {} ({} relay)", r.serial, r.relay),
+    }
+    if r.result != "unchanged" {
+        for line in brought_lines(&r.brings) {
+            println!("{line}");
+        }
+        println!(
+            "{} read, {} file(s) written, {} already here, {:.1} s",
+            human(r.bundle_bytes),
+            r.files_written,
+            r.files_already_held,
+            r.seconds
+        );
+    }
+    print_lacks(&r.lacks);
+}
+
+fn print_lacks(lacks: &[airgap::import::Lack]) {
+    if lacks.is_empty() {
+        return;
+    }
+    println!("this relay lacks {} listed version(s) (answered 404 until a bundle brings them):", lacks.len());
+    for l in lacks.iter().take(20) {
+        println!("  {} {}", l.component, l.version);
+    }
+    if lacks.len() > 20 {
+        println!("  ... and {} more", lacks.len() - 20);
+    }
+}
+
+fn print_status(s: &airgap::import::Status, written: Option<&std::path::Path>) {
+    match s.serial {
+        Some(n) => println!(
+            "serial {n} (generated {}), manifest {}",
+            s.generated_at.as_deref().unwrap_or("?"),
+            s.manifest_sha256.map(|d| d.to_string()).unwrap_or_default()
+        ),
+        None => println!("no manifest yet: import a full bundle"),
+    }
+    if s.import_pending {
+        println!("an import waits for the running relay to adopt it");
+    }
+    print_lacks(&s.lacks);
+    if let Some(p) = written {
+        println!("wrote {}: carry it to the connected side for `patchrelay export --since-manifest`", p.display());
     }
 }
 

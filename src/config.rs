@@ -780,6 +780,11 @@ impl Config {
         if self.origin.is_some() { Role::Origin } else { Role::Relay }
     }
 
+    /// A relay with no `[[upstream]]`: its only source is `patchrelay import`.
+    pub fn offline(&self) -> bool {
+        self.role() == Role::Relay && self.upstream.is_empty()
+    }
+
     fn validate(&self, text: &str, file: &str) -> Result<(), ConfigError> {
         let invalid = |section: &str, message: String| ConfigError::Invalid {
             file: file.to_string(),
@@ -793,11 +798,13 @@ impl Config {
                     "both [origin] and [[upstream]] are set: a server is either an origin (serves a repository) or a relay (mirrors upstreams)".into(),
                 ));
             }
+            // An offline relay: no upstream, updated by `patchrelay import`.
+            (None, true) if self.storage.is_some() && self.trust.is_some() => {}
             (None, true) => {
                 return Err(ConfigError::Invalid {
                     file: file.to_string(),
                     line: None,
-                    message: "neither [origin] nor [[upstream]] is set: add `[origin] repository = \"...\"` to serve a published repository, or `[[upstream]] url = \"...\"` to run a relay".into(),
+                    message: "neither [origin] nor [[upstream]] is set: add `[origin] repository = \"...\"` to serve a published repository, `[[upstream]] url = \"...\"` to run a relay, or [storage] and [trust] alone for an offline relay that `patchrelay import` updates".into(),
                 });
             }
             _ => {}

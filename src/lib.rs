@@ -18,6 +18,7 @@
 
 pub mod actors;
 pub mod agent;
+pub mod airgap;
 pub mod cli;
 pub mod config;
 pub mod delta;

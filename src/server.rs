@@ -291,8 +291,9 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
                 published.clone(),
                 upstreams,
                 trust.public_key.0.clone(),
-                store.state_dir().join("manifest.bundle"),
                 prefetcher.clone(),
+                store.clone(),
+                deltas.clone(),
             );
             sync_ctx.restore();
             let addr = RelaySync::new(sync_ctx, config.sync.interval.0).start();

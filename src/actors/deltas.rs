@@ -139,6 +139,32 @@ fn index_name(base: &Digest, target: &Digest) -> String {
     format!("{base}-{target}")
 }
 
+/// The directory of the pair index under a store's `state/`.
+pub fn index_dir(state: &std::path::Path) -> PathBuf {
+    state.join("deltas")
+}
+
+/// The delta `base -> target` recorded under a store's `state/`, if any (its
+/// bytes may have been evicted since: check before use).
+pub fn load_index_entry(state: &std::path::Path, base: &Digest, target: &Digest) -> Option<DeltaInfo> {
+    let raw = std::fs::read(index_dir(state).join(index_name(base, target))).ok()?;
+    serde_json::from_slice(&raw).ok()
+}
+
+/// Remember that the delta `base -> target` is `info` (its bytes stored as an
+/// object): one small file, written atomically, read by [`DeltaService::open`].
+/// Blocking.
+pub fn save_index_entry(
+    state: &std::path::Path,
+    base: &Digest,
+    target: &Digest,
+    info: &DeltaInfo,
+) -> std::io::Result<()> {
+    let dir = index_dir(state);
+    std::fs::create_dir_all(&dir)?;
+    write_atomic(&dir.join(index_name(base, target)), &serde_json::to_vec(info).map_err(std::io::Error::other)?)
+}
+
 impl DeltaService {
     /// Open the service; loads the pair index from `store`'s `state/deltas`.
     pub fn open(
@@ -148,7 +174,7 @@ impl DeltaService {
         queue: usize,
         max_size: u64,
     ) -> std::io::Result<Arc<DeltaService>> {
-        let index_dir = store.state_dir().join("deltas");
+        let index_dir = index_dir(&store.state_dir());
         std::fs::create_dir_all(&index_dir)?;
         let mut index = HashMap::new();
         for e in std::fs::read_dir(&index_dir)?.flatten() {
@@ -190,6 +216,14 @@ impl DeltaService {
         } else {
             None // evicted: forgotten by the planner until rebuilt
         }
+    }
+
+    /// Take in a delta whose bytes are in the store already (adopted from an
+    /// import): indexed on disk and for the planner. Blocking.
+    pub fn record(&self, base: &Digest, target: &Digest, info: DeltaInfo) -> std::io::Result<()> {
+        save_index_entry(&self.store.state_dir(), base, target, &info)?;
+        self.index.write().unwrap_or_else(|p| p.into_inner()).insert((*base, *target), info);
+        Ok(())
     }
 
     /// All stored deltas between objects in `digests` (for the planner).
@@ -289,13 +323,12 @@ impl DeltaService {
             .map_err(|_| DeltaBuildError::NoBuilder)?
             .map_err(|e| DeltaBuildError::Encode(e.to_string()))?;
         let info = DeltaInfo { sha256: Digest::of(&encoded), size: encoded.len() as u64 };
-        let (store, path) = (self.store.clone(), self.index_dir.join(index_name(&base.sha256, &target.sha256)));
-        let record = serde_json::to_vec(&info).map_err(|e| DeltaBuildError::Store(e.to_string()))?;
+        let (store, b, t) = (self.store.clone(), base.sha256, target.sha256);
         crate::telemetry::spawn_blocking(move || -> Result<(), String> {
             if !store.contains(&info.sha256) {
                 store.put(info.sha256, &encoded).map_err(|e| e.to_string())?;
             }
-            write_atomic(&path, &record).map_err(|e| e.to_string())
+            save_index_entry(&store.state_dir(), &b, &t, &info).map_err(|e| e.to_string())
         })
         .await
         .map_err(|_| DeltaBuildError::NoBuilder)?

@@ -59,6 +59,9 @@ pub enum SyncError {
     NoAcceptableManifest(Vec<String>),
     #[error("{0}")]
     Repository(String),
+    /// An offline relay has nothing to sync from.
+    #[error("this relay has no [[upstream]]: it is updated by `patchrelay import`, not by syncing")]
+    Offline,
 }
 
 /// `component version` pairs in `new` that are not in `old`.

@@ -69,9 +69,23 @@ impl Prefetcher {
     }
 
     /// Pin and fetch the retained versions of critical components in `catalog`.
+    ///
+    /// An offline relay (no upstream) pins every listed object instead and
+    /// fetches nothing: what the disk budget evicted there no fill could
+    /// bring back; only deltas (rebuilt from what is held) may go.
     pub fn plan(self: &Arc<Self>, catalog: &Arc<Catalog>) {
         let mut wanted = Vec::new();
         let mut pins = HashSet::new();
+        if self.filler.upstreams().list().is_empty() {
+            for obj in catalog.objects() {
+                pins.insert(obj.sha256);
+                pins.insert(obj.chunks_sha256);
+            }
+            *lock(&self.catalog) = Some(catalog.clone());
+            self.filler.store().set_pins(pins);
+            lock(&self.wanted).clear();
+            return;
+        }
         for (name, c) in &catalog.manifest.components {
             if !c.critical {
                 continue;

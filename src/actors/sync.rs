@@ -17,20 +17,28 @@
 //! retried after a jittered backoff (1 s, doubling, up to the interval), so a
 //! relay started before its network or its parent is up becomes ready soon
 //! after they are, not an interval later.
+//!
+//! Imports (`crate::airgap`) are the other way a manifest arrives: every
+//! second the actor looks for one staged and verified by `patchrelay import`
+//! and adopts it under the same lock, with the same rollback and
+//! equivocation rules. An offline relay (no upstream) does only that.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use bytes::Bytes;
 
+use super::deltas::{DeltaInfo, DeltaService};
 use super::prefetch::Prefetcher;
 use super::{Stop, SyncError, SyncNow, SyncReport, added_versions};
+use crate::airgap::stage::{self, StagedDelta, Staging};
 use crate::repo::catalog::Catalog;
+use crate::repo::history::History;
 use crate::repo::sign::PublicKey;
-use crate::repo::{self, bundle};
+use crate::repo::{self, pair};
 use crate::state::Published;
+use crate::store::Store;
 use crate::telemetry;
 use crate::upstream::{Upstream, Upstreams};
 
@@ -44,6 +52,10 @@ pub struct SyncContext {
     pub bundle_path: PathBuf,
     /// Pins and fetches critical components after each good sync.
     pub prefetcher: Arc<Prefetcher>,
+    /// The relay's store, where imports are adopted.
+    store: Store,
+    /// Imported deltas are recorded here, for the planner.
+    deltas: Option<Arc<DeltaService>>,
     /// Serialises syncs: a timer tick and an admin request never interleave.
     lock: Arc<tokio::sync::Mutex<()>>,
 }
@@ -53,46 +65,119 @@ impl SyncContext {
         published: Arc<Published>,
         upstreams: Arc<Upstreams>,
         key: PublicKey,
-        bundle_path: PathBuf,
         prefetcher: Arc<Prefetcher>,
+        store: Store,
+        deltas: Option<Arc<DeltaService>>,
     ) -> Self {
-        SyncContext { published, upstreams, key, bundle_path, prefetcher, lock: Arc::new(tokio::sync::Mutex::new(())) }
+        SyncContext {
+            published,
+            upstreams,
+            key,
+            bundle_path: store.state_dir().join(stage::SAVED_MANIFEST),
+            prefetcher,
+            store,
+            deltas,
+            lock: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+
+    /// Whether the relay has no upstream (its only source is an import).
+    pub fn offline(&self) -> bool {
+        self.upstreams.list().is_empty()
     }
 
     /// Load the persisted manifest, if there is one and it still verifies.
     /// Returns its serial.
     pub fn restore(&self) -> Option<u64> {
-        let data = match std::fs::read(&self.bundle_path) {
-            Ok(d) => Bytes::from(d),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-            Err(e) => {
-                tracing::warn!(path = %self.bundle_path.display(), error = %e, "cannot read the saved manifest; waiting for the first sync");
-                return None;
-            }
-        };
-        let Some((manifest, sig)) = bundle::decode(data) else {
-            tracing::warn!(path = %self.bundle_path.display(), "saved manifest is damaged; ignoring it");
-            return None;
-        };
-        match repo::verify(&self.key, manifest, sig) {
-            Ok(catalog) => {
+        match pair::load(&self.bundle_path, &self.key) {
+            Ok(Some(catalog)) => {
                 let serial = catalog.serial();
                 let catalog = Arc::new(catalog);
                 // Pin before anything can evict; fetching waits for the runtime.
                 self.prefetcher.plan(&catalog);
                 self.published.publish(catalog);
-                tracing::info!(serial, "serving the saved manifest until the first sync");
+                if self.offline() {
+                    tracing::info!(serial, "offline relay: serving the saved manifest (imports bring new ones)");
+                } else {
+                    tracing::info!(serial, "serving the saved manifest until the first sync");
+                }
                 Some(serial)
             }
-            Err(e) => {
+            Ok(None) => None,
+            Err(e @ pair::LoadError::Refused { .. }) => {
                 tracing::warn!(error = %e, "saved manifest does not verify under the configured key (key changed?); ignoring it");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot use the saved manifest; waiting for the first sync");
                 None
             }
         }
     }
 
+    /// Adopt an import staged by `patchrelay import`, if one waits (see the
+    /// module comment). Returns whether one was adopted.
+    pub async fn adopt_import(&self) -> bool {
+        let staging = Staging::of(self.store.root());
+        if !staging.pending() {
+            return false;
+        }
+        let _serial = self.lock.lock().await;
+        let current = self.published.current();
+        let (store, key, deltas, st) = (self.store.clone(), self.key.clone(), self.deltas.clone(), staging.clone());
+        let cur = current.clone();
+        let result = crate::telemetry::spawn_blocking(move || {
+            let mut record = |d: &StagedDelta| -> std::io::Result<()> {
+                let info = DeltaInfo { sha256: d.sha256, size: d.size };
+                match &deltas {
+                    Some(service) => service.record(&d.from, &d.to, info),
+                    None => crate::actors::deltas::save_index_entry(&store.state_dir(), &d.from, &d.to, &info),
+                }
+            };
+            stage::adopt(&st, &store, &key, cur.as_deref(), &mut record)
+        })
+        .await;
+        let result = match result {
+            Ok(r) => r,
+            Err(e) => Err(Box::new(stage::Refused {
+                id: None,
+                serial: None,
+                error: crate::airgap::AirgapError::Failed(format!("the adoption task failed: {e}")),
+            })),
+        };
+        let outcome = stage::outcome(&result);
+        match result {
+            Ok(None) => return false,
+            Ok(Some(adopted)) if adopted.changed => {
+                let added = added_versions(current.as_ref().map(|c| &c.manifest), &adopted.catalog.manifest);
+                metrics::counter!(telemetry::SYNC_CHANGES, "change" => "added").increment(added.len() as u64);
+                let catalog = Arc::new(adopted.catalog);
+                self.prefetcher.plan(&catalog);
+                self.published.publish(catalog.clone());
+                self.published.mark_good_sync();
+                tracing::info!(serial = catalog.serial(), previous = ?adopted.previous, added = ?added, "imported manifest verified and published");
+            }
+            Ok(Some(adopted)) => {
+                tracing::info!(
+                    serial = adopted.catalog.serial(),
+                    "import of the serial already held: files it lacked taken in"
+                );
+            }
+            Err(r) => {
+                tracing::warn!(error = %r.error, "a staged import was refused");
+            }
+        }
+        if let Some(o) = outcome {
+            staging.finish(&o);
+        }
+        true
+    }
+
     /// One sync: see the module comment.
     pub async fn run(&self) -> Result<SyncReport, SyncError> {
+        if self.offline() {
+            return Err(SyncError::Offline);
+        }
         let _serial = self.lock.lock().await;
         let current = self.published.current();
         // Every available upstream, at once; when none is available, all of
@@ -208,7 +293,16 @@ impl SyncContext {
 
     async fn persist(&self, catalog: &Catalog) {
         let (path, m, s) = (self.bundle_path.clone(), catalog.manifest_bytes.clone(), catalog.signature.clone());
-        let result = crate::telemetry::spawn_blocking(move || bundle::save(&path, &m, &s)).await;
+        let (history, serial) = (History::in_state(&self.store.state_dir()), catalog.serial());
+        let result = crate::telemetry::spawn_blocking(move || {
+            pair::save(&path, &m, &s)?;
+            // For `export --since` (crate::airgap); the sync stands without it.
+            if let Err(e) = history.save(serial, &m, &s) {
+                tracing::warn!(dir = %history.dir().display(), error = %e, "cannot keep this manifest for `export --since`");
+            }
+            Ok::<(), std::io::Error>(())
+        })
+        .await;
         if let Ok(Err(e)) | Err(e) = result.map_err(std::io::Error::other) {
             // Serve it anyway: failing to persist costs rollback protection across
             // a restart, not correctness now. Say so loudly.
@@ -230,16 +324,21 @@ pub struct RelaySync {
     interval: Duration,
     /// Failed runs in a row (0 after a good one).
     failures: u32,
+    /// An import is being adopted (the next look waits for it).
+    adopting: bool,
     /// The server's metrics scope (actors of several servers may share a thread).
     scope: telemetry::Scope,
 }
+
+/// How often the actor looks for a staged import (one `stat` each time).
+const IMPORT_LOOK: Duration = Duration::from_secs(1);
 
 /// The first retry after a failed sync; doubling from there.
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 
 impl RelaySync {
     pub fn new(ctx: SyncContext, interval: Duration) -> Self {
-        RelaySync { ctx, interval, failures: 0, scope: telemetry::scope::current() }
+        RelaySync { ctx, interval, failures: 0, adopting: false, scope: telemetry::scope::current() }
     }
 
     /// When to run next: the interval after a good run; after `failures` bad
@@ -279,7 +378,19 @@ impl Actor for RelaySync {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        self.run_after(Duration::ZERO, ctx);
+        if !self.ctx.offline() {
+            self.run_after(Duration::ZERO, ctx);
+        }
+        ctx.run_interval(IMPORT_LOOK, |act, ctx| {
+            if act.adopting {
+                return;
+            }
+            let _in = telemetry::enter(act.scope);
+            act.adopting = true;
+            let sync = act.ctx.clone();
+            let look = telemetry::scoped(async move { sync.adopt_import().await });
+            ctx.spawn(look.into_actor(act).map(|_, act, _| act.adopting = false));
+        });
     }
 }
 

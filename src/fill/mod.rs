@@ -68,6 +68,10 @@ pub enum FillError {
     /// is taken (see `store::full`).
     #[error("{0}")]
     StoreFull(String),
+    /// An offline relay (no `[[upstream]]`) does not hold these bytes: only
+    /// an import can bring them.
+    #[error("{0} is not held here, and this relay has no upstream: a later air-gap bundle must bring it")]
+    Offline(String),
 }
 
 /// Where a fill is.
@@ -275,6 +279,9 @@ impl Filler {
         }
         if let Some(blob) = self.store.get(&req.digest).map_err(|e| FillError::Store(e.to_string()))? {
             return Ok(Opened::Stored(blob));
+        }
+        if self.upstreams.list().is_empty() {
+            return Err(FillError::Offline(req.path));
         }
         let (file, in_memory) = self.store.open_partial(&req.digest).map_err(|e| FillError::Store(e.to_string()))?;
         let in_memory = if in_memory { Some(self.hold_memory(req.len, &req.path)?) } else { None };

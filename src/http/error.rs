@@ -49,6 +49,7 @@ impl ApiError {
     /// not ready yet) or the caller is the operator (the admin API).
     fn public_message(&self) -> Option<&'static str> {
         match self {
+            ApiError::Source(SourceError::Fill(FillError::Offline(_))) => None,
             ApiError::Source(SourceError::Store(_)) | ApiError::Source(SourceError::Fill(FillError::Store(_))) => {
                 Some("this server could not read or write its store; the error is in its log under this id")
             }
@@ -82,6 +83,7 @@ impl ApiError {
             ApiError::NotReady => "not_ready",
             ApiError::Source(SourceError::Store(_)) => "store_error",
             ApiError::Source(SourceError::Fill(FillError::StoreFull(_))) => "store_full",
+            ApiError::Source(SourceError::Fill(FillError::Offline(_))) => "not_found",
             ApiError::Source(SourceError::Fill(_)) => "upstream_failed",
             ApiError::AdminDisabled => "admin_disabled",
             ApiError::Unauthorized => "unauthorized",
@@ -116,6 +118,7 @@ impl ResponseError for ApiError {
             ApiError::Delta(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::NotReady | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Source(SourceError::Store(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Source(SourceError::Fill(FillError::Offline(_))) => StatusCode::NOT_FOUND,
             ApiError::Source(SourceError::Fill(e)) if all_timeouts(e) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Source(SourceError::Fill(FillError::Store(_))) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Source(SourceError::Fill(FillError::StoreFull(_))) => StatusCode::SERVICE_UNAVAILABLE,

@@ -691,7 +691,10 @@ async fn admin_sync(req: HttpRequest, state: web::Data<AppState>) -> HttpRespons
             .send(SyncNow)
             .await
             .map_err(|e| ApiError::Unavailable(format!("the sync actor did not take the request: {e}")))?
-            .map_err(|e| ApiError::SyncFailed(e.to_string()))?;
+            .map_err(|e| match e {
+                crate::actors::SyncError::Offline => ApiError::BadRequest(e.to_string()),
+                e => ApiError::SyncFailed(e.to_string()),
+            })?;
         Ok(HttpResponse::Ok().json(report))
     };
     finish(&state, Route::AdminSync, result.await)

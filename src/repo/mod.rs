@@ -8,6 +8,8 @@
 //! v1/objects/<sha256>    payloads, named by the SHA-256 of their bytes
 //! v1/chunks/<sha256>     a payload's chunk list: the raw SHA-256 of each block
 //! v1/signatures/<sha256> the signature of the manifest whose bytes hash to <sha256>
+//! state/manifests/<n>    every manifest published, by serial (not served; for
+//!                        `export --since`, `crate::airgap`)
 //! ```
 //!
 //! The same relative paths are used on disk and in URLs, so this module is the
@@ -23,9 +25,10 @@
 //! a broken one. The same covers a reader that fetches the two files while a
 //! publish is between them.
 
-pub mod bundle;
 pub mod catalog;
+pub mod history;
 pub mod manifest;
+pub mod pair;
 pub mod publish;
 pub mod sign;
 pub mod version;
@@ -107,6 +110,13 @@ impl RepoDir {
 
     pub fn signatures_dir(&self) -> PathBuf {
         self.root.join("v1/signatures")
+    }
+
+    /// Files of patchrelay's own beside the served tree (`state/manifests/`:
+    /// the manifests published, for `export --since`). Not part of what
+    /// agents or relays read.
+    pub fn state_dir(&self) -> PathBuf {
+        self.root.join("state")
     }
 
     /// Where the signature of the manifest hashing to `manifest_sha256` is kept.

@@ -193,6 +193,12 @@ pub fn publish(
     write_atomic(&repo.manifest(), &bytes).map_err(io_err("cannot write", &repo.manifest()))?;
     write_atomic(&repo.signature(), &sig).map_err(io_err("cannot write", &repo.signature()))?;
     prune_signatures(&repo, &by_digest);
+    // For `export --repository --since N` (crate::airgap); the publish
+    // stands without it.
+    let history = super::history::History::in_state(&repo.state_dir());
+    if let Err(e) = history.save(manifest.serial, &bytes, &sig) {
+        tracing::warn!(dir = %history.dir().display(), error = %e, "cannot keep this manifest for `export --since`");
+    }
     report.serial = manifest.serial;
     report.wrote_manifest = true;
     drop(lock);

@@ -210,7 +210,6 @@ impl WeakStore {
 
 struct Inner {
     root: PathBuf,
-    objects: PathBuf,
     partial: PathBuf,
     tmp: PathBuf,
     index: Index,
@@ -279,7 +278,6 @@ impl Store {
         let (objects_n, bytes) = index.totals();
         let store = Store(Arc::new(Inner {
             root: root.to_path_buf(),
-            objects,
             partial,
             tmp,
             index,
@@ -311,8 +309,22 @@ impl Store {
     }
 
     pub fn path_of(&self, digest: &Digest) -> PathBuf {
-        let hex = digest.to_hex();
-        self.0.objects.join(&hex[..2]).join(hex)
+        object_file(&self.0.root, digest)
+    }
+
+    /// Take in a file whose bytes were verified to be `digest` (`len` bytes)
+    /// by whoever wrote it (an import, `crate::airgap::stage`): renamed into
+    /// `objects/`, indexed. The file must be on the store's file system. Not
+    /// made durable here: the caller syncs the file system once for all it
+    /// adopts ([`sync_file_system`]). Blocking.
+    pub fn adopt(&self, from: &Path, digest: &Digest, len: u64) -> Result<(), StoreError> {
+        let dest = self.path_of(digest);
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent).map_err(io_err("cannot create directory", parent))?;
+        }
+        fs::rename(from, &dest).map_err(io_err("cannot move into place", &dest))?;
+        self.publish_object(*digest, len);
+        Ok(())
     }
 
     pub fn contains(&self, digest: &Digest) -> bool {
@@ -570,6 +582,21 @@ impl Store {
     pub fn over_budget(&self) -> bool {
         self.0.index.over_budget(self.partial_bytes())
     }
+}
+
+/// Where the object `digest` is kept in the store at `root`: readable by a
+/// process that does not hold the store (files there are complete and
+/// verified, or absent).
+pub fn object_file(root: &Path, digest: &Digest) -> PathBuf {
+    let hex = digest.to_hex();
+    root.join("objects").join(&hex[..2]).join(hex)
+}
+
+/// Make everything written and renamed on the file system holding `path`
+/// durable: one `syncfs` for many files instead of an fsync each.
+pub fn sync_file_system(path: &Path) -> io::Result<()> {
+    let dir = File::open(path)?;
+    rustix::fs::syncfs(&dir).map_err(io::Error::from)
 }
 
 fn clear_dir(dir: &Path) -> Result<usize, StoreError> {

@@ -74,6 +74,16 @@ impl TestRepo {
         TestRepo { dir, input, repo, key, public, chunk_size: 64 * 1024 }
     }
 
+    /// No components yet, signed with `other`'s key (a second repository
+    /// under the same origin key).
+    pub fn bare_signed_by(other: &TestRepo) -> TestRepo {
+        let t = TestRepo::bare();
+        let path = t.dir.path().join("key");
+        other.key.save_new(&path).unwrap();
+        let key = SecretKey::load(&path).unwrap();
+        TestRepo { public: key.public().to_base64(), key, ..t }
+    }
+
     pub fn engine_bytes(version: u64) -> Vec<u8> {
         let mut out = Vec::new();
         for i in 0..(6000 + version * 100) {

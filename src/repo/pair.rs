@@ -1,10 +1,12 @@
 //! A manifest and its signature in one file, so a relay can persist the last
 //! verified pair with a single atomic rename (two files could be caught half
-//! replaced by a crash). Loading verifies the pair again: a bundle is a cache of
-//! a verified manifest, not a reason to trust one.
+//! replaced by a crash). Loading verifies the pair again: a saved pair is a
+//! cache of a verified manifest, not a reason to trust one.
 //!
 //! Format: `patchrelay-bundle 1\n`, the signature's length in decimal and `\n`,
-//! the signature bytes, then the manifest bytes to the end of the file.
+//! the signature bytes, then the manifest bytes to the end of the file. (The
+//! magic predates air-gap bundles, `crate::airgap`, which are another thing:
+//! files under `state/` keep it so that existing relays read them.)
 
 use std::path::Path;
 
@@ -34,9 +36,34 @@ pub fn decode(data: Bytes) -> Option<(Bytes, Bytes)> {
     Some((data.slice(man_start..), data.slice(sig_start..man_start)))
 }
 
-/// Write a bundle atomically.
+/// Write a pair atomically.
 pub fn save(path: &Path, manifest: &[u8], signature: &[u8]) -> std::io::Result<()> {
     crate::store::atomic::write_atomic(path, &encode(manifest, signature))
+}
+
+/// Why a saved pair could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read {}: {source}", .path.display())]
+    Read { path: std::path::PathBuf, source: std::io::Error },
+    #[error("{} is not a saved manifest (damaged?)", .0.display())]
+    Damaged(std::path::PathBuf),
+    #[error("{}: {source}", .path.display())]
+    Refused { path: std::path::PathBuf, source: super::VerifyError },
+}
+
+/// Read the pair saved at `path` and verify it under `key`; `Ok(None)`: there
+/// is none.
+pub fn load(path: &Path, key: &super::sign::PublicKey) -> Result<Option<super::catalog::Catalog>, LoadError> {
+    let data = match std::fs::read(path) {
+        Ok(d) => Bytes::from(d),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(LoadError::Read { path: path.to_path_buf(), source }),
+    };
+    let (manifest, sig) = decode(data).ok_or_else(|| LoadError::Damaged(path.to_path_buf()))?;
+    super::verify(key, manifest, sig)
+        .map(Some)
+        .map_err(|source| LoadError::Refused { path: path.to_path_buf(), source })
 }
 
 #[cfg(test)]
