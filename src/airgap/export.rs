@@ -19,11 +19,12 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::format::{self, Entry, EntryKind, Header, Since, TarWriter};
+use super::hashing::Hashing;
 use super::parts::PartWriter;
 use super::progress::Show;
 use super::{AirgapError, Brought, Carried};
 use crate::config::{Config, Role};
-use crate::digest::{Digest, Hasher};
+use crate::digest::Digest;
 use crate::repo::catalog::{Catalog, ObjectInfo};
 use crate::repo::history::History;
 use crate::repo::manifest::Manifest;
@@ -119,17 +120,28 @@ impl Place {
     }
 }
 
-/// The other side's manifest and what it says it lacks.
+/// The other side's manifest, and the objects it holds: what it lists,
+/// less what it says it lacks.
 struct Other {
     serial: u64,
     digest: Digest,
     manifest: Manifest,
-    lacks: HashSet<Digest>,
+    held: HashSet<Digest>,
 }
 
 impl Other {
+    fn new(manifest: Manifest, digest: Digest, lacks: &HashSet<Digest>) -> Other {
+        let held = manifest
+            .components
+            .values()
+            .flat_map(|c| c.versions.iter().map(|v| v.sha256))
+            .filter(|d| !lacks.contains(d))
+            .collect();
+        Other { serial: manifest.serial, digest, manifest, held }
+    }
+
     fn holds(&self, d: &Digest) -> bool {
-        !self.lacks.contains(d) && self.manifest.components.values().any(|c| c.versions.iter().any(|v| v.sha256 == *d))
+        self.held.contains(d)
     }
 }
 
@@ -151,7 +163,7 @@ pub fn export(from: ExportFrom<'_>, output: &Path, opts: &ExportOptions) -> Resu
         Some(SinceArg::Serial(n)) => Some(kept_manifest(&state, *n, key.as_ref(), catalog.serial())?),
         Some(SinceArg::Manifest(path)) => {
             let (manifest, digest, lacks) = super::import::read_since_manifest(path, key.as_ref())?;
-            Some(Other { serial: manifest.serial, digest, manifest, lacks })
+            Some(Other::new(manifest, digest, &lacks))
         }
     };
     if let Some(o) = &other
@@ -356,9 +368,9 @@ pub fn export(from: ExportFrom<'_>, output: &Path, opts: &ExportOptions) -> Resu
     w.entry(repo::MANIFEST_PATH, &catalog.manifest_bytes).map_err(out_err)?;
     w.entry(repo::SIGNATURE_PATH, &catalog.signature).map_err(out_err)?;
     w.entry(&repo::signature_path(&manifest_digest), &catalog.signature).map_err(out_err)?;
-    let mut buf = vec![0u8; PIECE];
+    let hashing = Hashing::new(PIECE);
     for info in &whole {
-        let chunks = write_object(&mut w, &place, info, &mut buf, &bar)?;
+        let chunks = write_object(&mut w, &place, info, &hashing, &bar)?;
         w.entry(&repo::chunks_path(&info.sha256), &chunks).map_err(out_err)?;
         bar.inc(chunks.len() as u64);
     }
@@ -469,7 +481,7 @@ fn kept_manifest(state: &Path, n: u64, key: Option<&PublicKey>, current: u64) ->
             Manifest::parse(&m).map_err(|e| AirgapError::verification(format!("kept manifest {n}"), e.to_string()))?
         }
     };
-    Ok(Other { serial: manifest.serial, digest, manifest, lacks: HashSet::new() })
+    Ok(Other::new(manifest, digest, &HashSet::new()))
 }
 
 fn chosen_components(catalog: &Catalog, wanted: Option<&[String]>) -> Result<Vec<String>, AirgapError> {
@@ -521,6 +533,7 @@ fn fetch(config: &Config, missing: &[ObjectInfo], place: &mut Place, show: Show)
             missing[0].sha256
         )));
     }
+    crate::store::check_owner(&storage.dir, "export").map_err(AirgapError::Usage)?;
     let opts = StoreOptions {
         memory_cache: 64 << 20,
         memory_object_max: 64 << 10,
@@ -666,14 +679,14 @@ fn one_delta(
     Ok(MadeDelta { sha256, size: encoded.len() as u64, path: out })
 }
 
-/// Stream one object into the bundle, hashing it on the way; returns its
-/// chunk list (read from this side when it has it, else computed from the
-/// bytes as they pass).
+/// Stream one object into the bundle, hashing it on the way (on a second
+/// core); returns its chunk list (read from this side when it has it, else
+/// made from the bytes as they pass).
 fn write_object(
     w: &mut TarWriter<PartWriter>,
     place: &Place,
     info: &ObjectInfo,
-    buf: &mut [u8],
+    hashing: &Hashing,
     bar: &indicatif::ProgressBar,
 ) -> Result<Vec<u8>, AirgapError> {
     let path = place.object(&info.sha256).ok_or_else(|| {
@@ -681,40 +694,35 @@ fn write_object(
     })?;
     let name = path.display().to_string();
     let mut file = File::open(&path).map_err(|e| AirgapError::io(format!("cannot open {name}"), e))?;
+    crate::store::read_ahead(&file);
     let stored_chunks =
         place.chunks(info).and_then(|p| std::fs::read(p).ok()).filter(|c| Digest::of(c) == info.chunks_sha256);
-    let mut chunk_list = Vec::new();
-    let mut chunk = (Hasher::new(), 0u64);
-    let mut whole = Hasher::new();
+    hashing.start(stored_chunks.is_none().then_some(info.chunk_size));
     let mut left = info.size;
     w.begin(&repo::object_path(&info.sha256), info.size).map_err(|e| AirgapError::io("cannot write the bundle", e))?;
     while left > 0 {
+        let mut buf = hashing.buffer();
         let want = (buf.len() as u64).min(left) as usize;
-        let n = file.read(&mut buf[..want]).map_err(|e| AirgapError::io(format!("cannot read {name}"), e))?;
-        if n == 0 {
-            return Err(AirgapError::Failed(format!("{name} is shorter than its {} bytes (damaged?)", info.size)));
-        }
-        let piece = &buf[..n];
-        whole.update(piece);
-        if stored_chunks.is_none() {
-            let mut rest = piece;
-            while !rest.is_empty() {
-                let room = (info.chunk_size - chunk.1) as usize;
-                let (now, later) = rest.split_at(room.min(rest.len()));
-                chunk.0.update(now);
-                chunk.1 += now.len() as u64;
-                if chunk.1 == info.chunk_size {
-                    let done = std::mem::replace(&mut chunk, (Hasher::new(), 0));
-                    chunk_list.extend_from_slice(done.0.finish().as_bytes());
-                }
-                rest = later;
+        let n = match file.read(&mut buf[..want]) {
+            Ok(0) => {
+                hashing.unused(buf);
+                return Err(AirgapError::Failed(format!("{name} is shorter than its {} bytes (damaged?)", info.size)));
             }
+            Ok(n) => n,
+            Err(e) => {
+                hashing.unused(buf);
+                return Err(AirgapError::io(format!("cannot read {name}"), e));
+            }
+        };
+        if let Err(e) = w.data(&buf[..n]) {
+            hashing.unused(buf);
+            return Err(AirgapError::io("cannot write the bundle", e));
         }
-        w.data(piece).map_err(|e| AirgapError::io("cannot write the bundle", e))?;
+        hashing.piece(buf, n);
         bar.inc(n as u64);
         left -= n as u64;
     }
-    let actual = whole.finish();
+    let (actual, made) = hashing.finish();
     if actual != info.sha256 {
         return Err(AirgapError::Failed(format!(
             "{name} hashes to {actual}, not its name: the stored object is damaged; remove it (the relay fetches it again) and export again"
@@ -723,14 +731,11 @@ fn write_object(
     if let Some(c) = stored_chunks {
         return Ok(c);
     }
-    if chunk.1 > 0 {
-        chunk_list.extend_from_slice(chunk.0.finish().as_bytes());
-    }
-    if Digest::of(&chunk_list) != info.chunks_sha256 {
+    if Digest::of(&made) != info.chunks_sha256 {
         return Err(AirgapError::Failed(format!(
             "object {}: its chunk list does not match the manifest's chunks_sha256 (a manifest that contradicts itself)",
             info.sha256
         )));
     }
-    Ok(chunk_list)
+    Ok(made)
 }

@@ -17,6 +17,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::format::{self, EntryKind, Header, TarError, TarReader};
+use super::hashing::Hashing;
 use super::parts::PartReader;
 use super::progress::Show;
 use super::stage::{self, Ready, StagedDelta, StagedFile, Staging};
@@ -236,6 +237,7 @@ pub fn import(config: &Config, bundle: &Path, opts: &ImportOptions) -> Result<Im
     }
 
     // Which relay: stopped (this command holds the store) or running.
+    crate::store::check_owner(dir, "import").map_err(AirgapError::Usage)?;
     let store = open_store_if_free(config, dir)?;
     let staging = Staging::of(dir);
     let _lock = staging.lock()?;
@@ -287,10 +289,11 @@ pub fn import(config: &Config, bundle: &Path, opts: &ImportOptions) -> Result<Im
         catalog: &catalog,
         held: &held,
         files: Vec::new(),
+        rebuilt: HashSet::new(),
         deltas: Vec::new(),
         written: 0,
         reused: 0,
-        buf: vec![0u8; PIECE],
+        hashing: Hashing::new(PIECE),
         bar: opts.show.bytes("importing", header.bundle_bytes),
         max_delta_target,
         dir,
@@ -451,10 +454,12 @@ struct Run<'a, H: Fn(&Digest, u64) -> bool> {
     catalog: &'a Catalog,
     held: &'a H,
     files: Vec<StagedFile>,
+    /// Delta targets already among `files`.
+    rebuilt: HashSet<Digest>,
     deltas: Vec<StagedDelta>,
     written: u64,
     reused: u64,
-    buf: Vec<u8>,
+    hashing: Hashing,
     bar: indicatif::ProgressBar,
     max_delta_target: u64,
     dir: &'a Path,
@@ -465,35 +470,41 @@ impl<H: Fn(&Digest, u64) -> bool> Run<'_, H> {
     /// and staged unless the relay or staging has it.
     fn take(&mut self, path: &str, digest: Digest, size: u64) -> Result<(), AirgapError> {
         let have = (self.held)(&digest, size) || self.staging.has(&digest, size);
-        if have {
-            let mut h = crate::digest::Hasher::new();
-            loop {
-                let n = self.tar.read_data(&mut self.buf).map_err(|e| tar_error(e, &self.tar, path))?;
-                if n == 0 {
-                    break;
+        let mut w = if have { None } else { Some(self.staging.writer(digest, size)?) };
+        self.hashing.start(None);
+        loop {
+            let mut buf = self.hashing.buffer();
+            let n = match self.tar.read_data(&mut buf) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.hashing.unused(buf);
+                    return Err(tar_error(e, &self.tar, path));
                 }
-                h.update(&self.buf[..n]);
-                self.bar.inc(n as u64);
+            };
+            if n == 0 {
+                self.hashing.unused(buf);
+                break;
             }
-            let actual = h.finish();
-            if actual != digest {
+            if let Some(w) = &mut w {
+                w.write(&buf[..n]).map_err(|e| AirgapError::io("cannot write into staging", e))?;
+            }
+            self.hashing.piece(buf, n);
+            self.bar.inc(n as u64);
+        }
+        let (actual, _) = self.hashing.finish();
+        match w {
+            Some(w) => {
+                w.finish(actual)
+                    .map_err(|why| AirgapError::verification(path, format!("{why}: the bundle is damaged")))?;
+                self.written += 1;
+            }
+            None if actual != digest => {
                 return Err(AirgapError::verification(
                     path,
                     format!("content hashes to {actual}, the manifest says {digest}: the bundle is damaged"),
                 ));
             }
-            self.reused += 1;
-        } else {
-            let mut w = self.staging.writer(digest, size)?;
-            loop {
-                let n = self.tar.read_data(&mut self.buf).map_err(|e| tar_error(e, &self.tar, path))?;
-                if n == 0 {
-                    break;
-                }
-                w.write(&self.buf[..n]).map_err(|e| AirgapError::io("cannot write into staging", e))?;
-            }
-            w.finish().map_err(|why| AirgapError::verification(path, format!("{why}: the bundle is damaged")))?;
-            self.written += 1;
+            None => self.reused += 1,
         }
         self.files.push(StagedFile { sha256: digest, size });
         Ok(())
@@ -534,7 +545,7 @@ impl<H: Fn(&Digest, u64) -> bool> Run<'_, H> {
         if !self.staging.has(&e.sha256, e.size) && !(self.held)(&e.sha256, e.size) {
             let mut w = self.staging.writer(e.sha256, e.size)?;
             w.write(&data).map_err(|err| AirgapError::io("cannot write into staging", err))?;
-            w.finish().map_err(|why| AirgapError::verification(path, why))?;
+            w.finish(actual).map_err(|why| AirgapError::verification(path, why))?;
         }
         self.files.push(StagedFile { sha256: e.sha256, size: e.size });
         if self.catalog.object(&from).is_some() {
@@ -560,10 +571,12 @@ impl<H: Fn(&Digest, u64) -> bool> Run<'_, H> {
         }
         let mut w = self.staging.writer(to, target.size)?;
         w.write(&rebuilt).map_err(|err| AirgapError::io("cannot write into staging", err))?;
-        w.finish().map_err(|why| AirgapError::verification(path, format!("the rebuilt target: {why}")))?;
+        w.finish(Digest::of(&rebuilt))
+            .map_err(|why| AirgapError::verification(path, format!("the rebuilt target: {why}")))?;
         let mut w = self.staging.writer(target.chunks_sha256, chunks.len() as u64)?;
         w.write(&chunks).map_err(|err| AirgapError::io("cannot write into staging", err))?;
-        w.finish().map_err(|why| AirgapError::verification(path, format!("the rebuilt target's chunk list: {why}")))?;
+        w.finish(Digest::of(&chunks))
+            .map_err(|why| AirgapError::verification(path, format!("the rebuilt target's chunk list: {why}")))?;
         self.written += 2;
         self.push_target(&target);
         Ok(None)
@@ -571,7 +584,7 @@ impl<H: Fn(&Digest, u64) -> bool> Run<'_, H> {
 
     fn push_target(&mut self, target: &ObjectInfo) {
         for (d, size) in [(target.sha256, target.size), (target.chunks_sha256, target.chunk_list_len())] {
-            if !self.files.iter().any(|f| f.sha256 == d) {
+            if self.rebuilt.insert(d) {
                 self.files.push(StagedFile { sha256: d, size });
             }
         }

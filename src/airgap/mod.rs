@@ -27,6 +27,7 @@
 
 pub mod export;
 pub mod format;
+mod hashing;
 pub mod import;
 mod parts;
 pub mod progress;

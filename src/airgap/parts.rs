@@ -119,13 +119,18 @@ impl PartReader {
         let named = |e: io::Error, p: &Path| io::Error::new(e.kind(), format!("{}: {e}", p.display()));
         if let Some(base) = split_base(path) {
             let current = File::open(path).map_err(|e| named(e, path))?;
+            crate::store::read_ahead(&current);
             return Ok(PartReader { base: Some(base), current, part: 1, missing: None, expected_parts: 0 });
         }
         match File::open(path) {
-            Ok(current) => Ok(PartReader { base: None, current, part: 1, missing: None, expected_parts: 0 }),
+            Ok(current) => {
+                crate::store::read_ahead(&current);
+                Ok(PartReader { base: None, current, part: 1, missing: None, expected_parts: 0 })
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound && part_path(path, 1).exists() => {
                 let first = part_path(path, 1);
                 let current = File::open(&first).map_err(|e| named(e, &first))?;
+                crate::store::read_ahead(&current);
                 Ok(PartReader { base: Some(path.to_path_buf()), current, part: 1, missing: None, expected_parts: 0 })
             }
             Err(e) => Err(named(e, path)),
@@ -163,6 +168,7 @@ impl Read for PartReader {
             let next = part_path(base, self.part + 1);
             match File::open(&next) {
                 Ok(f) => {
+                    crate::store::read_ahead(&f);
                     self.current = f;
                     self.part += 1;
                 }

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{AirgapError, Brought};
 use crate::actors::deltas::DeltaInfo;
-use crate::digest::{Digest, Hasher};
+use crate::digest::Digest;
 use crate::repo::catalog::Catalog;
 use crate::repo::history::History;
 use crate::repo::pair;
@@ -210,15 +210,7 @@ impl Staging {
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = self.tmp().join(format!("{}-{n}", std::process::id()));
         let file = File::create(&tmp).map_err(|e| AirgapError::io(format!("cannot create {}", tmp.display()), e))?;
-        Ok(StagedWriter {
-            tmp,
-            file: Some(file),
-            hasher: Hasher::new(),
-            written: 0,
-            digest,
-            size,
-            dest: self.file(&digest),
-        })
+        Ok(StagedWriter { tmp, file: Some(file), written: 0, digest, size, dest: self.file(&digest) })
     }
 
     /// Mark the import verified and complete: the file system is synced (the
@@ -272,12 +264,12 @@ impl Staging {
     }
 }
 
-/// A staged file being written: hashed as it goes, named by its digest only
-/// if the bytes are the ones expected. Dropped unfinished, it leaves nothing.
+/// A staged file being written, named by its digest only if the bytes are
+/// the ones expected (the caller hashes them: see `airgap::hashing`).
+/// Dropped unfinished, it leaves nothing.
 pub struct StagedWriter {
     tmp: PathBuf,
     file: Option<File>,
-    hasher: Hasher,
     written: u64,
     digest: Digest,
     size: u64,
@@ -286,7 +278,6 @@ pub struct StagedWriter {
 
 impl StagedWriter {
     pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
-        self.hasher.update(data);
         self.written += data.len() as u64;
         match &mut self.file {
             Some(f) => f.write_all(data),
@@ -294,14 +285,13 @@ impl StagedWriter {
         }
     }
 
-    /// Check length and digest, then give the file its name. The error says
-    /// what the bytes were instead.
-    pub fn finish(mut self) -> Result<(), String> {
+    /// The bytes written hash to `actual`: check length and digest, then
+    /// give the file its name. The error says what the bytes were instead.
+    pub fn finish(mut self, actual: Digest) -> Result<(), String> {
         drop(self.file.take());
         if self.written != self.size {
             return Err(format!("{} bytes, {} expected", self.written, self.size));
         }
-        let actual = std::mem::take(&mut self.hasher).finish();
         if actual != self.digest {
             return Err(format!("content hashes to {actual}, the manifest says {}", self.digest));
         }

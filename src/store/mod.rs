@@ -592,6 +592,32 @@ pub fn object_file(root: &Path, digest: &Digest) -> PathBuf {
     root.join("objects").join(&hex[..2]).join(hex)
 }
 
+/// Refuse to write into the store at `dir` as root when it belongs to
+/// another user (the relay's service user): what root creates there (fan-out
+/// directories, staged imports) that user could not write or move again.
+/// The message says how to run the command instead.
+pub fn check_owner(dir: &Path, command: &str) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    if !rustix::process::geteuid().is_root() {
+        return Ok(());
+    }
+    match fs::metadata(dir) {
+        Ok(m) if m.uid() != 0 => Err(format!(
+            "{} belongs to uid {} (the relay's user), and this runs as root: files it made there that user could not change; run it as that user (sudo -u '#{}' patchrelay {command} ...)",
+            dir.display(),
+            m.uid(),
+            m.uid()
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Tell the kernel `file` will be read from start to end (a larger
+/// read-ahead: a cold file streams at the disk's pace). Advice only.
+pub fn read_ahead(file: &File) {
+    let _ = rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::Sequential);
+}
+
 /// Make everything written and renamed on the file system holding `path`
 /// durable: one `syncfs` for many files instead of an fsync each.
 pub fn sync_file_system(path: &Path) -> io::Result<()> {
@@ -705,6 +731,19 @@ mod tests {
         fs::remove_file(store.path_of(&Digest::of(&big))).unwrap();
         assert!(store.get(&Digest::of(&big)).unwrap().is_none());
         assert_eq!(store.usage(), (1, 5));
+    }
+
+    /// As root (CI), a store owned by a service user is refused with the
+    /// command to run; as anyone else there is nothing to refuse.
+    #[test]
+    fn root_does_not_write_into_a_service_users_store() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(check_owner(dir.path(), "import").is_ok(), "one's own store");
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
+            let err = check_owner(dir.path(), "import").unwrap_err();
+            assert!(err.contains("uid 65534") && err.contains("sudo -u '#65534' patchrelay import"), "{err}");
+        }
     }
 
     #[test]
