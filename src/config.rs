@@ -79,8 +79,8 @@ pub struct LimitsConfig {
     /// absent), `ip`, or `cert` (the client certificate's `cert_name`,
     /// falling back to the address on a connection without one; needs
     /// `[server.tls] client_ca`).
-    pub identity: String,
-    pub agent_header: String,
+    pub identity: crate::identity::IdentityKind,
+    pub agent_header: HeaderNameText,
     /// With `identity = "cert"`: which name of the client certificate is the
     /// agent's id: `cn` (the subject's common name), or the first subject
     /// alternative name of a kind: `dns`, `email`, `uri`.
@@ -103,8 +103,8 @@ pub struct LimitsConfig {
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
-            identity: "header".into(),
-            agent_header: "X-Agent-Id".into(),
+            identity: crate::identity::IdentityKind::Header,
+            agent_header: HeaderNameText(actix_web::http::header::HeaderName::from_static("x-agent-id")),
             cert_name: CertName::Cn,
             total_rate: None,
             total_burst: None,
@@ -161,6 +161,19 @@ impl<'de> Deserialize<'de> for GlobText {
 impl AsRef<str> for GlobText {
     fn as_ref(&self) -> &str {
         &self.0
+    }
+}
+
+/// A header name, checked while parsing.
+#[derive(Debug, Clone)]
+pub struct HeaderNameText(pub actix_web::http::header::HeaderName);
+
+impl<'de> Deserialize<'de> for HeaderNameText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        actix_web::http::header::HeaderName::try_from(s.as_str())
+            .map(HeaderNameText)
+            .map_err(|_| serde::de::Error::custom(format!("{s:?} is not a header name")))
     }
 }
 
@@ -235,7 +248,7 @@ pub struct ServerConfig {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// The header the trusted proxies set: `x-forwarded-for` or `forwarded`.
     /// Only that one is read (the other could come from the client itself).
-    pub forwarded_header: String,
+    pub forwarded_header: crate::identity::Forwarded,
     /// How much a connection buffers before asking for more of a response
     /// (actix's write buffer threshold). Small keeps slow connections cheap;
     /// fast ones are unaffected (their pieces grow instead).
@@ -329,7 +342,7 @@ impl Default for ServerConfig {
             keep_alive: HumanDuration(Duration::from_secs(30)),
             manifest_max_age: HumanDuration(Duration::from_secs(60)),
             trusted_proxies: Vec::new(),
-            forwarded_header: "x-forwarded-for".into(),
+            forwarded_header: crate::identity::Forwarded::XForwardedFor,
             write_buffer: ByteSize(2 * 1024),
             send_buffer: None,
             send_timeout: HumanDuration(Duration::ZERO),
@@ -840,22 +853,14 @@ impl Config {
         {
             return Err(invalid("storage", "storage.memory_object_max is larger than storage.memory_cache".into()));
         }
-        match self.limits.identity.as_str() {
-            "header" | "ip" => {}
-            "cert" => {
-                if self.server.tls.as_ref().is_none_or(|t| t.client_ca.is_none()) {
-                    return Err(invalid(
-                        "limits",
-                        "limits.identity = \"cert\" needs client certificates: set [server.tls] client_ca (and cert, key)".into(),
-                    ));
-                }
-            }
-            other => {
-                return Err(invalid(
-                    "limits",
-                    format!("limits.identity {other:?}: use \"header\", \"ip\" or \"cert\""),
-                ));
-            }
+        if self.limits.identity == crate::identity::IdentityKind::Cert
+            && self.server.tls.as_ref().is_none_or(|t| t.client_ca.is_none())
+        {
+            return Err(invalid(
+                "limits",
+                "limits.identity = \"cert\" needs client certificates: set [server.tls] client_ca (and cert, key)"
+                    .into(),
+            ));
         }
         if let Some(tls) = &self.server.tls
             && tls.client_ca.is_none()
@@ -921,12 +926,6 @@ impl Config {
                 ));
             }
         }
-        if actix_web::http::header::HeaderName::try_from(self.limits.agent_header.as_str()).is_err() {
-            return Err(invalid(
-                "limits",
-                format!("limits.agent_header {:?} is not a header name", self.limits.agent_header),
-            ));
-        }
         if !self.limits.timezone.eq_ignore_ascii_case("utc")
             && let Err(e) = jiff::tz::TimeZone::get(&self.limits.timezone)
         {
@@ -946,9 +945,6 @@ impl Config {
                     ),
                 ));
             }
-        }
-        if let Err(e) = crate::limits::Forwarded::parse(&self.server.forwarded_header) {
-            return Err(invalid("server", format!("server.forwarded_header {e}")));
         }
         if self.delta.workers == 0 || self.delta.queue == 0 {
             return Err(invalid("delta", "delta.workers and delta.queue must be at least 1".into()));

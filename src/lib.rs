@@ -28,6 +28,7 @@ pub mod fill;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
+pub mod identity;
 pub mod limits;
 pub mod repo;
 pub mod server;

@@ -51,6 +51,7 @@ use ipnet::IpNet;
 use self::agents::{AgentTable, Expiring};
 pub use self::clock::Clock;
 use crate::config::{LimitsConfig, PolicyConfig, ServerConfig};
+use crate::identity::{Identify, Who};
 use crate::telemetry;
 
 /// GCRA arithmetic for one rate, shared by the process-wide bucket (an atomic)
@@ -224,14 +225,6 @@ impl Expiring for AddressIds {
     fn busy(&self) -> bool {
         self.ids > 0
     }
-}
-
-/// Who an agent is, as read from a request (borrowed: no allocation when the
-/// agent is already known).
-enum Who<'a> {
-    /// Printable ASCII, checked.
-    Id(&'a [u8]),
-    Ip(IpAddr),
 }
 
 /// Who is asking, worked out once, as the request arrives: the policy that
@@ -440,39 +433,11 @@ pub struct Limits {
     max_agents_per_address: u32,
     keys: std::hash::RandomState,
     total: Option<Bucket>,
-    identity: Identity,
-    agent_header: actix_web::http::header::HeaderName,
-    trusted_proxies: Vec<IpNet>,
-    forwarded: Forwarded,
+    identify: Identify,
     tz: jiff::tz::TimeZone,
     clock: Clock,
     active_agents: metrics::Gauge,
     tracked_agents: metrics::Gauge,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Identity {
-    Header,
-    Ip,
-    /// The name in the client certificate (`tls::peer_name`).
-    Cert,
-}
-
-/// Which header trusted proxies set (`server.forwarded_header`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Forwarded {
-    XForwardedFor,
-    Forwarded,
-}
-
-impl Forwarded {
-    pub fn parse(s: &str) -> Result<Forwarded, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "x-forwarded-for" => Ok(Forwarded::XForwardedFor),
-            "forwarded" => Ok(Forwarded::Forwarded),
-            _ => Err(format!("{s:?}: use \"x-forwarded-for\" or \"forwarded\", whichever your proxies set")),
-        }
-    }
 }
 
 impl Limits {
@@ -486,16 +451,12 @@ impl Limits {
         if cfg.policy.is_empty() {
             return Ok(None);
         }
-        let forwarded =
-            Forwarded::parse(&server.forwarded_header).map_err(|e| format!("server.forwarded_header {e}"))?;
-        let identity = match cfg.identity.as_str() {
-            "header" => Identity::Header,
-            "ip" => Identity::Ip,
-            "cert" => Identity::Cert,
-            other => return Err(format!("limits.identity {other:?}: use \"header\", \"ip\" or \"cert\"")),
-        };
-        let agent_header = actix_web::http::header::HeaderName::try_from(cfg.agent_header.as_str())
-            .map_err(|_| format!("limits.agent_header {:?} is not a header name", cfg.agent_header))?;
+        let identify = Identify::new(
+            cfg.identity,
+            cfg.agent_header.0.clone(),
+            server.trusted_proxies.clone(),
+            server.forwarded_header,
+        );
         let tz = if cfg.timezone.eq_ignore_ascii_case("utc") {
             jiff::tz::TimeZone::UTC
         } else {
@@ -524,10 +485,7 @@ impl Limits {
             max_agents_per_address: cfg.max_agents_per_address,
             keys: std::hash::RandomState::new(),
             total,
-            identity,
-            agent_header,
-            trusted_proxies: server.trusted_proxies.clone(),
-            forwarded,
+            identify,
             tz,
             clock: Clock::new(),
             active_agents: metrics::gauge!(telemetry::LIMIT_ACTIVE_AGENTS),
@@ -538,31 +496,12 @@ impl Limits {
     /// Whether agents are named by their client certificates: only then is
     /// the connection's certificate name looked up for a request.
     pub fn by_certificate(&self) -> bool {
-        self.identity == Identity::Cert
+        self.identify.by_certificate()
     }
 
     /// The client's address: the peer, or what a trusted proxy says it is.
     pub fn client_ip(&self, peer: IpAddr, headers: &actix_web::http::header::HeaderMap) -> IpAddr {
-        client_ip(peer, headers, &self.trusted_proxies, self.forwarded)
-    }
-
-    fn who<'a>(&self, ip: IpAddr, headers: &'a actix_web::http::header::HeaderMap, cert: Option<&'a [u8]>) -> Who<'a> {
-        if self.identity == Identity::Cert {
-            // Checked printable and short when the connection opened.
-            return cert.map_or(Who::Ip(ip), Who::Id);
-        }
-        if self.identity == Identity::Header
-            && let Some(v) = headers.get(&self.agent_header)
-        {
-            // One pass over the bytes: printable ASCII is also a valid header
-            // value and valid UTF-8, so neither is checked apart (only a
-            // policy with `agents` globs makes a `str` of it).
-            let v = v.as_bytes().trim_ascii();
-            if !v.is_empty() && v.len() <= 128 && v.iter().all(|b| b.is_ascii_graphic()) {
-                return Who::Id(v);
-            }
-        }
-        Who::Ip(ip)
+        self.identify.client_ip(peer, headers)
     }
 
     /// The first policy that matches: by address, then by id (see the
@@ -612,7 +551,7 @@ impl Limits {
     /// `cert`: the name in the connection's client certificate, if any.
     pub fn caller(&self, peer: IpAddr, headers: &actix_web::http::header::HeaderMap, cert: Option<&[u8]>) -> Caller {
         let ip = self.client_ip(peer, headers);
-        let who = self.who(ip, headers, cert);
+        let who = self.identify.who(ip, headers, cert);
         let Some(policy) = self.policy_for(&who, ip) else { return Caller { policy: None, key: 0, id_from: None } };
         let key = self.key(&who);
         self.agents.prefetch(key);
@@ -805,58 +744,6 @@ fn compile(p: &PolicyConfig) -> Result<Policy, String> {
     })
 }
 
-/// The client's address. Only when the peer is a trusted proxy, and only from
-/// the header the proxies are configured to set (`forwarded`): read right to
-/// left, the first address that is not a trusted proxy is the client's (every
-/// hop appends the address it got the request from; anything to the left of
-/// the first untrusted one was written by the client itself). If every
-/// address in it is trusted, the leftmost; if it has none, the peer.
-pub fn client_ip(
-    peer: IpAddr,
-    headers: &actix_web::http::header::HeaderMap,
-    trusted: &[IpNet],
-    forwarded: Forwarded,
-) -> IpAddr {
-    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
-    // An IPv4 client of a [::] listener is `::ffff:a.b.c.d`.
-    let peer = peer.to_canonical();
-    if !is_trusted(&peer) {
-        return peer;
-    }
-    let mut hops: Vec<IpAddr> = Vec::new();
-    match forwarded {
-        Forwarded::Forwarded => {
-            for v in headers.get_all(actix_web::http::header::FORWARDED).filter_map(|v| v.to_str().ok()) {
-                for elem in v.split(',') {
-                    for pair in elem.split(';') {
-                        if let Some((k, val)) = pair.trim().split_once('=')
-                            && k.trim().eq_ignore_ascii_case("for")
-                        {
-                            let val = val.trim().trim_matches('"');
-                            let val = val
-                                .strip_prefix('[')
-                                .and_then(|s| s.split(']').next())
-                                .unwrap_or_else(|| val.split(':').next().unwrap_or(val));
-                            if let Ok(ip) = val.parse() {
-                                hops.push(ip);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        Forwarded::XForwardedFor => {
-            for v in headers.get_all("x-forwarded-for").filter_map(|v| v.to_str().ok()) {
-                hops.extend(v.split(',').filter_map(|s| s.trim().parse::<IpAddr>().ok()));
-            }
-        }
-    }
-    for hop in &mut hops {
-        *hop = hop.to_canonical();
-    }
-    hops.iter().rev().find(|ip| !is_trusted(ip)).or(hops.first()).copied().unwrap_or(peer)
-}
-
 /// Keys as the agents' table stores them (0 marks a free slot there).
 fn nonzero_key(key: u64) -> u64 {
     key.max(1)
@@ -993,36 +880,6 @@ mod tests {
         for bad in ["", "1-2", "25:00-01:00", "10:00-10:00", "10:60-11:00"] {
             assert!(Window::parse(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn forwarded_headers_only_from_trusted_peers() {
-        use Forwarded::{Forwarded as Fwd, XForwardedFor as Xff};
-        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        let mut h = HeaderMap::new();
-        h.insert(HeaderName::from_static("x-forwarded-for"), HeaderValue::from_static("203.0.113.7, 10.0.0.2"));
-        let proxy = ip("10.0.0.1");
-        let stranger = ip("198.51.100.1");
-        assert_eq!(client_ip(proxy, &h, &trusted, Xff), ip("203.0.113.7"));
-        assert_eq!(client_ip(stranger, &h, &trusted, Xff), stranger);
-        // Whatever the client wrote to the left of the first untrusted hop
-        // is the client's word, not an address.
-        h.insert(
-            HeaderName::from_static("x-forwarded-for"),
-            HeaderValue::from_static("192.0.2.99, 203.0.113.7, 10.0.0.2"),
-        );
-        assert_eq!(client_ip(proxy, &h, &trusted, Xff), ip("203.0.113.7"));
-        let mut f = HeaderMap::new();
-        f.insert(
-            actix_web::http::header::FORWARDED,
-            HeaderValue::from_static("for=192.0.2.60;proto=http, for=\"[2001:db8::1]:4711\""),
-        );
-        assert_eq!(client_ip(proxy, &f, &trusted, Fwd), ip("2001:db8::1"));
-        // Only the header the proxies set is read: the other one came from
-        // the client, passed through.
-        assert_eq!(client_ip(proxy, &f, &trusted, Xff), proxy);
-        assert_eq!(client_ip(proxy, &h, &trusted, Fwd), proxy);
     }
 
     /// An id idle for `idle_ttl` gives its place under the per-address cap

@@ -337,14 +337,11 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
                 format,
                 config.log.access_file.clone(),
                 config.server.trusted_proxies.clone(),
-                crate::limits::Forwarded::parse(&config.server.forwarded_header).map_err(StartError::Config)?,
-                match config.limits.identity.as_str() {
+                config.server.forwarded_header,
+                match config.limits.identity {
                     // The certificate names the agent; a header is only the client's word.
-                    "cert" => None,
-                    _ => Some(
-                        actix_web::http::header::HeaderName::try_from(config.limits.agent_header.as_str())
-                            .map_err(|e| StartError::Config(format!("limits.agent_header: {e}")))?,
-                    ),
+                    crate::identity::IdentityKind::Cert => None,
+                    _ => Some(config.limits.agent_header.0.clone()),
                 },
             )
             .map_err(|e| StartError::Config(e.to_string()))?,
@@ -384,7 +381,7 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
             n => Some(PerAddress::new(n, &config.server.trusted_proxies)),
         },
     };
-    let cert_name = (config.limits.identity == "cert").then_some(config.limits.cert_name);
+    let cert_name = (config.limits.identity == crate::identity::IdentityKind::Cert).then_some(config.limits.cert_name);
     let admin_apart = config.admin.as_ref().and_then(|a| a.listen);
     let agents_state = state.clone();
     let proxied_rules = rules.clone();

@@ -29,7 +29,7 @@ use actix_web::http::header;
 use bytes::Bytes;
 
 use crate::config::AccessFormat;
-use crate::limits::Forwarded;
+use crate::identity::Forwarded;
 
 /// What the cache did for a request, set by the routes when the log is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -244,7 +244,7 @@ where
         let started = Started {
             at: Instant::now(),
             time: time::OffsetDateTime::now_utc(),
-            client: crate::limits::client_ip(peer, req.headers(), &self.log.trusted, self.log.forwarded),
+            client: crate::identity::client_ip(peer, req.headers(), &self.log.trusted, self.log.forwarded),
             agent: cert.or_else(|| self.log.agent_header.clone().and_then(text)),
             method: req.method().to_string(),
             target: capped(&req.uri().to_string()),
