@@ -524,7 +524,7 @@ fn print_import(r: &airgap::import::ImportReport) {
     print_lacks(&r.lacks);
 }
 
-fn print_lacks(lacks: &[airgap::import::Lack]) {
+fn print_lacks(lacks: &[airgap::Lack]) {
     if lacks.is_empty() {
         return;
     }

@@ -793,11 +793,6 @@ impl Config {
         if self.origin.is_some() { Role::Origin } else { Role::Relay }
     }
 
-    /// A relay with no `[[upstream]]`: its only source is `patchrelay import`.
-    pub fn offline(&self) -> bool {
-        self.role() == Role::Relay && self.upstream.is_empty()
-    }
-
     fn validate(&self, text: &str, file: &str) -> Result<(), ConfigError> {
         let invalid = |section: &str, message: String| ConfigError::Invalid {
             file: file.to_string(),

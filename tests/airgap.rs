@@ -403,6 +403,23 @@ async fn bad_bundles_are_refused_and_the_relay_keeps_its_serial() {
     refused(&b, &parts[0], &[], 5, &["part 2 of 4", &parts[1].display().to_string()]).await;
     // A gap: serial 3 for a relay at 2 or newer; this one is at 1.
     refused(&b, &inc23, &[], 6, &["serial 1", "--since 2", "patchrelay export", "--since 1"]).await;
+    // A header edited to say "full" (its checksum made again): the signed
+    // manifests still show what serial 3 adds, and B lacks engine 4.
+    let edit = a.path("edit");
+    std::fs::create_dir_all(&edit).unwrap();
+    assert!(Command::new("tar").arg("xf").arg(&inc23).arg("-C").arg(&edit).status().unwrap().success());
+    let hpath = edit.join("patchrelay-bundle.json");
+    let mut h: serde_json::Value = serde_json::from_slice(&std::fs::read(&hpath).unwrap()).unwrap();
+    assert_eq!(h["since"]["serial"], 2);
+    h["since"] = serde_json::Value::Null;
+    let json = serde_json::to_vec_pretty(&h).unwrap();
+    std::fs::write(&hpath, &json).unwrap();
+    let sum = format!("{}  patchrelay-bundle.json\n", patchrelay::digest::Digest::of(&json));
+    std::fs::write(edit.join("patchrelay-bundle.json.sha256"), sum).unwrap();
+    let forged = a.path("forged.tar");
+    let st = Command::new("tar").arg("cf").arg(&forged).arg("-C").arg(&edit).args(tar_list(&inc23)).status().unwrap();
+    assert!(st.success());
+    refused(&b, &forged, &[], 6, &["engine 4", "--since-manifest", "--force-gap"]).await;
     // Another manifest under serial 1, signed with the same key.
     let twin = TestRepo::bare_signed_by(&repo);
     twin.add_version("engine", "1", b"another engine 1");
@@ -622,6 +639,12 @@ async fn an_import_killed_at_any_rename_leaves_a_relay_that_starts_and_an_import
         let relay = start(&w.b.load()).await;
         assert_eq!(serial(&relay.url()).await, Some(3), "rename {k}");
         serves_every_version(&relay.url(), &w.repo, &all3).await;
+        // Chunk lists too (those of versions rebuilt from deltas are made
+        // by the import): a child relay fills from them.
+        for (c, v) in all3 {
+            let (status, _) = get(&format!("{}/v1/chunks/{}", relay.url(), w.repo.sha(c, v))).await;
+            assert_eq!(status, 200, "rename {k}: chunk list of {c} {v}");
+        }
         relay.stop(false).await;
     }
     assert_eq!(seen_serials.into_iter().collect::<Vec<_>>(), [1, 3], "kills fell before and after the commit");

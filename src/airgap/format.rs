@@ -315,8 +315,9 @@ impl<R: Read> TarReader<R> {
         }
         let path = std::str::from_utf8(&h.path_bytes()).map_err(|_| bad("path is not UTF-8".into()))?.to_string();
         let size = h.entry_size().map_err(|e| bad(format!("size: {e}")))?;
+        let padded = size.checked_next_multiple_of(BLOCK).ok_or_else(|| bad(format!("size {size} is impossible")))?;
         self.left = size;
-        self.pad = size.div_ceil(BLOCK) * BLOCK - size;
+        self.pad = padded - size;
         self.current = format!("entry {path}");
         Ok(Some(EntryHead { path, size }))
     }

@@ -21,7 +21,7 @@ use super::hashing::Hashing;
 use super::parts::PartReader;
 use super::progress::Show;
 use super::stage::{self, Ready, StagedDelta, StagedFile, Staging};
-use super::{AirgapError, Brought};
+use super::{AirgapError, Brought, Carried, Lack};
 use crate::config::{Config, Role};
 use crate::digest::Digest;
 use crate::repo::catalog::{Catalog, ObjectInfo};
@@ -38,21 +38,6 @@ const ADOPT_WAIT: Duration = Duration::from_secs(120);
 pub struct ImportOptions {
     pub force_gap: bool,
     pub show: Show,
-}
-
-/// A version the relay's manifest lists and its store does not hold.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Lack {
-    pub component: String,
-    pub version: String,
-    pub sha256: Digest,
-}
-
-fn lacks_of(manifest: &crate::repo::manifest::Manifest, held: impl Fn(&Digest) -> bool) -> Vec<Lack> {
-    super::lacking(manifest, held)
-        .into_iter()
-        .map(|(component, version, sha256)| Lack { component, version, sha256 })
-        .collect()
 }
 
 /// What an import did.
@@ -91,10 +76,17 @@ fn relay_parts(config: &Config) -> Result<(&Path, PublicKey), AirgapError> {
 }
 
 /// The manifest the relay at `dir` holds (saved by its last sync or
-/// import), verified.
-fn held_manifest(dir: &Path, key: &PublicKey) -> Result<Option<Catalog>, AirgapError> {
+/// import), verified; one that no longer verifies (the key was changed) or
+/// cannot be read counts as none, as the relay itself treats it at start.
+fn held_manifest(dir: &Path, key: &PublicKey) -> Option<Catalog> {
     let path = dir.join("state").join(stage::SAVED_MANIFEST);
-    pair::load(&path, key).map_err(|e| AirgapError::Failed(format!("the relay's saved manifest: {e}")))
+    match pair::load(&path, key) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "the relay's saved manifest is not usable; treating the relay as holding none");
+            None
+        }
+    }
 }
 
 /// Whether the store at `dir` holds `digest` complete (`size` bytes).
@@ -224,7 +216,7 @@ pub fn import(config: &Config, bundle: &Path, opts: &ImportOptions) -> Result<Im
     }
     expect_entry(&mut tar, &me.path, Some(me.size), MAX_MANIFEST_BYTES)?;
     let manifest = Bytes::from(read_whole(&mut tar, &me.path)?);
-    expect_entry(&mut tar, &se.path, Some(se.size), 1024)?;
+    expect_entry(&mut tar, &se.path, Some(se.size), MAX_SIGNATURE)?;
     let signature = Bytes::from(read_whole(&mut tar, &se.path)?);
     let catalog = crate::repo::verify(&key, manifest.clone(), signature.clone()).map_err(|e| {
         AirgapError::verification(
@@ -242,9 +234,9 @@ pub fn import(config: &Config, bundle: &Path, opts: &ImportOptions) -> Result<Im
     let staging = Staging::of(dir);
     let _lock = staging.lock()?;
     if staging.pending() {
-        settle_pending(config, &staging, store.as_ref(), &key)?;
+        settle_pending(dir, &staging, store.as_ref(), &key)?;
     }
-    let current = held_manifest(dir, &key)?;
+    let current = held_manifest(dir, &key);
     let previous = current.as_ref().map(Catalog::serial);
     let held = |d: &Digest, size: u64| -> bool {
         match &store {
@@ -252,25 +244,23 @@ pub fn import(config: &Config, bundle: &Path, opts: &ImportOptions) -> Result<Im
             None => in_store(dir, d, size),
         }
     };
+    let holds = |d: &Digest| catalog.object(d).is_some_and(|o| held(d, o.size));
     check_order(&header, &catalog, current.as_ref(), opts.force_gap)?;
     let already = current.as_ref().is_some_and(|c| c.manifest_digest == catalog.manifest_digest);
-    if already {
-        let missing = header.entries.iter().filter(|e| e.kind == EntryKind::Object).any(|e| !held(&e.sha256, e.size));
-        if !missing {
-            return Ok(ImportReport {
-                result: "unchanged".into(),
-                serial: catalog.serial(),
-                previous_serial: previous,
-                since: header.since.as_ref().map(|s| s.serial),
-                relay: if store.is_some() { "stopped" } else { "running" },
-                brings: header.brings.clone(),
-                lacks: lacks_of(&catalog.manifest, |d| catalog.object(d).is_some_and(|o| held(d, o.size))),
-                bundle_bytes: header.bundle_bytes,
-                files_written: 0,
-                files_already_held: 0,
-                seconds: started.elapsed().as_secs_f64(),
-            });
-        }
+    if already && catalog.objects().all(|o| held(&o.sha256, o.size) || !header_carries(&header, o)) {
+        return Ok(ImportReport {
+            result: "unchanged".into(),
+            serial: catalog.serial(),
+            previous_serial: previous,
+            since: header.since.as_ref().map(|s| s.serial),
+            relay: if store.is_some() { "stopped" } else { "running" },
+            brings: Vec::new(),
+            lacks: super::lacking(&catalog.manifest, holds),
+            bundle_bytes: header.bundle_bytes,
+            files_written: 0,
+            files_already_held: 0,
+            seconds: started.elapsed().as_secs_f64(),
+        });
     }
 
     // What may stay in staging: this bundle's files.
@@ -282,28 +272,36 @@ pub fn import(config: &Config, bundle: &Path, opts: &ImportOptions) -> Result<Im
     keep.extend(header.entries.iter().filter(|e| e.kind == EntryKind::Delta).map(|e| e.sha256));
     staging.keep_only(&keep);
 
-    let max_delta_target = config.delta.max_target_size.0;
     let mut run = Run {
         tar,
         staging: &staging,
         catalog: &catalog,
         held: &held,
         files: Vec::new(),
-        rebuilt: HashSet::new(),
+        listed: HashSet::new(),
+        earlier: HashSet::new(),
+        brought: HashMap::new(),
         deltas: Vec::new(),
         written: 0,
         reused: 0,
         hashing: Hashing::new(PIECE),
         bar: opts.show.bytes("importing", header.bundle_bytes),
-        max_delta_target,
+        max_delta_target: config.delta.max_target_size.0,
         dir,
     };
     let mut unresolved: HashMap<Digest, String> = HashMap::new();
     for e in entries {
         run.bar.set_position(run.tar.offset());
-        expect_entry(&mut run.tar, &e.path, Some(e.size), u64::MAX)?;
-        match e.kind {
+        // Sizes are held to what the manifest allows before a byte is read:
+        // nothing in the (unsigned) header sizes a buffer or a file.
+        let limit = match e.kind {
             EntryKind::Manifest => return Err(AirgapError::verification(&e.path, "a second manifest")),
+            EntryKind::Signature => MAX_SIGNATURE,
+            EntryKind::Object | EntryKind::Chunks | EntryKind::Delta => u64::MAX,
+        };
+        expect_entry(&mut run.tar, &e.path, Some(e.size), limit)?;
+        match e.kind {
+            EntryKind::Manifest => {}
             EntryKind::Signature => {
                 let data = read_whole(&mut run.tar, &e.path)?;
                 if data != signature[..] {
@@ -317,6 +315,15 @@ pub fn import(config: &Config, bundle: &Path, opts: &ImportOptions) -> Result<Im
                 let info = catalog
                     .object(&d)
                     .ok_or_else(|| AirgapError::verification(&e.path, "an object the manifest does not list"))?;
+                if e.size != info.size {
+                    return Err(AirgapError::verification(
+                        &e.path,
+                        format!("{} bytes, the manifest says {}", e.size, info.size),
+                    ));
+                }
+                if !held(&d, info.size) {
+                    run.brought.insert(d, Carried::Object);
+                }
                 run.take(&e.path, d, info.size)?;
             }
             EntryKind::Chunks => {
@@ -325,6 +332,12 @@ pub fn import(config: &Config, bundle: &Path, opts: &ImportOptions) -> Result<Im
                 let info = catalog.object(&of).ok_or_else(|| {
                     AirgapError::verification(&e.path, "the chunk list of an object the manifest does not list")
                 })?;
+                if e.size != info.chunk_list_len() {
+                    return Err(AirgapError::verification(
+                        &e.path,
+                        format!("{} bytes, the manifest's object needs {}", e.size, info.chunk_list_len()),
+                    ));
+                }
                 run.take(&e.path, info.chunks_sha256, info.chunk_list_len())?;
             }
             EntryKind::Delta => {
@@ -344,19 +357,50 @@ pub fn import(config: &Config, bundle: &Path, opts: &ImportOptions) -> Result<Im
     }
     run.bar.finish_and_clear();
 
-    // A delta target no base could rebuild is a gap, unless asked to go on.
-    let staged_or_held = |o: &ObjectInfo| held(&o.sha256, o.size) || staging.has(&o.sha256, o.size);
-    unresolved.retain(|d, _| catalog.object(d).is_none_or(|o| !staged_or_held(o)));
-    if !unresolved.is_empty() && !opts.force_gap {
-        let names: Vec<String> = unresolved.values().take(5).cloned().collect();
+    // What the relay would lack of what this manifest adds, judged from the
+    // signed manifests and the files themselves, not from the header: a
+    // version that is new in this manifest and neither held nor brought is
+    // a gap (the only ones let through are of components a `--components`
+    // export left out, and they are listed as lacking).
+    let staged = |d: &Digest, size: u64| run.listed.contains(d) || held(d, size);
+    let new_and_missing: Vec<crate::airgap::Lack> = super::lacking(&catalog.manifest, |d| {
+        current.as_ref().is_some_and(|c| c.object(d).is_some()) || catalog.object(d).is_some_and(|o| staged(d, o.size))
+    });
+    let left_out =
+        |component: &str| header.components.as_ref().is_some_and(|only| !only.iter().any(|c| c == component));
+    let gap: Vec<&crate::airgap::Lack> = new_and_missing.iter().filter(|l| !left_out(&l.component)).collect();
+    if !gap.is_empty() && !opts.force_gap {
+        let names: Vec<String> = gap.iter().take(5).map(|l| format!("{} {}", l.component, l.version)).collect();
+        let why = unresolved
+            .values()
+            .next()
+            .map(|w| format!(" (deltas need versions it does not hold: {w})"))
+            .unwrap_or_default();
+        let relay = previous.map(|p| format!("serial {p}")).unwrap_or("no manifest".into());
         return Err(AirgapError::Gap(format!(
-            "this bundle carries {} version(s) as deltas from versions this relay does not hold ({}); on the connected side export with --since-manifest (written here by `patchrelay import --status --write-manifest FILE`), or import with --force-gap to go on without them",
-            unresolved.len(),
-            names.join("; ")
+            "this bundle brings serial {} but not {} version(s) that serial adds and this relay ({relay}) does not hold: {}{}{why}. On the connected side run: patchrelay export --config relay.toml --output FILE --since-manifest FILE, with the FILE written here by `patchrelay import --config <this config> --status --write-manifest FILE`; or import this one with --force-gap",
+            catalog.serial(),
+            gap.len(),
+            names.join(", "),
+            if gap.len() > names.len() { ", ..." } else { "" },
         )));
     }
     let files = std::mem::take(&mut run.files);
     let deltas = std::mem::take(&mut run.deltas);
+    let mut brings: Vec<Brought> = Vec::new();
+    for (name, c) in &catalog.manifest.components {
+        for v in &c.versions {
+            if let Some(carried) = run.brought.get(&v.sha256) {
+                brings.push(Brought {
+                    component: name.to_string(),
+                    version: v.version.to_string(),
+                    sha256: v.sha256,
+                    size: v.size,
+                    carried: *carried,
+                });
+            }
+        }
+    }
     let (files_written, files_already_held) = (run.written, run.reused);
     drop(run);
 
@@ -367,22 +411,19 @@ pub fn import(config: &Config, bundle: &Path, opts: &ImportOptions) -> Result<Im
         manifest_sha256: catalog.manifest_digest,
         files,
         deltas,
-        brings: header.brings.clone(),
+        brings,
     };
     staging.mark_ready(&ready, &manifest, &signature)?;
     let (outcome, relay) = match &store {
         Some(store) => (adopt_here(&staging, store, &key, current.as_ref())?, "stopped"),
-        None => (wait_for_relay(config, &staging, &id, &key)?, "running"),
+        None => (wait_for_relay(config, dir, &staging, &id, &key)?, "running"),
     };
-    if let (Some(code), Some(message)) = (&outcome.code, &outcome.message) {
-        return Err(match code.as_str() {
-            "rollback" | "equivocation" => AirgapError::Equivocation(message.clone()),
-            "gap" => AirgapError::Gap(message.clone()),
-            "verification_failed" => AirgapError::verification("the staged import", message.clone()),
-            _ => AirgapError::Failed(message.clone()),
+    if outcome.result == "refused" {
+        return Err(AirgapError::Adoption {
+            message: outcome.message.unwrap_or_else(|| "the relay refused the import (see its log)".into()),
+            exit: outcome.exit_code,
         });
     }
-    let lacks = lacks_of(&catalog.manifest, |d| catalog.object(d).is_some_and(|o| in_store(dir, d, o.size)));
     let result = match outcome.result.as_str() {
         "unchanged" if files_written > 0 => "repaired",
         "unchanged" => "unchanged",
@@ -394,13 +435,21 @@ pub fn import(config: &Config, bundle: &Path, opts: &ImportOptions) -> Result<Im
         previous_serial: previous,
         since: header.since.as_ref().map(|s| s.serial),
         relay,
-        brings: header.brings.clone(),
-        lacks,
+        brings: ready.brings,
+        lacks: super::lacking(&catalog.manifest, |d| catalog.object(d).is_some_and(|o| in_store(dir, d, o.size))),
         bundle_bytes: header.bundle_bytes,
         files_written,
         files_already_held,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The largest signature entry (a signature file is about 90 bytes).
+const MAX_SIGNATURE: u64 = 1024;
+
+/// Whether the header lists `o` (whole or as a delta target).
+fn header_carries(header: &Header, o: &ObjectInfo) -> bool {
+    header.entries.iter().any(|e| e.sha256 == o.sha256 || e.to == Some(o.sha256))
 }
 
 /// Rollback, equivocation and gap: the bundle's place among the relay's serials.
@@ -453,9 +502,14 @@ struct Run<'a, H: Fn(&Digest, u64) -> bool> {
     staging: &'a Staging,
     catalog: &'a Catalog,
     held: &'a H,
+    /// What adoption takes in: every file staged or found held.
     files: Vec<StagedFile>,
-    /// Delta targets already among `files`.
-    rebuilt: HashSet<Digest>,
+    /// Digests in `files`.
+    listed: HashSet<Digest>,
+    /// Files an earlier, interrupted import staged, checked by this run.
+    earlier: HashSet<Digest>,
+    /// Objects this bundle brings that the relay did not hold, and how.
+    brought: HashMap<Digest, Carried>,
     deltas: Vec<StagedDelta>,
     written: u64,
     reused: u64,
@@ -466,11 +520,29 @@ struct Run<'a, H: Fn(&Digest, u64) -> bool> {
 }
 
 impl<H: Fn(&Digest, u64) -> bool> Run<'_, H> {
+    fn list(&mut self, sha256: Digest, size: u64) {
+        if self.listed.insert(sha256) {
+            self.files.push(StagedFile { sha256, size });
+        }
+    }
+
+    /// Whether the relay holds `digest`, or this import staged it (one an
+    /// earlier import left is hashed first: see `Staging::recheck`).
+    fn have(&mut self, digest: &Digest, size: u64) -> bool {
+        if (self.held)(digest, size) || self.listed.contains(digest) || self.earlier.contains(digest) {
+            return true;
+        }
+        if self.staging.has(digest, size) && self.staging.recheck(digest, size) {
+            self.earlier.insert(*digest);
+            return true;
+        }
+        false
+    }
+
     /// Take the current entry as the file `digest` of `size` bytes: checked,
     /// and staged unless the relay or staging has it.
     fn take(&mut self, path: &str, digest: Digest, size: u64) -> Result<(), AirgapError> {
-        let have = (self.held)(&digest, size) || self.staging.has(&digest, size);
-        let mut w = if have { None } else { Some(self.staging.writer(digest, size)?) };
+        let mut w = if self.have(&digest, size) { None } else { Some(self.staging.writer(digest, size)?) };
         self.hashing.start(None);
         loop {
             let mut buf = self.hashing.buffer();
@@ -494,8 +566,7 @@ impl<H: Fn(&Digest, u64) -> bool> Run<'_, H> {
         let (actual, _) = self.hashing.finish();
         match w {
             Some(w) => {
-                w.finish(actual)
-                    .map_err(|why| AirgapError::verification(path, format!("{why}: the bundle is damaged")))?;
+                w.finish(actual).map_err(|e| e.at(path, ""))?;
                 self.written += 1;
             }
             None if actual != digest => {
@@ -506,7 +577,7 @@ impl<H: Fn(&Digest, u64) -> bool> Run<'_, H> {
             }
             None => self.reused += 1,
         }
-        self.files.push(StagedFile { sha256: digest, size });
+        self.list(digest, size);
         Ok(())
     }
 
@@ -539,55 +610,51 @@ impl<H: Fn(&Digest, u64) -> bool> Run<'_, H> {
             ));
         }
         let h = crate::delta::read_header(&data).map_err(|err| AirgapError::verification(path, err.to_string()))?;
-        if !h.base.matches(&from) || !h.target.matches(&to) {
+        if !h.base.matches(&from) || !h.target.matches(&to) || h.target_len != target.size {
             return Err(AirgapError::verification(path, "the delta is for other versions than the header says"));
         }
-        if !self.staging.has(&e.sha256, e.size) && !(self.held)(&e.sha256, e.size) {
+        if !self.have(&e.sha256, e.size) {
             let mut w = self.staging.writer(e.sha256, e.size)?;
             w.write(&data).map_err(|err| AirgapError::io("cannot write into staging", err))?;
-            w.finish(actual).map_err(|why| AirgapError::verification(path, why))?;
+            w.finish(actual).map_err(|err| err.at(path, ""))?;
         }
-        self.files.push(StagedFile { sha256: e.sha256, size: e.size });
+        self.list(e.sha256, e.size);
         if self.catalog.object(&from).is_some() {
             self.deltas.push(StagedDelta { from, to, sha256: e.sha256, size: e.size });
         }
-        if (self.held)(&to, target.size) || self.staging.has(&to, target.size) {
-            self.push_target(&target);
+        let chunks_len = target.chunk_list_len();
+        if self.have(&to, target.size) && self.have(&target.chunks_sha256, chunks_len) {
+            self.list(to, target.size);
+            self.list(target.chunks_sha256, chunks_len);
             return Ok(None);
         }
-        // The base: in the store, or staged by this import.
-        let base_path =
-            [crate::store::object_file(self.dir, &from), self.staging.file(&from)].into_iter().find(|p| p.exists());
-        let Some(base_path) = base_path else {
+        // The base: in the store, or staged by this import; no larger than
+        // what a delta may take (its size is the header's, not the manifest's).
+        let base_path = [crate::store::object_file(self.dir, &from), self.staging.file(&from)]
+            .into_iter()
+            .find(|p| std::fs::metadata(p).is_ok_and(|m| m.len() == h.base_len));
+        let Some(base_path) = base_path.filter(|_| h.base_len <= self.max_delta_target) else {
             return Ok(Some((to, format!("{} needs base {from}", target.sha256))));
         };
         let base = std::fs::read(&base_path)
             .map_err(|err| AirgapError::io(format!("cannot read {}", base_path.display()), err))?;
         let rebuilt = crate::delta::apply(&base, &data, target.size)
             .map_err(|err| AirgapError::verification(path, format!("rebuilding {to} from {from}: {err}")))?;
-        let mut chunks = Vec::with_capacity(target.chunk_list_len() as usize);
+        let mut chunks = Vec::with_capacity(chunks_len as usize);
         for block in rebuilt.chunks(target.chunk_size as usize) {
             chunks.extend_from_slice(Digest::of(block).as_bytes());
         }
         let mut w = self.staging.writer(to, target.size)?;
         w.write(&rebuilt).map_err(|err| AirgapError::io("cannot write into staging", err))?;
-        w.finish(Digest::of(&rebuilt))
-            .map_err(|why| AirgapError::verification(path, format!("the rebuilt target: {why}")))?;
-        let mut w = self.staging.writer(target.chunks_sha256, chunks.len() as u64)?;
+        w.finish(Digest::of(&rebuilt)).map_err(|err| err.at(path, "the rebuilt target: "))?;
+        let mut w = self.staging.writer(target.chunks_sha256, chunks_len)?;
         w.write(&chunks).map_err(|err| AirgapError::io("cannot write into staging", err))?;
-        w.finish(Digest::of(&chunks))
-            .map_err(|why| AirgapError::verification(path, format!("the rebuilt target's chunk list: {why}")))?;
+        w.finish(Digest::of(&chunks)).map_err(|err| err.at(path, "the rebuilt target's chunk list: "))?;
         self.written += 2;
-        self.push_target(&target);
+        self.list(to, target.size);
+        self.list(target.chunks_sha256, chunks_len);
+        self.brought.insert(to, Carried::Delta);
         Ok(None)
-    }
-
-    fn push_target(&mut self, target: &ObjectInfo) {
-        for (d, size) in [(target.sha256, target.size), (target.chunks_sha256, target.chunk_list_len())] {
-            if self.rebuilt.insert(d) {
-                self.files.push(StagedFile { sha256: d, size });
-            }
-        }
     }
 }
 
@@ -616,19 +683,31 @@ fn adopt_here(
 /// Should it stop meanwhile, this command adopts it itself.
 fn wait_for_relay(
     config: &Config,
+    dir: &Path,
     staging: &Staging,
     id: &str,
     key: &PublicKey,
 ) -> Result<stage::Outcome, AirgapError> {
     let deadline = Instant::now() + ADOPT_WAIT;
-    let dir = staging.dir().parent().unwrap_or(staging.dir()).to_path_buf();
+    let mut gone_since: Option<Instant> = None;
     loop {
         if let Some(o) = staging.result_for(id) {
             return Ok(o);
         }
-        if let Some(store) = open_store_if_free(config, &dir)? {
-            let current = held_manifest(&dir, key)?;
+        if let Some(store) = open_store_if_free(config, dir)? {
+            let current = held_manifest(dir, key);
             return adopt_here(staging, &store, key, current.as_ref());
+        }
+        // Taken up, and over, with no result for this import: the relay
+        // could not read what was staged (its log says why).
+        if !staging.pending() {
+            let since = *gone_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > Duration::from_secs(2) {
+                return Err(AirgapError::Failed(
+                    "the running relay took up the staged import and left no result for it (see its log); import again"
+                        .into(),
+                ));
+            }
         }
         if Instant::now() > deadline {
             return Err(AirgapError::Failed(format!(
@@ -643,15 +722,9 @@ fn wait_for_relay(
 
 /// An import staged before this one and not adopted yet: a running relay
 /// is given a moment to take it; a stopped one's is adopted now.
-fn settle_pending(
-    config: &Config,
-    staging: &Staging,
-    store: Option<&Store>,
-    key: &PublicKey,
-) -> Result<(), AirgapError> {
-    let dir = staging.dir().parent().unwrap_or(staging.dir()).to_path_buf();
+fn settle_pending(dir: &Path, staging: &Staging, store: Option<&Store>, key: &PublicKey) -> Result<(), AirgapError> {
     if let Some(store) = store {
-        let current = held_manifest(&dir, key)?;
+        let current = held_manifest(dir, key);
         let outcome = adopt_here(staging, store, key, current.as_ref())?;
         tracing::info!(result = %outcome.result, serial = ?outcome.serial, "adopted an import staged earlier");
         return Ok(());
@@ -664,7 +737,6 @@ fn settle_pending(
                 staging.dir().display()
             )));
         }
-        let _ = config;
         #[allow(clippy::disallowed_methods)] // a command, not an async worker
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -699,7 +771,7 @@ pub const STATUS_FORMAT: &str = "patchrelay-status";
 pub fn status(config: &Config, write_manifest: Option<&Path>) -> Result<Status, AirgapError> {
     use base64::Engine as _;
     let (dir, key) = relay_parts(config)?;
-    let current = held_manifest(dir, &key)?;
+    let current = held_manifest(dir, &key);
     let b64 = base64::engine::general_purpose::STANDARD;
     let status = Status {
         format: STATUS_FORMAT.into(),
@@ -712,7 +784,7 @@ pub fn status(config: &Config, write_manifest: Option<&Path>) -> Result<Status, 
         signature: current.as_ref().map(|c| b64.encode(&c.signature)),
         lacks: current
             .as_ref()
-            .map(|c| lacks_of(&c.manifest, |d| c.object(d).is_some_and(|o| in_store(dir, d, o.size))))
+            .map(|c| super::lacking(&c.manifest, |d| c.object(d).is_some_and(|o| in_store(dir, d, o.size))))
             .unwrap_or_default(),
         import_pending: Staging::of(dir).pending(),
     };

@@ -61,6 +61,10 @@ pub enum AirgapError {
     /// Local disk, network, or a peer failing.
     #[error("{0}")]
     Failed(String),
+    /// The relay that adopts a staged import refused it (its message, and
+    /// the exit code of the error it met).
+    #[error("{message}")]
+    Adoption { message: String, exit: u8 },
 }
 
 impl AirgapError {
@@ -71,6 +75,7 @@ impl AirgapError {
             AirgapError::Verification { .. } => 5,
             AirgapError::Usage(_) => 2,
             AirgapError::Failed(_) => 1,
+            AirgapError::Adoption { exit, .. } => *exit,
         }
     }
 
@@ -83,6 +88,7 @@ impl AirgapError {
             AirgapError::Verification { .. } => "verification_failed",
             AirgapError::Usage(_) => "usage",
             AirgapError::Failed(_) => "failed",
+            AirgapError::Adoption { .. } => "refused",
         }
     }
 
@@ -114,17 +120,22 @@ pub enum Carried {
     Delta,
 }
 
+/// A version a manifest lists and a store does not hold.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Lack {
+    pub component: String,
+    pub version: String,
+    pub sha256: Digest,
+}
+
 /// Versions a manifest lists whose objects are not among `held`: what a
 /// relay will answer 404 for (offline) or fetch (connected).
-pub fn lacking(
-    manifest: &crate::repo::manifest::Manifest,
-    held: impl Fn(&Digest) -> bool,
-) -> Vec<(String, String, Digest)> {
+pub fn lacking(manifest: &crate::repo::manifest::Manifest, held: impl Fn(&Digest) -> bool) -> Vec<Lack> {
     let mut out = Vec::new();
     for (name, c) in &manifest.components {
         for v in &c.versions {
             if !held(&v.sha256) {
-                out.push((name.to_string(), v.version.to_string(), v.sha256));
+                out.push(Lack { component: name.to_string(), version: v.version.to_string(), sha256: v.sha256 });
             }
         }
     }

@@ -186,9 +186,39 @@ impl Staging {
         Ok(f)
     }
 
-    /// Whether a verified file of `size` bytes is staged under `digest`.
+    /// Whether a file of `size` bytes is staged under `digest`. Files staged
+    /// by this run are verified; one left by an earlier run is trusted only
+    /// after [`Staging::recheck`].
     pub fn has(&self, digest: &Digest, size: u64) -> bool {
         fs::metadata(self.file(digest)).is_ok_and(|m| m.len() == size)
+    }
+
+    /// Hash a file an earlier, interrupted import staged (a power cut may
+    /// have left its name without its bytes); one that does not match is
+    /// removed. Returns whether it is good. Blocking.
+    pub fn recheck(&self, digest: &Digest, size: u64) -> bool {
+        let path = self.file(digest);
+        let good = (|| -> io::Result<bool> {
+            let mut f = File::open(&path)?;
+            crate::store::read_ahead(&f);
+            let mut h = crate::digest::Hasher::new();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut n_total = 0u64;
+            loop {
+                let n = io::Read::read(&mut f, &mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                n_total += n as u64;
+                h.update(&buf[..n]);
+            }
+            Ok(n_total == size && h.finish() == *digest)
+        })()
+        .unwrap_or(false);
+        if !good {
+            let _ = fs::remove_file(&path);
+        }
+        good
     }
 
     /// Remove staged files that are not in `keep` (left by an import of
@@ -286,16 +316,36 @@ impl StagedWriter {
     }
 
     /// The bytes written hash to `actual`: check length and digest, then
-    /// give the file its name. The error says what the bytes were instead.
-    pub fn finish(mut self, actual: Digest) -> Result<(), String> {
+    /// give the file its name.
+    pub fn finish(mut self, actual: Digest) -> Result<(), StageError> {
         drop(self.file.take());
         if self.written != self.size {
-            return Err(format!("{} bytes, {} expected", self.written, self.size));
+            return Err(StageError::Mismatch(format!("{} bytes, {} expected", self.written, self.size)));
         }
         if actual != self.digest {
-            return Err(format!("content hashes to {actual}, the manifest says {}", self.digest));
+            return Err(StageError::Mismatch(format!("content hashes to {actual}, the manifest says {}", self.digest)));
         }
-        fs::rename(&self.tmp, &self.dest).map_err(|e| format!("cannot move into staging: {e}"))
+        fs::rename(&self.tmp, &self.dest).map_err(|e| StageError::Io(format!("cannot move into staging: {e}")))
+    }
+}
+
+/// Why a staged file was not kept: its bytes, or the local disk.
+#[derive(Debug)]
+pub enum StageError {
+    Mismatch(String),
+    Io(String),
+}
+
+impl StageError {
+    /// As the import reports it: bad bytes are the bundle's (`path`), a disk
+    /// that failed is ours.
+    pub fn at(self, path: &str, context: &str) -> AirgapError {
+        match self {
+            StageError::Mismatch(why) => {
+                AirgapError::verification(path, format!("{context}{why}: the bundle is damaged"))
+            }
+            StageError::Io(why) => AirgapError::Failed(format!("{path}: {why}")),
+        }
     }
 }
 
@@ -345,6 +395,9 @@ pub fn adopt(
             changed = false;
         }
     }
+    // Pinned before anything moves: the disk budget must not evict what is
+    // being adopted (on an offline relay nothing could bring it back).
+    store.add_pins(catalog.objects().flat_map(|o| [o.sha256, o.chunks_sha256]));
     for f in &ready.files {
         let staged = staging.file(&f.sha256);
         if store.contains(&f.sha256) {
@@ -353,11 +406,13 @@ pub fn adopt(
         }
         match store.adopt(&staged, &f.sha256, f.size) {
             Ok(()) => {}
-            // Counted as held when it was checked, and gone since (evicted
-            // under the disk budget, or removed by hand): the relay lacks it
-            // as it lacks any object it has not cached, and says so.
+            // Counted as held when the import checked, and gone since
+            // (evicted before this adoption began, or removed by hand).
             Err(crate::store::StoreError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
-                tracing::warn!(object = %f.sha256, "an imported object is neither staged nor stored any more");
+                return Err(fail(AirgapError::Failed(format!(
+                    "object {} was held when the bundle was checked and is gone now (evicted under storage.max_size?); import the bundle again",
+                    f.sha256
+                ))));
             }
             Err(e) => return Err(fail(AirgapError::Failed(format!("cannot adopt {}: {e}", staged.display())))),
         }
@@ -369,13 +424,14 @@ pub fn adopt(
             record_delta(d).map_err(|e| fail(AirgapError::io("cannot record a delta", e)))?;
         }
     }
+    let state = store.state_dir();
     if changed {
-        let state = store.state_dir();
         pair::save(&state.join(SAVED_MANIFEST), &catalog.manifest_bytes, &catalog.signature)
             .map_err(|e| fail(AirgapError::io("cannot save the manifest", e)))?;
-        if let Err(e) = History::in_state(&state).save(catalog.serial(), &catalog.manifest_bytes, &catalog.signature) {
-            tracing::warn!(error = %e, "cannot keep the imported manifest in state/manifests");
-        }
+    }
+    // Also when adopting again after a crash that followed the commit.
+    if let Err(e) = History::in_state(&state).save(catalog.serial(), &catalog.manifest_bytes, &catalog.signature) {
+        tracing::warn!(error = %e, "cannot keep the imported manifest in state/manifests");
     }
     Ok(Some(Adopted { ready, catalog, previous, changed }))
 }

@@ -117,6 +117,12 @@ impl Index {
         self.pins.store(Arc::new(pins));
     }
 
+    pub fn add_pins(&self, more: impl IntoIterator<Item = Digest>) {
+        let mut pins = HashSet::clone(&self.pins.load());
+        pins.extend(more);
+        self.pins.store(Arc::new(pins));
+    }
+
     pub fn is_pinned(&self, digest: &Digest) -> bool {
         self.pins.load().contains(digest)
     }

@@ -522,6 +522,11 @@ impl Store {
         self.0.index.set_pins(pins);
     }
 
+    /// Pin these too, until the next [`Store::set_pins`].
+    pub fn add_pins(&self, more: impl IntoIterator<Item = Digest>) {
+        self.0.index.add_pins(more);
+    }
+
     pub fn is_pinned(&self, digest: &Digest) -> bool {
         self.0.index.is_pinned(digest)
     }
