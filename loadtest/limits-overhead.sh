@@ -10,6 +10,10 @@
 #            on ids is off: max_agents_per_address = 0)
 #   off2     a second "off": the control, whose ratio to "off" is the noise of
 #            the method itself
+#   nofleet  metrics on, the fleet inventory off ([fleet] enabled = false);
+#            against "metrics" (the default: fleet on), on the plans
+#            workload, it is what the inventory costs a plan request:
+#            REF=nofleet PAIRS=metrics WORKLOADS=plans loadtest/limits-overhead.sh
 #
 # How it measures on a noisy 2-core VM, where one relay measured alone gave
 # 87,000 and 119,000 req/s in two 3 s runs a few seconds apart, with nothing
@@ -85,7 +89,8 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-mkdir -p "$work/in/small/1" "$work/in/large/1"
+mkdir -p "$work/in/small/1" "$work/in/large/1" "$work/in/plan/1" "$work/in/plan/2"
+seq 1 20000 > "$work/in/plan/1/plan.txt"; seq 1 20010 > "$work/in/plan/2/plan.txt"
 head -c 4096 /dev/urandom > "$work/in/small/1/small.bin"
 head -c $((24 << 20)) /dev/urandom > "$work/in/large/1/large.bin"
 case ",$WORKLOADS," in *",ranges,"*) mkdir -p "$work/in/huge/1"; head -c $((256 << 20)) /dev/urandom > "$work/in/huge/1/huge.bin";; esac
@@ -102,6 +107,7 @@ declare -A extra=(
   [off]=$'[metrics]\nenabled = false\n'
   [off2]=$'[metrics]\nenabled = false\n'
   [metrics]=""
+  [nofleet]=$'[fleet]\nenabled = false\n'
   [on]=$'[limits]\nidentity = "header"\ntotal_rate = "100GiB/s"\nmax_agents_per_address = 0\n[[limits.policy]]\nname = "fleet"\nrate = "50GiB/s"\nmax_concurrent = 1000\n'
 )
 # Each relay's files are named by number, not by configuration: paths of
@@ -109,9 +115,9 @@ declare -A extra=(
 # apart, round after round, between two relays otherwise identical.
 declare -A port pid dir
 n=0
-declare -A bin=([off]="$BIN" [off2]="$BIN" [metrics]="$BIN" [on]="$BIN" [base]="$BASE_BIN")
+declare -A bin=([off]="$BIN" [off2]="$BIN" [metrics]="$BIN" [on]="$BIN" [nofleet]="$BIN" [base]="$BASE_BIN")
 extra[base]=""
-for cfg in off off2 metrics on base; do
+for cfg in off off2 metrics on nofleet base; do
   dir[$cfg]="$work/relay$n"; n=$((n + 1))
   port[$cfg]=$(free_port)
   # The load comes from one loopback address: no per-address connection cap
@@ -192,7 +198,7 @@ request = function()
   return wrk.format(nil, nil, { ["Range"] = "bytes=" .. a .. "-" .. (a + 65535) })
 end
 LUA
-for w in "small|4KiB object, 256 conns per relay|req/s|/v1/objects/$small|256|1|ids" "large|24MiB object, 16 conns per relay|MB/s|/v1/objects/$large|16|2|ids" "ranges|64KiB ranges of a 256MiB object, 64 conns per relay|req/s|/v1/objects/$huge|64|1|ranges"; do
+for w in "plans|update plans (chain?from=1, a plan of one step), 64 conns per relay|req/s|/v1/components/plan/chain?from=1|64|1|ids" "small|4KiB object, 256 conns per relay|req/s|/v1/objects/$small|256|1|ids" "large|24MiB object, 16 conns per relay|MB/s|/v1/objects/$large|16|2|ids" "ranges|64KiB ranges of a 256MiB object, 64 conns per relay|req/s|/v1/objects/$huge|64|1|ranges"; do
   IFS='|' read -r name label unit path conns field lua <<<"$w"
   case ",$WORKLOADS," in *",$name,"*) ;; *) continue;; esac
   echo; echo "$label ($unit, CPU us per request)"

@@ -50,10 +50,64 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub fleet: FleetConfig,
     /// The admin token, wherever it came from (see [`AdminConfig`]); `None`:
     /// the admin API is off.
     #[serde(skip)]
     pub admin_token: Option<AdminToken>,
+}
+
+/// `[fleet]`: the inventory of agents and their versions (`crate::fleet`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetConfig {
+    /// Keep the inventory (plan requests record who runs what).
+    pub enabled: bool,
+    /// Agents kept; beyond, the least recently seen are dropped.
+    pub max_agents: usize,
+    /// An agent not seen for this long counts as stale.
+    pub stale_after: HumanDuration,
+    /// Send this relay's fleet summary (counts only) to its upstreams'
+    /// `/admin/fleet/report`.
+    pub report_upstream: bool,
+    pub report_interval: HumanDuration,
+    /// The token this relay presents with its reports (a file holding it;
+    /// relative to the config file).
+    pub report_token_file: Option<PathBuf>,
+    /// This relay's name in its parent's console (default: the host name).
+    pub site_name: Option<String>,
+    /// Downstream relays that report here, each with its own token.
+    pub site: Vec<SiteConfig>,
+    /// `report_token_file`'s contents, read as the config is loaded.
+    #[serde(skip)]
+    pub report_token: Option<AdminToken>,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            enabled: true,
+            max_agents: 200_000,
+            stale_after: HumanDuration(Duration::from_secs(7 * 86_400)),
+            report_upstream: false,
+            report_interval: HumanDuration(Duration::from_secs(300)),
+            report_token_file: None,
+            site_name: None,
+            site: Vec::new(),
+            report_token: None,
+        }
+    }
+}
+
+/// `[[fleet.site]]`: a downstream relay allowed to report here.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteConfig {
+    pub name: String,
+    pub token_file: PathBuf,
+    #[serde(skip)]
+    pub token: Option<AdminToken>,
 }
 
 /// `[metrics]`.
@@ -688,6 +742,21 @@ impl<'de> Deserialize<'de> for AdminToken {
     }
 }
 
+/// A secret kept in a file of its own (a token, a password): its contents,
+/// trimmed, checked as an admin token is; says when others can read it.
+pub fn read_secret(path: &Path) -> Result<AdminToken, String> {
+    let raw = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    #[cfg(unix)]
+    if let Ok(meta) = std::fs::metadata(path) {
+        use std::os::unix::fs::PermissionsExt;
+        if meta.permissions().mode() & 0o004 != 0 {
+            // Logging is not set up yet when a config is read.
+            eprintln!("warning: {} is readable by everyone; chmod 600 it", path.display());
+        }
+    }
+    AdminToken::parse(&raw).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// Which role the config describes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -730,6 +799,7 @@ impl Config {
             Some(t) => Some(t),
             None => config.read_admin_token(text, file)?,
         };
+        config.read_fleet_tokens(text, file)?;
         Ok(config)
     }
 
@@ -766,6 +836,30 @@ impl Config {
                 "[admin] needs token_file (a file holding the token) or token; or leave [admin] out and set {ADMIN_TOKEN_ENV}"
             ))),
         }
+    }
+
+    /// The fleet report tokens: this relay's own, and its sites'.
+    fn read_fleet_tokens(&mut self, text: &str, file: &str) -> Result<(), ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            file: file.to_string(),
+            line: section_line(text, "fleet"),
+            message,
+        };
+        if let Some(p) = &self.fleet.report_token_file {
+            self.fleet.report_token =
+                Some(read_secret(&beside(file, p)).map_err(|e| invalid(format!("fleet.report_token_file {e}")))?);
+        } else if self.fleet.report_upstream {
+            return Err(invalid(
+                "fleet.report_upstream needs fleet.report_token_file (the token the parent knows this site by)".into(),
+            ));
+        }
+        for site in &mut self.fleet.site {
+            site.token = Some(
+                read_secret(&beside(file, &site.token_file))
+                    .map_err(|e| invalid(format!("fleet.site {:?} token_file {e}", site.name)))?,
+            );
+        }
+        Ok(())
     }
 
     /// Files the config names (TLS material) are relative to the config
@@ -939,6 +1033,23 @@ impl Config {
                         p.name
                     ),
                 ));
+            }
+        }
+        if self.fleet.max_agents == 0 || self.fleet.report_interval.0 < Duration::from_secs(10) {
+            return Err(invalid(
+                "fleet",
+                "fleet.max_agents must be at least 1 and fleet.report_interval at least 10s".into(),
+            ));
+        }
+        let mut sites = std::collections::HashSet::new();
+        for name in self.fleet.site.iter().map(|s| s.name.as_str()).chain(self.fleet.site_name.as_deref()) {
+            if !crate::fleet::report::valid_site(name) {
+                return Err(invalid("fleet", format!("site name {name:?}: use 1 to 64 of [0-9A-Za-z._-]")));
+            }
+        }
+        for site in &self.fleet.site {
+            if !sites.insert(&site.name) {
+                return Err(invalid("fleet", format!("two [[fleet.site]] are named {:?}", site.name)));
             }
         }
         if self.delta.workers == 0 || self.delta.queue == 0 {

@@ -25,6 +25,7 @@ pub mod delta;
 pub mod demo;
 pub mod digest;
 pub mod fill;
+pub mod fleet;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;

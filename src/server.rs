@@ -20,12 +20,14 @@ use crate::actors::{Stop, SyncNow};
 use crate::config::{Config, Role};
 use crate::delta::EncodeOptions;
 use crate::fill::Filler;
+use crate::fleet::Fleet;
 use crate::http::conn::{ConnectionRules, PerAddress};
 use crate::http::{self, AppState, Services};
 use crate::limits::Limits;
 use crate::repo::RepoDir;
 use crate::source::Source;
 use crate::state::Published;
+use crate::store::db::StateDb;
 use crate::store::{MemoryCache, Store, StoreOptions, WeakStore};
 use crate::telemetry;
 use crate::tls::{PeerTls, ServerTls};
@@ -96,6 +98,12 @@ pub struct RunningServer {
     control: ControlPlane,
     /// The store, to wait for its directory lock's release on `stop`.
     store: Option<WeakStore>,
+    /// Background tasks of this server (the fleet's upkeep), and those on
+    /// the upstream runtime (its reports): stopped with it.
+    tasks: Vec<actix_rt::task::JoinHandle<()>>,
+    reporters: Vec<tokio::task::JoinHandle<()>>,
+    /// What is written once more as the server stops.
+    last_flush: Option<(Arc<Fleet>, StateDb)>,
 }
 
 impl RunningServer {
@@ -124,6 +132,7 @@ impl RunningServer {
             w.abort();
         }
         self.stop_actors();
+        finish_tasks(&self.tasks, &self.reporters, self.last_flush.as_ref()).await;
         for (_, task) in self.servers {
             let _ = task.await;
         }
@@ -145,7 +154,7 @@ impl RunningServer {
     /// on: SIGTERM lets downloads in flight finish, up to
     /// `server.shutdown_grace`).
     pub async fn wait(self) -> std::io::Result<()> {
-        let RunningServer { servers, control, admin, watch, access, .. } = self;
+        let RunningServer { servers, control, admin, watch, access, tasks, reporters, last_flush, .. } = self;
         let mut result = Ok(());
         for (_, task) in servers {
             let r = match task.await {
@@ -162,6 +171,7 @@ impl RunningServer {
             w.abort();
         }
         stop_actors(&control);
+        finish_tasks(&tasks, &reporters, last_flush.as_ref()).await;
         if let Some(access) = access {
             access.finish(std::time::Duration::from_secs(2)).await;
         }
@@ -171,6 +181,44 @@ impl RunningServer {
     fn stop_actors(&self) {
         stop_actors(&self.control);
     }
+}
+
+/// Stop the background tasks, and write what the fleet learnt since the
+/// last flush.
+async fn finish_tasks(
+    tasks: &[actix_rt::task::JoinHandle<()>],
+    reporters: &[tokio::task::JoinHandle<()>],
+    last: Option<&(Arc<Fleet>, StateDb)>,
+) {
+    for t in tasks {
+        t.abort();
+    }
+    for t in reporters {
+        t.abort();
+    }
+    if let Some((fleet, db)) = last {
+        let (fleet, db2) = (fleet.clone(), db.clone());
+        match crate::telemetry::spawn_blocking(move || crate::fleet::store::flush(&db2, &fleet)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot write the fleet inventory as the server stops"),
+            Err(_) => {}
+        }
+        // The aborted tasks let go of the database as they are dropped: wait,
+        // so that the same storage.dir can be opened again in this process.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while db.is_shared() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// This machine's name (a site's default name in its parent's console).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| crate::fleet::report::valid_site(h))
+        .unwrap_or_else(|| "site".into())
 }
 
 fn stop_actors(control: &ControlPlane) {
@@ -230,6 +278,8 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
     let _in = telemetry::enter(scope);
     let published = Published::new();
     let mut weak_store = None;
+    let mut relay_upstreams: Option<Arc<Upstreams>> = None;
+    let mut reporters: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     let (source, control, sync, status, deltas) = match config.role() {
         Role::Origin => {
             let origin = config.origin.as_ref().ok_or_else(|| StartError::Config("no [origin]".into()))?;
@@ -280,6 +330,7 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
             let store = open_store(config, storage)?;
             weak_store = Some(store.downgrade());
             let upstreams = Arc::new(Upstreams::new(&config.upstream)?);
+            relay_upstreams = Some(upstreams.clone());
             let filler = Filler::new(store.clone(), upstreams.clone(), storage.memory_cache.0);
             let deltas = if config.delta.enabled {
                 Some(open_deltas(config, store.clone(), Objects::Relay(filler.clone()))?)
@@ -330,6 +381,57 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
         metrics.clone(),
     );
     state.max_piece = http::body::piece_cap(config.server.send_buffer.map(|b| b.0));
+    // State that outlives a restart: in storage.dir/state, where there is one.
+    let db = match &config.storage {
+        Some(s) => {
+            let dir = s.dir.join("state");
+            std::fs::create_dir_all(&dir).map_err(|source| {
+                StartError::Store(crate::store::StoreError::Io {
+                    action: "cannot create directory",
+                    path: dir.clone(),
+                    source,
+                })
+            })?;
+            Some(StateDb::open(&dir).map_err(|e| StartError::Config(e.to_string()))?)
+        }
+        None => None,
+    };
+    let mut tasks = Vec::new();
+    let fleet = if config.fleet.enabled {
+        let fleet = Arc::new(Fleet::new(config.fleet.max_agents, config.fleet.stale_after.0));
+        if let Some(db) = &db {
+            let started = std::time::Instant::now();
+            match crate::fleet::store::load(db, &fleet) {
+                Ok(n) => tracing::info!(
+                    agents = n,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "fleet inventory read"
+                ),
+                Err(e) => tracing::warn!(error = %e, "cannot read the fleet inventory; starting with none"),
+            }
+        }
+        tasks.push(crate::fleet::store::spawn_upkeep(db.clone(), fleet.clone()));
+        if let (true, Some(upstreams)) = (config.fleet.report_upstream, &relay_upstreams) {
+            let site = config.fleet.site_name.clone().unwrap_or_else(host_name);
+            let token = config.fleet.report_token.as_ref().map(|t| t.0.clone());
+            let reporter = crate::fleet::report::spawn_reporter(
+                fleet.clone(),
+                published.clone(),
+                upstreams.clone(),
+                site,
+                token,
+                config.fleet.report_interval.0,
+            );
+            reporters.push(reporter);
+        }
+        Some(fleet)
+    } else {
+        None
+    };
+    state.identify = crate::identity::Identify::from_config(config);
+    state.fleet = fleet.clone();
+    state.site_tokens =
+        config.fleet.site.iter().filter_map(|s| Some((s.name.clone(), s.token.as_ref()?.0.clone()))).collect();
     let access = match config.log.access {
         crate::config::AccessFormat::Off => None,
         format => Some(
@@ -478,6 +580,9 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
         access,
         control,
         store: weak_store,
+        tasks,
+        reporters,
+        last_flush: fleet.zip(db),
     })
 }
 

@@ -11,6 +11,7 @@ pub mod body;
 pub mod conditional;
 pub mod conn;
 pub mod error;
+mod fleet;
 pub mod proxy;
 pub mod range;
 pub mod respond;
@@ -64,6 +65,12 @@ pub struct AppState {
     pub max_piece: usize,
     /// The access log is on: routes note what the cache did for it.
     pub access_log: bool,
+    /// Who an agent is (`crate::identity`), for the fleet inventory.
+    pub identify: crate::identity::Identify,
+    /// The fleet inventory (absent when `[fleet] enabled = false`).
+    pub fleet: Option<Arc<crate::fleet::Fleet>>,
+    /// Downstream sites allowed to report here: (name, token).
+    pub site_tokens: Vec<(String, String)>,
     routes: Vec<RouteMetrics>,
 }
 
@@ -98,6 +105,14 @@ impl AppState {
             metrics,
             max_piece: body::READ_SIZE,
             access_log: false,
+            identify: crate::identity::Identify::new(
+                crate::identity::IdentityKind::Header,
+                actix_web::http::header::HeaderName::from_static("x-agent-id"),
+                Vec::new(),
+                crate::identity::Forwarded::XForwardedFor,
+            ),
+            fleet: None,
+            site_tokens: Vec::new(),
             routes: Route::ALL.iter().map(|r| RouteMetrics::new(r.label())).collect(),
         }
     }
@@ -120,6 +135,9 @@ pub enum Route {
     Delta,
     AdminSync,
     AdminStatus,
+    AdminFleet,
+    AdminFleetAgents,
+    AdminFleetReport,
     Metrics,
     Health,
     Ready,
@@ -127,7 +145,7 @@ pub enum Route {
 }
 
 impl Route {
-    const ALL: [Route; 14] = [
+    const ALL: [Route; 17] = [
         Route::Manifest,
         Route::Signature,
         Route::Object,
@@ -138,6 +156,9 @@ impl Route {
         Route::Delta,
         Route::AdminSync,
         Route::AdminStatus,
+        Route::AdminFleet,
+        Route::AdminFleetAgents,
+        Route::AdminFleetReport,
         Route::Metrics,
         Route::Health,
         Route::Ready,
@@ -156,6 +177,9 @@ impl Route {
             Route::Delta => "delta",
             Route::AdminSync => "admin_sync",
             Route::AdminStatus => "admin_status",
+            Route::AdminFleet => "admin_fleet",
+            Route::AdminFleetAgents => "admin_fleet_agents",
+            Route::AdminFleetReport => "admin_fleet_report",
             Route::Metrics => "metrics",
             Route::Health => "healthz",
             Route::Ready => "readyz",

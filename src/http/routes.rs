@@ -41,6 +41,10 @@ pub fn configure(cfg: &mut web::ServiceConfig, admin: bool) {
     if admin {
         admin_routes(cfg);
     }
+    // Downstream relays report where they fetch (their upstream URL), also
+    // when the admin API has a listener of its own; a site's token only
+    // files its report.
+    cfg.service(fleet_report());
     cfg.service(get_head("/healthz", healthz)).service(get_head("/readyz", readyz)).default_service(web::to(dispatch));
 }
 
@@ -48,17 +52,26 @@ pub fn configure(cfg: &mut web::ServiceConfig, admin: bool) {
 /// health checks, nothing an agent downloads.
 pub fn configure_admin(cfg: &mut web::ServiceConfig) {
     admin_routes(cfg);
+    cfg.service(fleet_report());
     cfg.service(get_head("/healthz", healthz)).service(get_head("/readyz", readyz));
+}
+
+fn fleet_report() -> actix_web::Resource {
+    web::resource("/admin/fleet/report")
+        .app_data(web::PayloadConfig::new(crate::fleet::report::MAX_REPORT))
+        .route(web::post().to(super::fleet::report))
 }
 
 fn admin_routes(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/admin/sync").route(web::post().to(admin_sync)))
         .service(web::resource("/admin/status").route(web::get().to(admin_status)))
+        .service(web::resource("/admin/fleet").route(web::get().to(super::fleet::summary)))
+        .service(web::resource("/admin/fleet/agents").route(web::get().to(super::fleet::agents)))
         .service(web::resource("/metrics").route(web::get().to(metrics)));
 }
 
 /// Count the request under its route and turn errors into responses.
-fn finish(state: &AppState, route: Route, result: Result<HttpResponse, ApiError>) -> HttpResponse {
+pub(super) fn finish(state: &AppState, route: Route, result: Result<HttpResponse, ApiError>) -> HttpResponse {
     let res = result.unwrap_or_else(|e| e.error_response());
     state.route(route).count(res.status());
     res
@@ -240,7 +253,7 @@ fn stored_delta(state: &AppState, digest: &Digest) -> Result<Content, ApiError> 
     }
 }
 
-fn catalog(state: &AppState) -> Result<std::sync::Arc<Catalog>, ApiError> {
+pub(super) fn catalog(state: &AppState) -> Result<std::sync::Arc<Catalog>, ApiError> {
     state.published.current().ok_or(ApiError::NotReady)
 }
 
@@ -531,6 +544,7 @@ async fn chain(req: HttpRequest, name: String, state: web::Data<AppState>) -> Ht
             None => find(component.latest.as_str()).unwrap_or(versions.len() - 1),
         };
         if !relay {
+            super::fleet::record(&req, &state, cname.as_str(), versions[from].version.as_str());
             let latest = find(component.latest.as_str()).unwrap_or(versions.len() - 1);
             let lag = latest.saturating_sub(from);
             metrics::histogram!(telemetry::AGENT_LAG, "component" => cname.to_string()).record(lag as f64);
@@ -652,12 +666,12 @@ async fn delta(
 }
 
 /// Compare without an early exit, so response timing does not leak the token.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(super) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The admin API needs `Authorization: Bearer <admin.token>`.
-fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
+pub(super) fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
     let token = state.admin_token.as_deref().ok_or(ApiError::AdminDisabled)?;
     let given = req
         .headers()
@@ -721,10 +735,12 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         limits.publish_gauges();
     }
     telemetry::publish_tallies();
+    let mut text = handle.render();
+    super::fleet::render_metrics(&state, &mut text);
     let res = HttpResponse::Ok()
         .insert_header((header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8")))
         .insert_header((header::CACHE_CONTROL, HeaderValue::from_static("no-store")))
-        .body(handle.render());
+        .body(text);
     finish(&state, Route::Metrics, Ok(res))
 }
 

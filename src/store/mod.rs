@@ -20,6 +20,7 @@
 //! ```
 
 pub mod atomic;
+pub mod db;
 pub mod full;
 mod index;
 pub mod lock;

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Method, Request, StatusCode, header};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -31,7 +31,8 @@ use crate::telemetry;
 use connect::Connector;
 use health::{Health, HealthReport};
 
-type HttpsClient = Client<hyper_rustls::HttpsConnector<Connector>, Empty<Bytes>>;
+/// Bodies are empty but for the few small POSTs (fleet reports upstream).
+type HttpsClient = Client<hyper_rustls::HttpsConnector<Connector>, Full<Bytes>>;
 
 /// The most memory a body read whole reserves before its bytes arrive.
 const INITIAL_BODY_BUFFER: u64 = 1 << 20;
@@ -296,7 +297,7 @@ impl Upstream {
                 req = req.header(header::IF_RANGE, tag);
             }
         }
-        let req = req.body(Empty::<Bytes>::new()).map_err(|e| self.err(path, ErrorKind::Protocol(e.to_string())))?;
+        let req = req.body(Full::new(Bytes::new())).map_err(|e| self.err(path, ErrorKind::Protocol(e.to_string())))?;
         let started = Instant::now();
         let res = match tokio::time::timeout(self.read_timeout, self.client.request(req)).await {
             Err(_) => return Err(self.err(path, ErrorKind::Timeout(self.read_timeout))),
@@ -349,6 +350,36 @@ impl Upstream {
             etag,
             received: 0,
         })
+    }
+
+    /// `POST path` with a JSON body (and a bearer token); the status it
+    /// answered. For the small reports a relay sends its parent, not bytes
+    /// anyone waits on: bounded by the read timeout, the answer's body read
+    /// and dropped.
+    pub async fn post_json(
+        self: &Arc<Self>,
+        path: &str,
+        json: Bytes,
+        bearer: Option<&str>,
+    ) -> Result<u16, UpstreamError> {
+        let url = self.url.join(path);
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri(&url)
+            .header(header::USER_AGENT, HeaderValue::from_static(self.user_agent))
+            .header(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(token) = bearer {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let req = req.body(Full::new(json)).map_err(|e| self.err(path, ErrorKind::Protocol(e.to_string())))?;
+        let res = match tokio::time::timeout(self.read_timeout, self.client.request(req)).await {
+            Err(_) => return Err(self.err(path, ErrorKind::Timeout(self.read_timeout))),
+            Ok(Err(e)) => return Err(self.err(path, ErrorKind::Connect(error_chain(&e)))),
+            Ok(Ok(res)) => res,
+        };
+        let status = res.status().as_u16();
+        let _ = tokio::time::timeout(self.read_timeout, res.into_body().collect()).await;
+        Ok(status)
     }
 
     /// `GET path` and read the whole body, which must not exceed `limit` bytes.
