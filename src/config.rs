@@ -52,6 +52,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub fleet: FleetConfig,
+    #[serde(default)]
+    pub alerts: AlertsConfig,
     /// The admin token, wherever it came from (see [`AdminConfig`]); `None`:
     /// the admin API is off.
     #[serde(skip)]
@@ -108,6 +110,80 @@ pub struct SiteConfig {
     pub token_file: PathBuf,
     #[serde(skip)]
     pub token: Option<AdminToken>,
+}
+
+/// `[alerts]`: what is worth telling someone, and how (`crate::alerts`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// No good sync for longer than this is an alert (relays with upstreams).
+    pub stale_after: HumanDuration,
+    /// Less free space than this where the store is, an alert.
+    pub min_free_disk: ByteSize,
+    /// Failed fills over all fills in 5 minutes (at least 10 of them)
+    /// above this, an alert.
+    pub fill_error_rate: f64,
+    /// An alert that stays active is sent again this often; the same event
+    /// again within it, not at all.
+    pub repeat: HumanDuration,
+    pub webhook: Vec<WebhookConfig>,
+    pub email: Option<EmailConfig>,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            stale_after: HumanDuration(Duration::from_secs(3 * 3600)),
+            min_free_disk: ByteSize(1 << 30),
+            fill_error_rate: 0.2,
+            repeat: HumanDuration(Duration::from_secs(6 * 3600)),
+            webhook: Vec::new(),
+            email: None,
+        }
+    }
+}
+
+/// `[[alerts.webhook]]`: an HTTP(S) endpoint that takes each alert as JSON.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    pub url: String,
+    /// A file holding the HMAC-SHA256 key the body is signed with
+    /// (`X-Patchrelay-Signature: sha256=<hex>`); relative to the config file.
+    pub secret_file: Option<PathBuf>,
+    /// PEM CAs for an `https://` receiver with a private CA.
+    pub ca: Option<PathBuf>,
+    #[serde(skip)]
+    pub secret: Option<AdminToken>,
+}
+
+/// `[alerts.email]`: SMTP.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmailConfig {
+    /// `host:port`.
+    pub server: String,
+    #[serde(default)]
+    pub tls: SmtpTls,
+    pub from: String,
+    pub to: Vec<String>,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    #[serde(skip)]
+    pub password: Option<String>,
+}
+
+/// How SMTP is secured.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpTls {
+    /// Plain connection upgraded with STARTTLS (port 587); the default.
+    #[default]
+    Starttls,
+    /// TLS from the first byte (port 465).
+    Tls,
+    /// No TLS (a relay on the same host or a test server).
+    None,
 }
 
 /// `[metrics]`.
@@ -724,12 +800,12 @@ impl AdminToken {
         let s = s.trim();
         if s.len() < 16 || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(
-                "the admin token must be at least 16 characters with no spaces (try `openssl rand -hex 24`)".into()
+                "a token or secret must be at least 16 characters with no spaces (try `openssl rand -hex 24`)".into()
             );
         }
         let lower = s.to_ascii_lowercase();
         if SAMPLE_TOKENS.iter().any(|t| lower.contains(t)) || s.chars().all(|c| s.starts_with(c)) {
-            return Err("the admin token is a sample or a placeholder that anyone can read; make a real one (`openssl rand -hex 24`)".into());
+            return Err("this token or secret is a sample or a placeholder that anyone can read; make a real one (`openssl rand -hex 24`)".into());
         }
         Ok(AdminToken(s.to_string()))
     }
@@ -800,6 +876,7 @@ impl Config {
             None => config.read_admin_token(text, file)?,
         };
         config.read_fleet_tokens(text, file)?;
+        config.read_alert_secrets(text, file)?;
         Ok(config)
     }
 
@@ -836,6 +913,34 @@ impl Config {
                 "[admin] needs token_file (a file holding the token) or token; or leave [admin] out and set {ADMIN_TOKEN_ENV}"
             ))),
         }
+    }
+
+    /// Webhook keys and the SMTP password, from their files.
+    fn read_alert_secrets(&mut self, text: &str, file: &str) -> Result<(), ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            file: file.to_string(),
+            line: section_line(text, "alerts"),
+            message,
+        };
+        for w in &mut self.alerts.webhook {
+            if let Some(p) = &w.secret_file {
+                w.secret = Some(
+                    read_secret(&beside(file, p)).map_err(|e| invalid(format!("alerts.webhook secret_file {e}")))?,
+                );
+            }
+            if let Some(ca) = &mut w.ca {
+                *ca = beside(file, ca);
+            }
+        }
+        if let Some(email) = &mut self.alerts.email
+            && let Some(p) = &email.password_file
+        {
+            let path = beside(file, p);
+            let raw = std::fs::read_to_string(&path)
+                .map_err(|e| invalid(format!("alerts.email password_file {}: {e}", path.display())))?;
+            email.password = Some(raw.trim_end_matches(['\r', '\n']).to_string());
+        }
+        Ok(())
     }
 
     /// The fleet report tokens: this relay's own, and its sites'.
@@ -1051,6 +1156,33 @@ impl Config {
             if !sites.insert(&site.name) {
                 return Err(invalid("fleet", format!("two [[fleet.site]] are named {:?}", site.name)));
             }
+        }
+        for w in &self.alerts.webhook {
+            if !(w.url.starts_with("http://") || w.url.starts_with("https://")) || w.url.parse::<http::Uri>().is_err() {
+                return Err(invalid(
+                    "alerts",
+                    format!("alerts.webhook url {:?} is not an http:// or https:// URL", w.url),
+                ));
+            }
+        }
+        if let Some(e) = &self.alerts.email {
+            if e.to.is_empty() {
+                return Err(invalid("alerts.email", "alerts.email needs at least one address in `to`".into()));
+            }
+            for a in e.to.iter().chain(std::iter::once(&e.from)) {
+                if a.parse::<lettre::Address>().is_err() {
+                    return Err(invalid("alerts.email", format!("{a:?} is not an email address")));
+                }
+            }
+            if e.server.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
+                return Err(invalid("alerts.email", format!("alerts.email server {:?}: write host:port", e.server)));
+            }
+            if e.username.is_some() != e.password_file.is_some() {
+                return Err(invalid("alerts.email", "alerts.email username and password_file go together".into()));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.alerts.fill_error_rate) {
+            return Err(invalid("alerts", "alerts.fill_error_rate is a fraction between 0 and 1".into()));
         }
         if self.delta.workers == 0 || self.delta.queue == 0 {
             return Err(invalid("delta", "delta.workers and delta.queue must be at least 1".into()));

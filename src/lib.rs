@@ -19,11 +19,13 @@
 pub mod actors;
 pub mod agent;
 pub mod airgap;
+pub mod alerts;
 pub mod cli;
 pub mod config;
 pub mod delta;
 pub mod demo;
 pub mod digest;
+pub mod events;
 pub mod fill;
 pub mod fleet;
 #[doc(hidden)]

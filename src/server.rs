@@ -104,6 +104,8 @@ pub struct RunningServer {
     reporters: Vec<tokio::task::JoinHandle<()>>,
     /// What is written once more as the server stops.
     last_flush: Option<(Arc<Fleet>, StateDb)>,
+    /// The event log, which lets go of the state database at stop.
+    events: Arc<crate::events::Events>,
 }
 
 impl RunningServer {
@@ -132,6 +134,7 @@ impl RunningServer {
             w.abort();
         }
         self.stop_actors();
+        self.events.release();
         finish_tasks(&self.tasks, &self.reporters, self.last_flush.as_ref()).await;
         for (_, task) in self.servers {
             let _ = task.await;
@@ -154,7 +157,7 @@ impl RunningServer {
     /// on: SIGTERM lets downloads in flight finish, up to
     /// `server.shutdown_grace`).
     pub async fn wait(self) -> std::io::Result<()> {
-        let RunningServer { servers, control, admin, watch, access, tasks, reporters, last_flush, .. } = self;
+        let RunningServer { servers, control, admin, watch, access, tasks, reporters, last_flush, events, .. } = self;
         let mut result = Ok(());
         for (_, task) in servers {
             let r = match task.await {
@@ -171,6 +174,7 @@ impl RunningServer {
             w.abort();
         }
         stop_actors(&control);
+        events.release();
         finish_tasks(&tasks, &reporters, last_flush.as_ref()).await;
         if let Some(access) = access {
             access.finish(std::time::Duration::from_secs(2)).await;
@@ -280,6 +284,9 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
     let mut weak_store = None;
     let mut relay_upstreams: Option<Arc<Upstreams>> = None;
     let mut reporters: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+    let events = crate::events::Events::new(config.alerts.repeat.0);
+    // The store the watcher looks at (a relay's, or an origin's delta store).
+    let mut watched_store: Option<Store> = None;
     let (source, control, sync, status, deltas) = match config.role() {
         Role::Origin => {
             let origin = config.origin.as_ref().ok_or_else(|| StartError::Config("no [origin]".into()))?;
@@ -291,6 +298,7 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
                 (Some(storage), true) => {
                     let store = open_store(config, storage)?;
                     weak_store = Some(store.downgrade());
+                    watched_store = Some(store.clone());
                     (Some(open_deltas(config, store.clone(), Objects::Origin(repo.clone()))?), Some(store))
                 }
                 _ => (None, None),
@@ -329,6 +337,7 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
             let trust = config.trust.as_ref().ok_or_else(|| StartError::Config("a relay needs [trust]".into()))?;
             let store = open_store(config, storage)?;
             weak_store = Some(store.downgrade());
+            watched_store = Some(store.clone());
             let upstreams = Arc::new(Upstreams::new(&config.upstream)?);
             relay_upstreams = Some(upstreams.clone());
             let filler = Filler::new(store.clone(), upstreams.clone(), storage.memory_cache.0);
@@ -345,7 +354,8 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
                 prefetcher.clone(),
                 store.clone(),
                 deltas.clone(),
-            );
+            )
+            .with_events(events.clone());
             sync_ctx.restore();
             let addr = RelaySync::new(sync_ctx, config.sync.interval.0).start();
             let housekeeping = Housekeeping::new(
@@ -397,6 +407,31 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
         None => None,
     };
     let mut tasks = Vec::new();
+    if let Some(db) = &db {
+        events.keep_in(db.clone());
+    }
+    let from = crate::alerts::Sender {
+        name: config.fleet.site_name.clone().unwrap_or_else(host_name),
+        role: match config.role() {
+            Role::Origin => "origin",
+            Role::Relay => "relay",
+        },
+    };
+    reporters
+        .extend(crate::alerts::start(&config.alerts, &events, from).map_err(|e| StartError::Config(e.to_string()))?);
+    let watched = crate::alerts::watch::Watched {
+        published: published.clone(),
+        events: events.clone(),
+        relay: state.status.clone(),
+        store: watched_store,
+        disk: config
+            .storage
+            .as_ref()
+            .map(|s| s.dir.clone())
+            .or_else(|| config.origin.as_ref().map(|o| o.repository.clone())),
+    };
+    tasks.push(crate::alerts::watch::Watcher::new(watched, &config.alerts).spawn());
+    state.events = Some(events.clone());
     let fleet = if config.fleet.enabled {
         let fleet = Arc::new(Fleet::new(config.fleet.max_agents, config.fleet.stale_after.0));
         if let Some(db) = &db {
@@ -583,6 +618,7 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
         tasks,
         reporters,
         last_flush: fleet.zip(db),
+        events,
     })
 }
 

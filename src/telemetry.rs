@@ -66,6 +66,9 @@ pub const LIMIT_WAIT: &str = "patchrelay_limit_wait_seconds";
 pub const BUILD_INFO: &str = "patchrelay_build_info";
 pub const TLS_RELOADS: &str = "patchrelay_tls_reloads_total";
 pub const ACCESS_LOG_DROPPED: &str = "patchrelay_access_log_dropped_total";
+pub const ALERTS_SENT: &str = "patchrelay_alerts_sent_total";
+pub const ALERTS_FAILED: &str = "patchrelay_alerts_failed_total";
+pub const ALERTS_DROPPED: &str = "patchrelay_alerts_dropped_total";
 
 fn recorder() -> Result<metrics_exporter_prometheus::PrometheusRecorder, String> {
     let builder = PrometheusBuilder::new()
@@ -110,6 +113,9 @@ pub fn new_scope(enabled: bool) -> Result<(Scope, Option<PrometheusHandle>), Str
 
 fn describe() {
     describe_counter!(ACCESS_LOG_DROPPED, "Access log lines dropped because the writer could not keep up.");
+    describe_counter!(ALERTS_SENT, "Alerts delivered, by channel.");
+    describe_counter!(ALERTS_FAILED, "Alert deliveries given up after their retries, by channel.");
+    describe_counter!(ALERTS_DROPPED, "Alerts not queued because the channels were that far behind.");
     describe_counter!(TLS_RELOADS, "Loads of changed TLS files for the listeners, by result (ok, refused).");
     describe_counter!(HTTP_REQUESTS, "HTTP requests answered, by route and status.");
     describe_counter!(HTTP_RESPONSE_BYTES, Unit::Bytes, "Response body bytes sent to clients, by route.");

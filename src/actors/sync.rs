@@ -58,6 +58,8 @@ pub struct SyncContext {
     deltas: Option<Arc<DeltaService>>,
     /// Serialises syncs: a timer tick and an admin request never interleave.
     lock: Arc<tokio::sync::Mutex<()>>,
+    /// Refused manifests and imports are told here (`crate::events`).
+    events: Option<Arc<crate::events::Events>>,
 }
 
 impl SyncContext {
@@ -78,7 +80,14 @@ impl SyncContext {
             store,
             deltas,
             lock: Arc::new(tokio::sync::Mutex::new(())),
+            events: None,
         }
+    }
+
+    /// Tell refused manifests and imports to `events`.
+    pub fn with_events(mut self, events: Arc<crate::events::Events>) -> Self {
+        self.events = Some(events);
+        self
     }
 
     /// Whether the relay has no upstream (its only source is an import).
@@ -156,6 +165,17 @@ impl SyncContext {
                 self.published.publish(catalog.clone());
                 self.published.mark_good_sync();
                 tracing::info!(serial = catalog.serial(), previous = ?adopted.previous, added = ?added, "imported manifest verified and published");
+                if let Some(events) = &self.events {
+                    events.happened(crate::events::Say {
+                        kind: "import",
+                        severity: crate::events::Severity::Info,
+                        key: format!("import:{}", catalog.serial()),
+                        title: format!("import adopted: serial {}", catalog.serial()),
+                        detail: format!("from serial {:?}; {} versions added", adopted.previous, added.len()),
+                        action: "",
+                        notify: false,
+                    });
+                }
             }
             Ok(Some(adopted)) => {
                 tracing::info!(
@@ -165,6 +185,17 @@ impl SyncContext {
             }
             Err(r) => {
                 tracing::warn!(error = %r.error, "a staged import was refused");
+                if let Some(events) = &self.events {
+                    events.happened(crate::events::Say {
+                        kind: "import_refused",
+                        severity: crate::events::Severity::Warning,
+                        key: format!("import_refused:{:?}", r.serial),
+                        title: "a staged import was refused".into(),
+                        detail: r.error.to_string(),
+                        action: "`patchrelay import --status` says what the relay holds; bring a bundle that follows it.",
+                        notify: true,
+                    });
+                }
             }
         }
         if let Some(o) = outcome {
@@ -199,11 +230,17 @@ impl SyncContext {
             let catalog = match result {
                 Ok(Ok(c)) => c,
                 Ok(Err((reason, why))) => {
-                    reject(up, reason, &why, &mut skipped);
+                    reject(self.events.as_deref(), up, reason, &why, &mut skipped);
                     continue;
                 }
                 Err(e) => {
-                    reject(up, "fetch_failed", &format!("the fetch task failed: {e}"), &mut skipped);
+                    reject(
+                        self.events.as_deref(),
+                        up,
+                        "fetch_failed",
+                        &format!("the fetch task failed: {e}"),
+                        &mut skipped,
+                    );
                     continue;
                 }
             };
@@ -214,7 +251,7 @@ impl SyncContext {
                         catalog.serial(),
                         cur.serial()
                     );
-                    reject(up, "rollback", &why, &mut skipped);
+                    reject(self.events.as_deref(), up, "rollback", &why, &mut skipped);
                     continue;
                 }
                 if catalog.serial() == cur.serial() && catalog.manifest_digest != cur.manifest_digest {
@@ -222,7 +259,7 @@ impl SyncContext {
                         "offers different bytes under the serial {} we hold (equivocation refused)",
                         cur.serial()
                     );
-                    reject(up, "equivocation", &why, &mut skipped);
+                    reject(self.events.as_deref(), up, "equivocation", &why, &mut skipped);
                     continue;
                 }
             }
@@ -233,7 +270,7 @@ impl SyncContext {
                         best.as_ref().map(|(_, u)| u.name.as_str()).unwrap_or_default(),
                         catalog.serial()
                     );
-                    reject(up, "equivocation", &why, &mut skipped);
+                    reject(self.events.as_deref(), up, "equivocation", &why, &mut skipped);
                 }
                 Some((b, _)) if catalog.serial() <= b.serial() => {}
                 _ => best = Some((catalog, up)),
@@ -311,9 +348,30 @@ impl SyncContext {
     }
 }
 
-fn reject(up: &Upstream, reason: &'static str, why: &str, skipped: &mut Vec<String>) {
+fn reject(
+    events: Option<&crate::events::Events>,
+    up: &Upstream,
+    reason: &'static str,
+    why: &str,
+    skipped: &mut Vec<String>,
+) {
     metrics::counter!(telemetry::MANIFEST_REJECTED, "upstream" => up.name.clone(), "reason" => reason).increment(1);
     tracing::warn!(upstream = %up.name, reason, "manifest refused: {why}");
+    // An upstream out of reach is the watcher's `upstream_down`; a manifest
+    // that arrived and was refused is an attack or a broken publish.
+    if let Some(events) = events
+        && reason != "fetch_failed"
+    {
+        events.happened(crate::events::Say {
+            kind: "manifest_rejected",
+            severity: crate::events::Severity::Critical,
+            key: format!("manifest_rejected:{}:{reason}", up.name),
+            title: format!("manifest from upstream {} refused ({reason})", up.name),
+            detail: why.to_string(),
+            action: "The relay keeps serving its last verified manifest. Check that the upstream publishes with the key in [trust], and that nothing between alters or replays what it serves.",
+            notify: true,
+        });
+    }
     skipped.push(format!("{}: {why}", up.name));
 }
 

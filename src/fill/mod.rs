@@ -232,6 +232,10 @@ pub struct Filler {
     /// Bytes that fills in memory may still take (while the store cannot
     /// write): objects passed through are held whole while anyone reads them.
     memory_budget: Arc<std::sync::atomic::AtomicU64>,
+    /// Fills ended well and badly since start: the alert on the error rate
+    /// reads these (`crate::alerts::watch`), not the process-wide metrics.
+    ended_ok: std::sync::atomic::AtomicU64,
+    ended_failed: std::sync::atomic::AtomicU64,
 }
 
 impl Filler {
@@ -245,6 +249,8 @@ impl Filler {
             in_flight_gauge: metrics::gauge!(telemetry::FILLS_IN_FLIGHT),
             waiters: metrics::counter!(telemetry::FILL_WAITERS),
             memory_budget: Arc::new(std::sync::atomic::AtomicU64::new(memory)),
+            ended_ok: Default::default(),
+            ended_failed: Default::default(),
         })
     }
 
@@ -329,10 +335,12 @@ impl Filler {
             this.in_flight_gauge.decrement(1.0);
             match result {
                 Ok(()) => {
+                    this.ended_ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     metrics::counter!(telemetry::FILLS, "result" => "ok").increment(1);
                     shared.progress.send_replace(Progress::Done);
                 }
                 Err(e) => {
+                    this.ended_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     metrics::counter!(telemetry::FILLS, "result" => "failed").increment(1);
                     tracing::warn!(object = %req.path, error = %e, "fill failed");
                     shared.progress.send_replace(Progress::Failed(Arc::new(e)));
@@ -369,6 +377,12 @@ impl Filler {
                 InFlight { digest: s.digest, path: s.path.clone(), len: s.len, verified }
             })
             .collect()
+    }
+
+    /// Fills that ended (ok, failed) since start.
+    pub fn outcomes(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.ended_ok.load(Relaxed), self.ended_failed.load(Relaxed))
     }
 
     pub fn upstreams(&self) -> &Arc<Upstreams> {

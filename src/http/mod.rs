@@ -10,6 +10,7 @@ pub mod access;
 pub mod body;
 pub mod conditional;
 pub mod conn;
+mod console;
 pub mod error;
 mod fleet;
 pub mod proxy;
@@ -71,6 +72,8 @@ pub struct AppState {
     pub fleet: Option<Arc<crate::fleet::Fleet>>,
     /// Downstream sites allowed to report here: (name, token).
     pub site_tokens: Vec<(String, String)>,
+    /// The event log (console, `/admin/events`).
+    pub events: Option<Arc<crate::events::Events>>,
     routes: Vec<RouteMetrics>,
 }
 
@@ -113,6 +116,7 @@ impl AppState {
             ),
             fleet: None,
             site_tokens: Vec::new(),
+            events: None,
             routes: Route::ALL.iter().map(|r| RouteMetrics::new(r.label())).collect(),
         }
     }
@@ -138,6 +142,7 @@ pub enum Route {
     AdminFleet,
     AdminFleetAgents,
     AdminFleetReport,
+    AdminEvents,
     Metrics,
     Health,
     Ready,
@@ -145,7 +150,7 @@ pub enum Route {
 }
 
 impl Route {
-    const ALL: [Route; 17] = [
+    const ALL: [Route; 18] = [
         Route::Manifest,
         Route::Signature,
         Route::Object,
@@ -159,6 +164,7 @@ impl Route {
         Route::AdminFleet,
         Route::AdminFleetAgents,
         Route::AdminFleetReport,
+        Route::AdminEvents,
         Route::Metrics,
         Route::Health,
         Route::Ready,
@@ -180,6 +186,7 @@ impl Route {
             Route::AdminFleet => "admin_fleet",
             Route::AdminFleetAgents => "admin_fleet_agents",
             Route::AdminFleetReport => "admin_fleet_report",
+            Route::AdminEvents => "admin_events",
             Route::Metrics => "metrics",
             Route::Health => "healthz",
             Route::Ready => "readyz",

@@ -67,6 +67,7 @@ fn admin_routes(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/admin/status").route(web::get().to(admin_status)))
         .service(web::resource("/admin/fleet").route(web::get().to(super::fleet::summary)))
         .service(web::resource("/admin/fleet/agents").route(web::get().to(super::fleet::agents)))
+        .service(web::resource("/admin/events").route(web::get().to(super::console::events::admin_events)))
         .service(web::resource("/metrics").route(web::get().to(metrics)));
 }
 

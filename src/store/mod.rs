@@ -220,6 +220,8 @@ struct Inner {
     /// Bytes in `partial/` at the last count ([`Store::count_partial_bytes`]):
     /// they take disk like objects, count in the budget, and are not evicted.
     partial_bytes: AtomicU64,
+    /// Objects and bytes evicted over budget since open (for the event log).
+    evicted: [AtomicU64; 2],
     /// Set while the store cannot write (see `full`).
     write_fault: full::WriteFault,
 }
@@ -285,6 +287,7 @@ impl Store {
             memory,
             _lock: lock,
             partial_bytes: AtomicU64::new(0),
+            evicted: Default::default(),
             write_fault: full::WriteFault::default(),
         }));
         metrics::gauge!(crate::telemetry::STORE_WRITABLE).set(1.0);
@@ -578,6 +581,8 @@ impl Store {
         }
         report.pinned_bytes = self.0.index.pinned_bytes();
         if report.objects > 0 {
+            self.0.evicted[0].fetch_add(report.objects, Ordering::Relaxed);
+            self.0.evicted[1].fetch_add(report.bytes, Ordering::Relaxed);
             metrics::counter!(crate::telemetry::STORE_EVICTIONS).increment(report.objects);
             metrics::counter!(crate::telemetry::STORE_EVICTED_BYTES).increment(report.bytes);
             tracing::info!(objects = report.objects, bytes = report.bytes, "evicted least recently used objects");
@@ -585,8 +590,28 @@ impl Store {
         report
     }
 
+    /// Objects and bytes evicted over budget since the store opened.
+    pub fn evicted(&self) -> (u64, u64) {
+        (self.0.evicted[0].load(Ordering::Relaxed), self.0.evicted[1].load(Ordering::Relaxed))
+    }
+
     pub fn over_budget(&self) -> bool {
         self.0.index.over_budget(self.partial_bytes())
+    }
+}
+
+/// Free and total bytes of the file system under `dir` (for the unprivileged:
+/// what `df` shows as available). `None` where it cannot be told.
+pub fn free_space(dir: &Path) -> Option<(u64, u64)> {
+    #[cfg(target_os = "linux")]
+    {
+        let s = rustix::fs::statvfs(dir).ok()?;
+        Some((s.f_bavail.saturating_mul(s.f_frsize), s.f_blocks.saturating_mul(s.f_frsize)))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = dir;
+        None
     }
 }
 

@@ -449,7 +449,7 @@ impl Body {
 
 /// An error and its sources on one line: hyper's top-level messages alone
 /// ("client error (Connect)") do not say what happened.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(inner) = cur {
