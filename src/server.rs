@@ -104,8 +104,10 @@ pub struct RunningServer {
     reporters: Vec<tokio::task::JoinHandle<()>>,
     /// What is written once more as the server stops.
     last_flush: Option<(Arc<Fleet>, StateDb)>,
-    /// The event log, which lets go of the state database at stop.
+    /// The event log and the prefetcher (the operator's pins), which let
+    /// go of the state database at stop.
     events: Arc<crate::events::Events>,
+    prefetcher: Option<Arc<Prefetcher>>,
 }
 
 impl RunningServer {
@@ -135,6 +137,9 @@ impl RunningServer {
         }
         self.stop_actors();
         self.events.release();
+        if let Some(p) = &self.prefetcher {
+            p.release();
+        }
         finish_tasks(&self.tasks, &self.reporters, self.last_flush.as_ref()).await;
         for (_, task) in self.servers {
             let _ = task.await;
@@ -157,7 +162,19 @@ impl RunningServer {
     /// on: SIGTERM lets downloads in flight finish, up to
     /// `server.shutdown_grace`).
     pub async fn wait(self) -> std::io::Result<()> {
-        let RunningServer { servers, control, admin, watch, access, tasks, reporters, last_flush, events, .. } = self;
+        let RunningServer {
+            servers,
+            control,
+            admin,
+            watch,
+            access,
+            tasks,
+            reporters,
+            last_flush,
+            events,
+            prefetcher,
+            ..
+        } = self;
         let mut result = Ok(());
         for (_, task) in servers {
             let r = match task.await {
@@ -175,6 +192,9 @@ impl RunningServer {
         }
         stop_actors(&control);
         events.release();
+        if let Some(p) = &prefetcher {
+            p.release();
+        }
         finish_tasks(&tasks, &reporters, last_flush.as_ref()).await;
         if let Some(access) = access {
             access.finish(std::time::Duration::from_secs(2)).await;
@@ -409,6 +429,9 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
     let mut tasks = Vec::new();
     if let Some(db) = &db {
         events.keep_in(db.clone());
+        if let Some(status) = &state.status {
+            status.prefetcher.keep_pins_in(db.clone());
+        }
     }
     let from = crate::alerts::Sender {
         name: config.fleet.site_name.clone().unwrap_or_else(host_name),
@@ -432,6 +455,7 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
     };
     tasks.push(crate::alerts::watch::Watcher::new(watched, &config.alerts).spawn());
     state.events = Some(events.clone());
+    let status_source = state.status.clone();
     let fleet = if config.fleet.enabled {
         let fleet = Arc::new(Fleet::new(config.fleet.max_agents, config.fleet.stale_after.0));
         if let Some(db) = &db {
@@ -486,6 +510,7 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
     };
     state.access_log = access.is_some();
     let state = web::Data::new(state);
+    tasks.push(http::console::spawn_sampler(state.clone()));
     let tls = config.server.tls.as_ref().map(ServerTls::load).transpose()?;
     let rustls = tls.as_ref().map(|t| t.server_config()).transpose()?;
     let mut wanted = vec![(config.server.listen, tls.is_some(), config.server.proxy_protocol)];
@@ -619,6 +644,7 @@ pub async fn start(config: &Config, opts: StartOptions) -> Result<RunningServer,
         reporters,
         last_flush: fleet.zip(db),
         events,
+        prefetcher: status_source.map(|s| s.prefetcher.clone()),
     })
 }
 

@@ -5,7 +5,10 @@
 //! disk budget never evicts them, and fetched ahead of any agent asking, through
 //! the same fill registry agents use: an agent that asks mid-prefetch attaches
 //! to it. A failed prefetch is retried by the housekeeping sweep after a minute.
-//! Non-critical components are left to be pulled through on first request.
+//! Non-critical components are left to be pulled through on first request,
+//! unless the operator pinned a version (from the console): pinned versions
+//! are kept and fetched like critical ones, and the pins outlive a restart
+//! (in the state database).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -53,7 +56,12 @@ pub struct Prefetcher {
     wanted: Mutex<Vec<Wanted>>,
     failures: Mutex<HashMap<Digest, (Instant, String)>>,
     started: Mutex<HashSet<Digest>>,
+    /// Versions the operator pinned: (component, version).
+    held: Mutex<HashSet<(String, String)>>,
+    db: Mutex<Option<crate::store::db::StateDb>>,
 }
+
+const PINS: crate::store::db::Table = crate::store::db::Table::new("pins");
 
 impl Prefetcher {
     pub fn new(filler: Arc<Filler>, retain: usize, concurrency: usize) -> Arc<Prefetcher> {
@@ -65,7 +73,56 @@ impl Prefetcher {
             wanted: Mutex::new(Vec::new()),
             failures: Mutex::new(HashMap::new()),
             started: Mutex::new(HashSet::new()),
+            held: Mutex::new(HashSet::new()),
+            db: Mutex::new(None),
         })
+    }
+
+    /// Keep the operator's pins in `db`, starting with those it kept.
+    pub fn keep_pins_in(self: &Arc<Self>, db: crate::store::db::StateDb) {
+        match db.scan::<(String, String)>(PINS) {
+            Ok(rows) => lock(&self.held).extend(rows.into_iter().map(|(_, v)| v)),
+            Err(e) => tracing::warn!(error = %e, "cannot read the pinned versions; starting with none"),
+        }
+        *lock(&self.db) = Some(db);
+        self.replan();
+    }
+
+    /// Let go of the state database (the server is stopping).
+    pub fn release(&self) {
+        lock(&self.db).take();
+    }
+
+    /// Versions the operator pinned.
+    pub fn held(&self) -> HashSet<(String, String)> {
+        lock(&self.held).clone()
+    }
+
+    /// Pin (`true`) or unpin a version for the operator: kept from eviction
+    /// and fetched now, or left to the budget again. Blocking (a commit).
+    pub fn hold(self: &Arc<Self>, component: &str, version: &str, pin: bool) -> Result<(), String> {
+        let key = (component.to_string(), version.to_string());
+        let id = format!("{component}\u{0}{version}");
+        let changed = if pin { lock(&self.held).insert(key.clone()) } else { lock(&self.held).remove(&key) };
+        let db = lock(&self.db).clone();
+        if changed && let Some(db) = db {
+            let mut batch = crate::store::db::Batch::default();
+            if pin {
+                batch.put(PINS, id.as_bytes(), &key);
+            } else {
+                batch.delete(PINS, id.as_bytes());
+            }
+            db.commit(batch).map_err(|e| e.to_string())?;
+        }
+        self.replan();
+        Ok(())
+    }
+
+    fn replan(self: &Arc<Self>) {
+        let catalog = lock(&self.catalog).clone();
+        if let Some(c) = catalog {
+            self.plan(&c);
+        }
     }
 
     /// Pin and fetch the retained versions of critical components in `catalog`.
@@ -86,13 +143,15 @@ impl Prefetcher {
             lock(&self.wanted).clear();
             return;
         }
+        let held = lock(&self.held).clone();
         for (name, c) in &catalog.manifest.components {
-            if !c.critical {
-                continue;
-            }
             let mut versions: Vec<_> = c.versions.iter().collect();
             versions.sort_by(|a, b| b.version.cmp(&a.version));
-            for v in versions.into_iter().take(self.retain) {
+            let retained = if c.critical { self.retain } else { 0 };
+            for (i, v) in versions.into_iter().enumerate() {
+                if i >= retained && !held.contains(&(name.to_string(), v.version.to_string())) {
+                    continue;
+                }
                 let Some(obj) = catalog.object(&v.sha256) else { continue };
                 pins.insert(obj.sha256);
                 pins.insert(obj.chunks_sha256);

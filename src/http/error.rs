@@ -28,7 +28,7 @@ pub enum ApiError {
     Source(#[from] SourceError),
     #[error("the admin API is disabled: set [admin] token_file (or token) in the config, or PATCHRELAY_ADMIN_TOKEN")]
     AdminDisabled,
-    #[error("missing or wrong `Authorization: Bearer <token>`")]
+    #[error("missing or wrong `Authorization: Bearer <token>` (or HTTP Basic, user `admin`, the token as password)")]
     Unauthorized,
     #[error("sync failed: {0}")]
     SyncFailed(String),

@@ -10,7 +10,7 @@ pub mod access;
 pub mod body;
 pub mod conditional;
 pub mod conn;
-mod console;
+pub mod console;
 pub mod error;
 mod fleet;
 pub mod proxy;
@@ -74,6 +74,8 @@ pub struct AppState {
     pub site_tokens: Vec<(String, String)>,
     /// The event log (console, `/admin/events`).
     pub events: Option<Arc<crate::events::Events>>,
+    /// Requests and bytes a second, for the console.
+    pub traffic: console::Traffic,
     routes: Vec<RouteMetrics>,
 }
 
@@ -117,12 +119,31 @@ impl AppState {
             fleet: None,
             site_tokens: Vec::new(),
             events: None,
+            traffic: console::Traffic::default(),
             routes: Route::ALL.iter().map(|r| RouteMetrics::new(r.label())).collect(),
         }
     }
 
     fn route(&self, route: Route) -> &RouteMetrics {
         &self.routes[route as usize]
+    }
+
+    /// Requests answered, body bytes sent, and 429s, since start (summed
+    /// from the routes' tallies: statuses outside the common ones are left
+    /// out, which the console's rates can afford).
+    pub fn traffic_totals(&self) -> [u64; 3] {
+        let mut t = [0u64; 3];
+        for r in &self.routes {
+            t[1] += r.bytes.total();
+            for (status, c) in &r.by_status {
+                let n = c.total();
+                t[0] += n;
+                if *status == 429 {
+                    t[2] += n;
+                }
+            }
+        }
+        t
     }
 }
 
@@ -143,6 +164,8 @@ pub enum Route {
     AdminFleetAgents,
     AdminFleetReport,
     AdminEvents,
+    Console,
+    ConsoleAction,
     Metrics,
     Health,
     Ready,
@@ -150,7 +173,7 @@ pub enum Route {
 }
 
 impl Route {
-    const ALL: [Route; 18] = [
+    const ALL: [Route; 20] = [
         Route::Manifest,
         Route::Signature,
         Route::Object,
@@ -165,6 +188,8 @@ impl Route {
         Route::AdminFleetAgents,
         Route::AdminFleetReport,
         Route::AdminEvents,
+        Route::Console,
+        Route::ConsoleAction,
         Route::Metrics,
         Route::Health,
         Route::Ready,
@@ -187,6 +212,8 @@ impl Route {
             Route::AdminFleetAgents => "admin_fleet_agents",
             Route::AdminFleetReport => "admin_fleet_report",
             Route::AdminEvents => "admin_events",
+            Route::Console => "console",
+            Route::ConsoleAction => "console_action",
             Route::Metrics => "metrics",
             Route::Health => "healthz",
             Route::Ready => "readyz",

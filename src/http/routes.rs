@@ -67,8 +67,9 @@ fn admin_routes(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/admin/status").route(web::get().to(admin_status)))
         .service(web::resource("/admin/fleet").route(web::get().to(super::fleet::summary)))
         .service(web::resource("/admin/fleet/agents").route(web::get().to(super::fleet::agents)))
-        .service(web::resource("/admin/events").route(web::get().to(super::console::events::admin_events)))
-        .service(web::resource("/metrics").route(web::get().to(metrics)));
+        .service(web::resource("/admin/events").route(web::get().to(super::console::events::admin_events)));
+    super::console::configure(cfg);
+    cfg.service(web::resource("/metrics").route(web::get().to(metrics)));
 }
 
 /// Count the request under its route and turn errors into responses.
@@ -671,16 +672,26 @@ pub(super) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The admin API needs `Authorization: Bearer <admin.token>`.
+/// The admin API needs `Authorization: Bearer <admin.token>`, or HTTP Basic
+/// with the user `admin` and the token as password (what a browser sends
+/// for the console, and for the JSON and CSV it links to).
 pub(super) fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
     let token = state.admin_token.as_deref().ok_or(ApiError::AdminDisabled)?;
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+    let given = presented_token(req).unwrap_or_default();
     if constant_time_eq(given.trim().as_bytes(), token.as_bytes()) { Ok(()) } else { Err(ApiError::Unauthorized) }
+}
+
+/// The token in `Authorization`: `Bearer <token>` or `Basic base64(admin:<token>)`.
+fn presented_token(req: &HttpRequest) -> Option<String> {
+    use base64::Engine;
+    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    if let Some(t) = value.strip_prefix("Bearer ") {
+        return Some(t.to_string());
+    }
+    let basic = value.strip_prefix("Basic ")?;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(basic.trim()).ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    text.strip_prefix("admin:").map(str::to_string)
 }
 
 async fn admin_status(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
@@ -757,6 +768,31 @@ async fn healthz(state: web::Data<AppState>) -> HttpResponse {
 /// cache should stay in its load balancer.
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     use crate::repo::manifest::format_time;
+    let r = readiness(&state);
+    let body = serde_json::json!({
+        "ready": r.ready,
+        "status": r.status,
+        "serial": state.published.serial(),
+        "last_good_sync": state.published.last_good_sync(),
+        "degraded_since": r.since.map(format_time),
+        "reasons": r.reasons,
+    });
+    let mut res = if r.ready { HttpResponse::Ok() } else { HttpResponse::ServiceUnavailable() };
+    res.insert_header((header::CACHE_CONTROL, HeaderValue::from_static("no-store")));
+    finish(&state, Route::Ready, Ok(res.json(body)))
+}
+
+/// Whether the server serves a verified manifest, and what is wrong.
+pub(super) struct Readiness {
+    pub ready: bool,
+    /// `ok`, `degraded` or `not_ready`.
+    pub status: &'static str,
+    pub reasons: Vec<String>,
+    pub since: Option<std::time::SystemTime>,
+}
+
+pub(super) fn readiness(state: &AppState) -> Readiness {
+    use crate::repo::manifest::format_time;
     let degraded = state.published.degraded_since().map(|t| std::time::UNIX_EPOCH + std::time::Duration::from_secs(t));
     let store = state.source.write_fault();
     let mut reasons = Vec::new();
@@ -775,17 +811,7 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         (true, true) => "ok",
     };
     let since = [degraded, store.map(|(t, _)| t)].into_iter().flatten().min();
-    let body = serde_json::json!({
-        "ready": state.published.is_ready(),
-        "status": status,
-        "serial": state.published.serial(),
-        "last_good_sync": state.published.last_good_sync(),
-        "degraded_since": since.map(format_time),
-        "reasons": reasons,
-    });
-    let mut res = if state.published.is_ready() { HttpResponse::Ok() } else { HttpResponse::ServiceUnavailable() };
-    res.insert_header((header::CACHE_CONTROL, HeaderValue::from_static("no-store")));
-    finish(&state, Route::Ready, Ok(res.json(body)))
+    Readiness { ready: state.published.is_ready(), status, reasons, since }
 }
 
 async fn unmatched(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {

@@ -37,7 +37,7 @@ impl Tally {
         self.cells[cell()].0.fetch_add(n, Ordering::Relaxed);
     }
 
-    fn total(&self) -> u64 {
+    pub fn total(&self) -> u64 {
         self.cells.iter().map(|c| c.0.load(Ordering::Relaxed)).sum()
     }
 }

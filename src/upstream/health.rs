@@ -24,6 +24,8 @@ struct State {
     last_error: Option<String>,
     last_ok: Option<SystemTime>,
     integrity_failures: u64,
+    /// Time to response headers, smoothed (seconds).
+    latency: Option<f64>,
 }
 
 #[derive(Default)]
@@ -39,6 +41,8 @@ pub struct HealthReport {
     pub integrity_failures: u64,
     pub last_error: Option<String>,
     pub last_ok: Option<String>,
+    /// Time to response headers, smoothed over the last few requests.
+    pub latency_ms: Option<f64>,
 }
 
 fn jitter(d: Duration) -> Duration {
@@ -71,6 +75,15 @@ impl Health {
         s.last_ok = Some(SystemTime::now());
     }
 
+    /// A response's headers came after `seconds`.
+    pub fn record_latency(&self, seconds: f64) {
+        let mut s = self.lock();
+        s.latency = Some(match s.latency {
+            Some(l) => l * 0.8 + seconds * 0.2,
+            None => seconds,
+        });
+    }
+
     pub fn record_failure(&self, why: &str) {
         let mut s = self.lock();
         s.consecutive_failures = s.consecutive_failures.saturating_add(1);
@@ -99,6 +112,7 @@ impl Health {
             integrity_failures: s.integrity_failures,
             last_error: s.last_error.clone(),
             last_ok: s.last_ok.map(crate::repo::manifest::format_time),
+            latency_ms: s.latency.map(|l| (l * 1e5).round() / 100.0),
         }
     }
 }

@@ -311,7 +311,9 @@ impl Upstream {
             }
             Ok(Ok(res)) => res,
         };
-        self.latency.record(started.elapsed().as_secs_f64());
+        let took = started.elapsed().as_secs_f64();
+        self.latency.record(took);
+        self.health.record_latency(took);
         let status = res.status();
         metrics::counter!(telemetry::UPSTREAM_REQUESTS, "upstream" => self.name.clone(), "status" => status.as_str().to_string())
             .increment(1);
