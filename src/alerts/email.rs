@@ -24,7 +24,7 @@ pub struct Email {
 
 impl Email {
     pub fn new(c: &EmailConfig) -> Result<Email, AlertError> {
-        let setup = |m: String| AlertError::EmailSetup(m);
+        let setup = AlertError::EmailSetup;
         let (host, port) = c
             .server
             .rsplit_once(':')

@@ -123,45 +123,38 @@ fn query(req: &HttpRequest) -> PageQuery {
         .unwrap_or(PageQuery { said: None, component: None })
 }
 
-fn context<'a>(state: &'a AppState, req: &HttpRequest, q: &'a PageQuery) -> pages::Context<'a> {
-    let _ = req;
-    pages::Context {
+/// Render a page for an operator with the token, else the console's 401.
+fn render(
+    req: &HttpRequest,
+    state: &AppState,
+    draw: impl FnOnce(&pages::Context<'_>, &PageQuery) -> maud::Markup,
+) -> HttpResponse {
+    if let Err(e) = authorize(req, state) {
+        return unauthorized(state, Route::Console, e);
+    }
+    let q = query(req);
+    let ctx = pages::Context {
         state,
         csrf: csrf_token(state.admin_token.as_deref().unwrap_or_default()),
         said: q.said.as_deref().map(|s| s.chars().take(500).collect()),
-    }
+    };
+    page(state, draw(&ctx, &q))
 }
 
 async fn overview(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    if let Err(e) = authorize(&req, &state) {
-        return unauthorized(&state, Route::Console, e);
-    }
-    let q = query(&req);
-    page(&state, pages::overview(&context(&state, &req, &q)))
+    render(&req, &state, |ctx, _| pages::overview(ctx))
 }
 
 async fn components(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    if let Err(e) = authorize(&req, &state) {
-        return unauthorized(&state, Route::Console, e);
-    }
-    let q = query(&req);
-    page(&state, pages::components(&context(&state, &req, &q)))
+    render(&req, &state, |ctx, _| pages::components(ctx))
 }
 
 async fn fleet(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    if let Err(e) = authorize(&req, &state) {
-        return unauthorized(&state, Route::Console, e);
-    }
-    let q = query(&req);
-    page(&state, pages::fleet(&context(&state, &req, &q), q.component.as_deref()))
+    render(&req, &state, |ctx, q| pages::fleet(ctx, q.component.as_deref()))
 }
 
 async fn events_page(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    if let Err(e) = authorize(&req, &state) {
-        return unauthorized(&state, Route::Console, e);
-    }
-    let q = query(&req);
-    page(&state, pages::events(&context(&state, &req, &q)))
+    render(&req, &state, |ctx, _| pages::events(ctx))
 }
 
 async fn css() -> HttpResponse {
